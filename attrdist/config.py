@@ -1,0 +1,319 @@
+"""Config as data: frozen dataclasses, `key=value` overrides, validation, help, JSON.
+
+A recipe builds a `Config` (data, model, optim, schedule, run) in plain Python; the command
+line then overrides fields by dotted path:
+
+    python recipes/coconut.py optim.lr=3e-4 data.batch_size=16 run.precision=fp32
+
+Every value is parsed by the field's annotated type (int, float, bool, str, Literal choices,
+tuples) and validated; unknown keys and bad values raise `AttrdistError` with one line that
+names the key and what would be accepted. Nothing in here touches torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, Literal
+
+from attrdist.errors import AttrdistError
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with a help string (shown by `--help`)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults: configs are frozen")
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# --------------------------------------------------------------------------------------------
+# The schema. Every recipe uses these five sections; recipe-specific knobs live in `model`.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Train-time augmentation; each op is a pure function of (image, key)."""
+
+    crop_scale: tuple[float, float] = _f((0.5, 1.0), "RandomResizedCrop area range")
+    crop_ratio: tuple[float, float] = _f((0.75, 1.3333), "RandomResizedCrop aspect range")
+    hflip: float = _f(0.5, "probability of a horizontal flip")
+    vflip: float = _f(0.0, "probability of a vertical flip")
+    rotate: float = _f(0.0, "max rotation in degrees (uniform in [-r, r])")
+    brightness: float = _f(0.2, "colour jitter: brightness factor range 1 +- x")
+    contrast: float = _f(0.2, "colour jitter: contrast factor range 1 +- x")
+    saturation: float = _f(0.2, "colour jitter: saturation factor range 1 +- x")
+    hue: float = _f(0.0, "colour jitter: hue shift range +- x (in [0, 0.5])")
+    blur: float = _f(0.0, "probability of a Gaussian blur")
+    erase: float = _f(0.25, "probability of random erasing")
+    erase_scale: tuple[float, float] = _f((0.02, 0.2), "random erasing area range")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = _f("", "directory of packed shards (with manifest.json); empty = built-in demo")
+    train_split: str = _f("train", "split used for training")
+    val_split: str = _f("val", "split used for validation / early stopping")
+    test_split: str = _f("test", "split reported at the end with thresholds tuned on val (skipped if absent)")
+    image_size: int = _f(224, "training/eval resolution (square)")
+    eval_resize: float = _f(1.0, "eval: resize to image_size*eval_resize, then centre-crop image_size")
+    batch_size: int = _f(8, "GLOBAL batch size per optimizer micro-step (split over processes)")
+    eval_batch_size: int = _f(0, "global eval batch size (0 = 2 x batch_size)")
+    num_workers: int = _f(2, "DataLoader worker processes per rank (decode + augment + collate)")
+    labels: str = _f("labels", "which label field of the shards to train on")
+    eval_labels: tuple[str, ...] = _f(("labels",), "label fields to evaluate against (first = headline)")
+    max_corrupt: int = _f(10, "stop the run once more than this many samples failed to decode")
+    subset: int = _f(0, "use only the first N samples of each split (0 = all)")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("cross_modal", "model family (see attrdist/models)")
+    backbone: str = _f("resnet50", "timm backbone architecture")
+    feature_level: int = _f(4, "backbone stage whose spatial map feeds the attention (timm out_indices)")
+    pretrained: str = _f("auto", "'' = from scratch; a local .safetensors/.pth file; 'auto' = the local timm/HF cache if populated, else scratch (never downloads)")
+    frozen_stages: int = _f(0, "freeze the stem and the first N backbone stages")
+    dim: int = _f(512, "width of the fusion space")
+    heads: int = _f(8, "attention heads")
+    dropout: float = _f(0.1, "dropout in the fusion block")
+    contrastive_dim: int = _f(256, "width of the contrastive projection")
+    channels_last: bool = _f(True, "channels_last memory format (faster convs on CPU and GPU)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "adam", "sgd"] = _f("adamw", "optimizer")
+    lr: float = _f(1e-4, "peak learning rate")
+    weight_decay: float = _f(1e-4, "weight decay")
+    momentum: float = _f(0.9, "SGD momentum")
+    clip_grad_norm: float = _f(1.0, "max gradient norm (0 = no clipping)")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    bce_weight: float = _f(1.0, "weight of the multi-label BCE term")
+    contrastive_weight: float = _f(0.1, "weight of the image/attribute contrastive term")
+    temperature: float = _f(0.1, "contrastive temperature")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: Literal["cosine", "step", "warm_restarts", "constant"] = _f("cosine", "LR schedule (per optimizer step)")
+    warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
+    min_lr_ratio: float = _f(0.0, "cosine floor as a fraction of lr")
+    step_epochs: float = _f(15.0, "step: decay every N epochs")
+    step_gamma: float = _f(0.5, "step: decay factor")
+    restart_epochs: float = _f(10.0, "warm_restarts: first cycle length in epochs")
+    restart_mult: int = _f(1, "warm_restarts: cycle length multiplier")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = _f("run", "run name (used in the run directory name)")
+    out_dir: str = _f("runs", "parent directory of run directories")
+    run_dir: str = _f("", "explicit run directory (default: <out_dir>/<name>)")
+    seed: int = _f(0, "seed of model init, data order and augmentation keys")
+    epochs: int = _f(100, "maximum epochs")
+    eval_every: int = _f(1, "evaluate every N epochs")
+    monitor: str = _f("val/mAP", "metric for best checkpoint and early stopping")
+    patience: int = _f(20, "early stopping: evaluations without improvement (0 = off)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "auto = bf16 where the device supports it, else fp32; fp16 only on CUDA")
+    device: Literal["auto", "cuda", "mps", "cpu"] = _f("auto", "auto = CUDA > MPS > CPU")
+    ckpt_every_steps: int = _f(0, "also save `last` every N optimizer steps (0 = at evals only)")
+    keep_checkpoints: int = _f(2, "step checkpoints kept besides `best`")
+    log_every: int = _f(10, "log a training line every N steps")
+    resume: Literal["", "auto"] = _f("", "'auto' = continue from the run directory's last checkpoint")
+    debug: bool = _f(False, "few steps on a small subset, anomaly detection, per-module shape log")
+    overfit_batches: int = _f(0, "train on the first N batches only, no augmentation (loss should go to ~0)")
+    max_steps: int = _f(0, "stop after N optimizer steps (0 = no limit)")
+    world_size: int = _f(0, "expected number of processes; the run fails if it got another (0 = any)")
+    threads: int = _f(0, "torch intra-op threads per process (0 = cores / local processes)")
+    curves_every: int = _f(10, "refresh curves.png every N epochs (and at the end)")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides, validation, help, JSON
+# --------------------------------------------------------------------------------------------
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Dotted key -> (value, field) for every leaf of a nested config dataclass."""
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(v):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = (v, f)
+    return out
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse(text: str, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if text not in choices:
+            raise AttrdistError(f"{key}={text!r}: must be one of {', '.join(map(repr, choices))}")
+        return text
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text.lower() in ("none", "null", "") and len(args) < len(typing.get_args(tp)):
+            return None
+        return _parse(text, args[0], key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        parts = [p.strip() for p in text.strip("()[] ").split(",") if p.strip()] if text.strip("()[] ") else []
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse(p, args[0], key) for p in parts)
+        if len(parts) != len(args):
+            raise AttrdistError(f"{key}={text!r}: expected {len(args)} comma-separated values, e.g. {key}=0.5,1.0")
+        return tuple(_parse(p, a, key) for p, a in zip(parts, args))
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise AttrdistError(f"{key}={text!r}: expected a boolean (true/false)")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                as_float = float(text)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+            raise AttrdistError(f"{key}={text!r}: expected an integer") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise AttrdistError(f"{key}={text!r}: expected a number") from None
+    if tp is str:
+        return text
+    raise AttrdistError(f"{key}: cannot parse values of type {tp}")
+
+
+def _set(cfg: Any, path: list[str], value: Any) -> Any:
+    head, *rest = path
+    if not rest:
+        return replace(cfg, **{head: value})
+    return replace(cfg, **{head: _set(getattr(cfg, head), rest, value)})
+
+
+def _leaf_type(cfg: Any, path: list[str]) -> Any:
+    obj = cfg
+    for p in path[:-1]:
+        obj = getattr(obj, p)
+    return _hints(type(obj))[path[-1]]
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Return a new config with `key=value` overrides applied (validated, one-line errors)."""
+    known = flatten(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise AttrdistError(f"{item!r}: overrides are key=value (e.g. optim.lr=3e-4); see --help")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in known:
+            close = difflib.get_close_matches(key, known.keys(), n=3, cutoff=0.75)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see --help for every key"
+            raise AttrdistError(f"unknown config key {key!r}{hint}")
+        path = key.split(".")
+        value = _parse(text, _leaf_type(cfg, path), key)
+        cfg = _set(cfg, path, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    d, o, r, m = cfg.data, cfg.optim, cfg.run, cfg.model
+    checks = [
+        (d.image_size >= 16, "data.image_size must be >= 16"),
+        (d.batch_size >= 1, "data.batch_size must be >= 1"),
+        (d.eval_batch_size >= 0, "data.eval_batch_size must be >= 0"),
+        (d.num_workers >= 0, "data.num_workers must be >= 0"),
+        (d.max_corrupt >= 0, "data.max_corrupt must be >= 0"),
+        (len(d.eval_labels) >= 1, "data.eval_labels needs at least one label field"),
+        (0 < d.augment.crop_scale[0] <= d.augment.crop_scale[1] <= 1, "data.augment.crop_scale must satisfy 0 < lo <= hi <= 1"),
+        (0 < d.augment.crop_ratio[0] <= d.augment.crop_ratio[1], "data.augment.crop_ratio must satisfy 0 < lo <= hi"),
+        (0 <= d.augment.hue <= 0.5, "data.augment.hue must be in [0, 0.5]"),
+        (o.lr > 0, "optim.lr must be > 0"),
+        (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (o.clip_grad_norm >= 0, "optim.clip_grad_norm must be >= 0 (0 = off)"),
+        (o.grad_accum >= 1, "optim.grad_accum must be >= 1"),
+        (o.temperature > 0, "optim.temperature must be > 0"),
+        (r.epochs >= 1, "run.epochs must be >= 1"),
+        (r.eval_every >= 1, "run.eval_every must be >= 1"),
+        (r.patience >= 0, "run.patience must be >= 0"),
+        (r.world_size >= 0, "run.world_size must be >= 0"),
+        (m.dim % m.heads == 0, f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})"),
+        (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
+        (m.frozen_stages >= 0, "model.frozen_stages must be >= 0"),
+    ]
+    for f_name in ("hflip", "vflip", "blur", "erase"):
+        p = getattr(d.augment, f_name)
+        checks.append((0 <= p <= 1, f"data.augment.{f_name} is a probability: must be in [0, 1]"))
+    for ok, msg in checks:
+        if not ok:
+            raise AttrdistError(msg)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a nested config dataclass from `to_dict` output (e.g. a saved config.json)."""
+    hints = _hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        tp, v = hints[f.name], data[f.name]
+        if is_dataclass(tp):
+            kwargs[f.name] = from_dict(tp, v)
+        elif typing.get_origin(tp) is tuple:
+            kwargs[f.name] = tuple(v)
+        else:
+            kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def help_text(cfg: Config) -> str:
+    """Every key with its type, current default and help, grouped by section."""
+    lines, section = [], None
+    for key, (value, f) in flatten(cfg).items():
+        sec = key.rsplit(".", 1)[0]
+        if sec != section:
+            lines.append(f"\n[{sec}]")
+            section = sec
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        lines.append(f"  {key}={shown}")
+        if f.metadata.get("help"):
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)

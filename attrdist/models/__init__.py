@@ -1,0 +1,22 @@
+"""Models built from config: `build_model(cfg.model, num_attributes)`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from attrdist.config import ModelConfig
+from attrdist.errors import AttrdistError
+
+
+def build_model(cfg: ModelConfig, num_attributes: int) -> nn.Module:
+    if cfg.name == "cross_modal":
+        from attrdist.models.cross_modal import CrossModalAttributes
+
+        return CrossModalAttributes(cfg, num_attributes)
+    raise AttrdistError(f"model.name={cfg.name!r}: unknown model (available: cross_modal)")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

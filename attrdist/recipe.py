@@ -1,0 +1,88 @@
+"""What every recipe's `__main__` does: parse `key=value` overrides, pick the profile, run.
+
+    python recipes/coconut.py --help                 # every key, its default and meaning
+    python recipes/coconut.py optim.lr=3e-4          # demo profile (no data configured)
+    python recipes/coconut.py data.shards=/data/coconut-shards   # full profile
+    python recipes/coconut.py --resume run.run_dir=runs/coconut-20261123-101500
+
+The profile is `full` when data.shards is given (or --profile full), else `demo`: the built-in
+demo dataset is generated into the cache on first use and packed by the real COCO packer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from dataclasses import replace
+from attrdist.config import Config, apply_overrides, help_text
+from attrdist.errors import AttrdistError, user_errors
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ATTRDIST_CACHE") or Path.home() / ".cache" / "attrdist")
+
+
+def demo_shards(vocab_path: Path, spec=None) -> Path:
+    """The demo dataset, generated (COCO formats) and packed (COCO packer) once into the cache."""
+    from filelock import FileLock
+
+    from attrdist import demo
+    from attrdist.coco import SplitSource, pack_coco_captions
+    from attrdist.vocab import load_vocabulary
+
+    spec = spec or demo.DemoSpec()
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir() / "demo.lock")):
+        root = demo.ensure_demo(None, spec)
+        out = root / f"shards-{vocab_path.stem}"
+        if not (out / "manifest.json").is_file():
+            ann = root / "annotations"
+            splits = [SplitSource(s, root / "images", ann / f"captions_{s}.json", ann / f"instances_{s}.json")
+                      for s in ("train", "val", "test")]
+            pack_coco_captions(out, splits, load_vocabulary(vocab_path), dataset="coconut-demo",
+                               vocab_path=vocab_path, max_samples=1000, progress=True)
+    return out
+
+
+def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, demo_vocab: Path,
+         argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog=f"recipes/{name}.py", add_help=False,
+                                 description=f"attrdist recipe {name!r}. Arguments are key=value config overrides.")
+    ap.add_argument("-h", "--help", action="store_true", help="list every config key with its default")
+    ap.add_argument("--profile", choices=("full", "demo"), help="default: full if data.shards is set, else demo")
+    ap.add_argument("--resume", action="store_true", help="same as run.resume=auto")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_args(argv)
+    with user_errors():
+        overrides = list(args.overrides) + (["run.resume=auto"] if args.resume else [])
+        wants_data = any(o.startswith("data.shards=") and o.split("=", 1)[1] for o in overrides)
+        profile = args.profile or ("full" if wants_data else "demo")
+        base = full() if profile == "full" else demo()
+        cfg = apply_overrides(base, overrides)
+        if args.help:
+            ap.print_help()
+            print(f"\nProfile shown: {profile}. Config keys (key=default):")
+            print(help_text(cfg))
+            return
+        if args.print_config:
+            from attrdist.config import to_json
+
+            print(to_json(cfg))
+            return
+        if not cfg.data.shards:
+            if profile == "full":
+                raise AttrdistError("data.shards is empty: pack your data (python shards/coco.py --help) and pass "
+                                    "data.shards=DIR, or run the demo profile")
+            cfg = replace(cfg, data=replace(cfg.data, shards=str(demo_shards(demo_vocab))))
+        from attrdist.trainer import Trainer
+
+        Trainer(cfg, name).train()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run a recipe: python recipes/coconut.py --help")

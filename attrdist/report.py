@@ -1,0 +1,100 @@
+"""The final report of a run: report.md for people, report.json for programs.
+
+Every figure stands beside the same figure for two trivial predictors (all-negative; the
+training split's per-attribute prior), so a metric that cannot tell a model from a constant is
+impossible to miss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from attrdist import atomic
+from attrdist.config import to_dict
+
+SCALARS = [("mAP", "mAP (attributes with >= 1 positive)"), ("micro_AP", "micro-AP"),
+           ("macro_f1@0.5", "macro F1 @0.5"), ("micro_f1@0.5", "micro F1 @0.5"),
+           ("macro_f1@tuned", "macro F1 @ val-tuned thresholds"), ("micro_f1@tuned", "micro F1 @ val-tuned thresholds"),
+           ("accuracy@0.5", "element-wise accuracy @0.5")]
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def headline(results: dict, fields: list[str]) -> str:
+    val = results["val"]["_details"][fields[0]]
+    return (f"val mAP vs {fields[0]} = {_fmt(val['mAP'])} (prior baseline {_fmt(val['baselines']['prior']['mAP'])}, "
+            f"all-negative {_fmt(val['baselines']['all_negative']['mAP'])})")
+
+
+def write(run_dir: Path, *, recipe, cfg, rt, results, state, timings, fields, attributes, best_dir, manifest,
+          thresholds, n_train) -> Path:
+    L: list[str] = []
+    first = fields[0]
+    val = results["val"]["_details"][first]
+    L += [f"# {recipe}: report", "",
+          f"- run directory: `{run_dir}`  ", f"- finished: {time.strftime('%Y-%m-%d %H:%M:%S')}  ",
+          f"- data: `{manifest.root}` (dataset `{manifest.data['dataset']}`, {len(attributes)} attributes, "
+          f"trained on label field `{cfg.data.labels}`, {n_train} training samples)  ",
+          f"- runtime: {rt.describe()}  ",
+          f"- best checkpoint: `{best_dir}` (monitor `{cfg.run.monitor}` = {_fmt(abs(state.best))} at step {state.best_step})  ",
+          f"- epochs run: {state.epoch} of {cfg.run.epochs}{' (early stop)' if state.stopped_early else ''}, "
+          f"{state.step} optimizer steps", "",
+          "## Headline", "",
+          f"**Validation mAP against `{first}`: {_fmt(val['mAP'])}**: prior baseline {_fmt(val['baselines']['prior']['mAP'])}, "
+          f"all-negative baseline {_fmt(val['baselines']['all_negative']['mAP'])} "
+          f"({val['n_attr_with_pos']} attributes with positives, {val['n_attr_without_pos']} without).", ""]
+    for split, res in results.items():
+        for f in fields:
+            d = res["_details"][f]
+            note = " (thresholds tuned on this split: optimistic)" if split == "val" else " (thresholds tuned on val)"
+            L += [f"## {split} vs `{f}` ({d['n_samples']} images)", "",
+                  "| metric | model | prior baseline | all-negative baseline |", "| --- | ---: | ---: | ---: |"]
+            for k, label in SCALARS:
+                if k in d:
+                    lab = label + (note if "tuned" in k else "")
+                    L.append(f"| {lab} | {_fmt(d[k])} | {_fmt(d['baselines']['prior'].get(k))} | "
+                             f"{_fmt(d['baselines']['all_negative'].get(k))} |")
+            L.append("")
+    # per-attribute table for the headline field on val (and test if present)
+    split = "test" if "test" in results else "val"
+    per = results[split]["_details"][first]["per_attribute"]
+    ranked = sorted([p for p in per if p["ap"] is not None and not math.isnan(p["ap"])], key=lambda p: -p["ap"])
+    missing = [p["name"] for p in per if p["ap"] is None or math.isnan(p["ap"])]
+    head = "| attribute | AP | F1@0.5 | P@0.5 | R@0.5 | positives |"
+    L += [f"## Per-attribute AP on {split} vs `{first}`: best 20", "", head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    L += [f"| {p['name']} | {_fmt(p['ap'])} | {_fmt(p['f1@0.5'])} | {_fmt(p['precision@0.5'])} | "
+          f"{_fmt(p['recall@0.5'])} | {p['support']} |" for p in ranked[:20]]
+    L += ["", f"## Per-attribute AP on {split} vs `{first}`: worst 20", "", head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    L += [f"| {p['name']} | {_fmt(p['ap'])} | {_fmt(p['f1@0.5'])} | {_fmt(p['precision@0.5'])} | "
+          f"{_fmt(p['recall@0.5'])} | {p['support']} |" for p in ranked[::-1][:20]]
+    L += ["", f"Attributes with no positive on {split} (excluded from mAP): {', '.join(missing) or 'none'}", ""]
+    step_rates = timings.get("step_img_s", [])[5:] or timings.get("step_img_s", [])
+    L += ["## Throughput and time", "",
+          f"- training: median {_fmt(statistics.median(step_rates)) if step_rates else 'n/a'} images/s per optimizer "
+          f"step over {len(step_rates)} steps (all ranks together; first 5 steps excluded as warm-up)",
+          f"- evaluation ({split}): {_fmt(results[split].get(f'{split}/images_per_s'))} images/s (forward + gather, "
+          f"includes decode)",
+          f"- time in training epochs: {timings.get('train_s', 0):.1f} s; wall time of the loop including evals: "
+          f"{timings.get('wall_s', 0):.1f} s",
+          f"- samples that failed to decode and were skipped: train {state.corrupt}, "
+          + ", ".join(f"{s} {r.get(f'{s}/corrupt', 0)}" for s, r in results.items()), ""]
+    md = "\n".join(L) + "\n"
+    atomic.write_text(run_dir / "report.md", md)
+    clean = {s: {k: v for k, v in r.items() if k != "_details"} | {"details": r["_details"]} for s, r in results.items()}
+    atomic.write_json(run_dir / "report.json", {"recipe": recipe, "config": to_dict(cfg), "results": clean,
+                                               "thresholds": {k: v.tolist() for k, v in thresholds.items()},
+                                               "best_checkpoint": str(best_dir), "timings": timings,
+                                               "runtime": rt.describe()})
+    return run_dir / "report.md"
+
+
+def load(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "report.json").read_text())

@@ -1,0 +1,122 @@
+"""The process's runtime: device, precision, threads, accelerate, and what we actually got.
+
+Traps this module exists for (measured, see the project's stack notes): `accelerate launch --cpu
+--num_processes 2` silently runs ONE process; `--multi_gpu` without CPU mode on a CPU machine runs
+2 independent single processes; fp16 autocast on CPU is a silent no-op. So every run states the
+world size, backend, distributed type and precision it got, and fails when that is not what the
+launcher (or run.world_size) asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from attrdist.errors import AttrdistError
+
+log = logging.getLogger("attrdist")
+
+
+def choose_device(pref: str = "auto") -> str:
+    """CUDA > MPS > CPU, or the requested one if available."""
+    has = {"cuda": torch.cuda.is_available(),
+           "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+           "cpu": True}
+    if pref == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if has[d])
+    if not has[pref]:
+        raise AttrdistError(f"run.device={pref}: not available on this machine (use run.device=auto)")
+    return pref
+
+
+def cpu_has_bf16() -> bool:
+    """True if this CPU has native bf16 arithmetic (AVX512_BF16 or AMX); else bf16 is emulated/slow."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(pref: str, device: str) -> str:
+    """accelerate's mixed_precision value: 'no', 'bf16' or 'fp16'. Refuses what would be a lie."""
+    if pref == "fp16" and device != "cuda":
+        raise AttrdistError(f"run.precision=fp16 is CUDA-only: on {device} fp16 autocast is a silent no-op "
+                            f"(and fp16 CPU matmul is ~100x slower); use run.precision=bf16 or fp32")
+    if pref == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise AttrdistError("run.precision=bf16: this GPU has no bf16 support; use run.precision=fp16 or fp32")
+    if pref == "auto":
+        if device == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        if device == "cpu":
+            return "bf16" if cpu_has_bf16() else "no"
+        return "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[pref]
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    device: str
+    distributed_type: str
+    backend: str | None
+    world_size: int
+    rank: int
+    local_rank: int
+    mixed_precision: str
+    threads: int
+    launcher: str
+
+    def describe(self) -> str:
+        return (f"world_size={self.world_size} rank={self.rank} local_rank={self.local_rank} device={self.device} "
+                f"distributed={self.distributed_type} backend={self.backend} mixed_precision={self.mixed_precision} "
+                f"threads={self.threads} launcher={self.launcher}")
+
+
+def _expected_world_size(cfg_world_size: int) -> tuple[int, str]:
+    for var in ("ATTRDIST_EXPECT_WORLD_SIZE", "WORLD_SIZE"):
+        if os.environ.get(var):
+            return int(os.environ[var]), var
+    return cfg_world_size, "run.world_size"
+
+
+def make_accelerator(run_cfg, grad_accum: int):
+    """Create the Accelerator for this process and verify what it got. Returns (accelerator, RuntimeInfo)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    device = choose_device(run_cfg.device)
+    mp = resolve_precision(run_cfg.precision, device)
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", env_world)))
+    threads = run_cfg.threads or max(1, available_cores() // max(1, local_world))
+    torch.set_num_threads(threads)
+    handlers = []
+    if device == "cpu" and env_world > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    acc = Accelerator(cpu=(device == "cpu"), mixed_precision=mp, gradient_accumulation_steps=grad_accum,
+                      kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+    state = acc.state
+    backend = getattr(state, "backend", None)
+    launcher = "torchrun/accelerate" if "TORCHELASTIC_RUN_ID" in os.environ else (
+        "slurm" if "SLURM_JOB_ID" in os.environ else "python")
+    info = RuntimeInfo(device=device, distributed_type=str(state.distributed_type).split(".")[-1], backend=backend,
+                       world_size=acc.num_processes, rank=acc.process_index, local_rank=acc.local_process_index,
+                       mixed_precision=str(acc.mixed_precision), threads=threads, launcher=launcher)
+    expected, source = _expected_world_size(run_cfg.world_size)
+    if expected and expected != acc.num_processes:
+        raise AttrdistError(f"asked for {expected} processes ({source}) but this process sees world size "
+                            f"{acc.num_processes} ({info.distributed_type}); on CPU launch with "
+                            f"`python -m launch local SCRIPT --nproc {expected}` (it sets the flags that really give {expected} ranks)")
+    if run_cfg.world_size and env_world != acc.num_processes:
+        raise AttrdistError(f"WORLD_SIZE={env_world} in the environment but accelerate formed {acc.num_processes} ranks")
+    return acc, info

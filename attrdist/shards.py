@@ -1,0 +1,216 @@
+"""WebDataset tar shards + a manifest: writing (atomic) and indexed reading.
+
+Layout of a packed dataset directory:
+
+    <dir>/manifest.json            what is here (see `Manifest`), written last
+    <dir>/<split>-000000.tar       WebDataset shards: <key>.jpg + <key>.json per sample
+
+A pack is written into a staging directory beside <dir> and moved into place only when every
+shard and the manifest are complete (`atomic.replace_dir`): a crashed pack never leaves a shard
+or a manifest that looks complete, and never damages the previous good pack.
+
+Sample JSON: {"id", "index" (position in its split), "labels": [positive attribute indices],
+optional other label fields (e.g. "true_labels") and "<field>_mask" ignore lists, "captions"...}.
+Reading uses wids' indexed tar reader (random access by sample index, mmap'ed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from attrdist import __version__, atomic
+from attrdist.errors import AttrdistError
+
+MANIFEST = "manifest.json"
+FORMAT = "attrdist-shards-v1"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_entry(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    return {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+
+
+class PackWriter:
+    """Write splits of samples into shards in a staging dir; `commit()` publishes the pack.
+
+        with PackWriter(out_dir, dataset="coco", attributes=names) as w:
+            for s in samples: w.add("train", key, {"jpg": data, "json": meta})
+            w.commit(sources=[...], options={...}, report={...})
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, dataset: str, attributes: list[str],
+                 label_fields: list[str], max_samples: int = 1000, max_bytes: int = 256 << 20):
+        self.out_dir = Path(out_dir)
+        self.staging = self.out_dir.with_name(f".{self.out_dir.name}.staging-{os.getpid()}")
+        if self.staging.exists():
+            raise AttrdistError(f"{self.staging}: a staging directory exists; remove it (a previous pack crashed)")
+        self.staging.mkdir(parents=True)
+        self.dataset, self.attributes, self.label_fields = dataset, list(attributes), list(label_fields)
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.splits: dict[str, dict[str, Any]] = {}
+        self._open: dict[str, tuple[wds.TarWriter, Path, int, int]] = {}
+        self.committed = False
+
+    def add(self, split: str, key: str, sample: dict[str, bytes | dict]) -> int:
+        """Append one sample to `split`; returns its index in the split."""
+        info = self.splits.setdefault(split, {"shards": [], "nsamples": 0,
+                                              "label_counts": {f: [0] * len(self.attributes) for f in self.label_fields}})
+        writer, path, n, nbytes = self._open.get(split) or self._new_shard(split)
+        index = info["nsamples"]
+        meta = dict(sample["json"])
+        meta["index"] = index
+        for f in self.label_fields:
+            for a in meta.get(f, []):
+                info["label_counts"][f][a] += 1
+        record = {"__key__": key, **{k: v for k, v in sample.items() if k != "json"},
+                  "json": json.dumps(meta).encode()}
+        writer.write(record)
+        size = sum(len(v) for k, v in record.items() if k != "__key__")
+        info["nsamples"] += 1
+        self._open[split] = (writer, path, n + 1, nbytes + size)
+        if n + 1 >= self.max_samples or nbytes + size >= self.max_bytes:
+            self._close_shard(split)
+        return index
+
+    def _new_shard(self, split: str):
+        name = f"{split}-{len(self.splits[split]['shards']):06d}.tar"
+        path = self.staging / name
+        writer = wds.TarWriter(str(path))
+        self._open[split] = (writer, path, 0, 0)
+        return self._open[split]
+
+    def _close_shard(self, split: str) -> None:
+        writer, path, n, nbytes = self._open.pop(split)
+        writer.close()
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        self.splits[split]["shards"].append({"file": path.name, "nsamples": n, "bytes": path.stat().st_size,
+                                             "sha256": sha256_file(path)})
+
+    def commit(self, *, sources: list[dict], options: dict, report: dict | None = None) -> dict:
+        for split in list(self._open):
+            self._close_shard(split)
+        manifest = {
+            "format": FORMAT, "dataset": self.dataset, "attrdist_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attributes": self.attributes,
+            "label_fields": self.label_fields, "splits": self.splits, "sources": sources,
+            "options": options, "report": report or {},
+        }
+        atomic.write_json(self.staging / MANIFEST, manifest)
+        atomic.replace_dir(self.staging, self.out_dir)
+        self.committed = True
+        return manifest
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self.committed:
+            for writer, _, _, _ in self._open.values():
+                try:
+                    writer.close()
+                except Exception:
+                    pass
+            import shutil
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    data: dict = field(repr=False)
+
+    @property
+    def attributes(self) -> list[str]:
+        return self.data["attributes"]
+
+    @property
+    def label_fields(self) -> list[str]:
+        return self.data["label_fields"]
+
+    def split(self, name: str) -> dict:
+        if name not in self.data["splits"]:
+            raise AttrdistError(f"{self.root / MANIFEST}: no split {name!r} (have: {', '.join(self.data['splits'])})")
+        return self.data["splits"][name]
+
+    def has_split(self, name: str) -> bool:
+        return name in self.data["splits"]
+
+    def label_prior(self, split: str, label_field: str) -> np.ndarray:
+        info = self.split(split)
+        return np.asarray(info["label_counts"][label_field], dtype=np.float64) / max(1, info["nsamples"])
+
+
+def load_manifest(root: str | os.PathLike) -> Manifest:
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise AttrdistError(f"{root}: shard directory does not exist; pack data first (python shards/coco.py --help) or leave data.shards empty for the demo")
+    if not path.is_file():
+        raise AttrdistError(f"{root}: no {MANIFEST} here, so these are not complete attrdist shards; (re)pack with shards/*.py")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AttrdistError(f"{path}: not valid JSON ({e}); re-pack the dataset") from None
+    if data.get("format") != FORMAT:
+        raise AttrdistError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}; re-pack with this attrdist version")
+    for split, info in data["splits"].items():
+        for s in info["shards"]:
+            if not (root / s["file"]).is_file():
+                raise AttrdistError(f"{root / s['file']}: shard listed in {MANIFEST} is missing; re-pack or restore it")
+    return Manifest(root, data)
+
+
+class ShardReader:
+    """Random access to the samples of one split: `reader[i] -> {"jpg": bytes, "json": bytes, ...}`.
+
+    Shards are opened lazily (per process: safe to create before DataLoader workers fork) with
+    wids' indexed, mmap'ed tar reader.
+    """
+
+    def __init__(self, manifest: Manifest, split: str):
+        info = manifest.split(split)
+        self.paths = [str(manifest.root / s["file"]) for s in info["shards"]]
+        self.lengths = np.asarray([s["nsamples"] for s in info["shards"]], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
+        self._open: dict[int, Any] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if self._pid != os.getpid():  # forked into a worker: reopen there
+            self._open, self._pid = {}, os.getpid()
+        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+        if shard not in self._open:
+            from wids.wids import IndexedTarSamples
+
+            self._open[shard] = IndexedTarSamples(path=self.paths[shard], expected_size=int(self.lengths[shard]))
+        raw = self._open[shard][index - int(self.starts[shard])]
+        # wids gives {".jpg": BytesIO, ...}; hand out {"jpg": bytes, ...} like webdataset does
+        return {k.lstrip("."): (v.getvalue() if hasattr(v, "getvalue") else v) for k, v in raw.items()}

@@ -1,0 +1,493 @@
+"""The imperative shell: one training loop on accelerate (1 process, N-process DDP).
+
+    python recipes/coconut.py                      # 1 process: CUDA > MPS > CPU
+    accelerate launch recipes/coconut.py           # whatever accelerate is configured for
+    python -m launch local recipes/coconut.py --nproc 2   # N CPU ranks that really are N (gloo)
+
+Everything random is keyed (see attrdist.rng); the loop state saved in a checkpoint is only
+(epoch, batch within the epoch, optimizer step, early-stopping counters). The pure parts live
+elsewhere: data order (data.py), transforms, losses, metrics, schedules.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attrdist import checkpoint, metrics
+from attrdist.config import Config, to_dict, to_json
+from attrdist.data import BatchPlan, SampleDataset, make_loader
+from attrdist.errors import AttrdistError
+from attrdist.losses import attribute_loss, masked_bce
+from attrdist.models import build_model, count_parameters
+from attrdist.runtime import make_accelerator
+from attrdist.schedules import lr_factor
+from attrdist.shards import Manifest, ShardReader, load_manifest
+from attrdist.tracking import Tracker, plot_curves
+
+log = logging.getLogger("attrdist")
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0
+    batch: int = 0  # global batches done in `epoch`
+    step: int = 0  # optimizer steps done
+    samples: int = 0
+    best: float = -math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+    corrupt: int = 0
+    stopped_early: bool = False
+
+
+def setup_logging(run_dir: Path | None, rank: int) -> None:
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    log.handlers.clear()
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(fmt)
+    log.addHandler(h)
+    if run_dir is not None and rank == 0:
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    log.propagate = False
+
+
+def resolve_run_dir(cfg: Config, acc) -> Path:
+    """Same directory on every rank (rank 0 decides)."""
+    from accelerate.utils import broadcast_object_list
+
+    r = cfg.run
+    if r.run_dir:
+        chosen = r.run_dir
+    else:
+        base = Path(r.out_dir)
+        existing = sorted(base.glob(f"{r.name}-2*")) if base.is_dir() else []
+        if r.resume == "auto" and existing:
+            chosen = str(existing[-1])
+        else:
+            chosen = str(base / f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    obj = [chosen]
+    if acc.num_processes > 1:
+        broadcast_object_list(obj, from_process=0)
+    run_dir = Path(obj[0])
+    has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
+    if has_ckpt and r.resume != "auto":
+        raise AttrdistError(f"{run_dir}: already holds a run; pass --resume (run.resume=auto) to continue it, "
+                            f"or choose another run.run_dir")
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    return run_dir
+
+
+def debug_config(cfg: Config) -> Config:
+    """run.debug: a few steps on a small subset, one eval, no workers."""
+    b = cfg.data.batch_size
+    return replace(cfg, data=replace(cfg.data, subset=max(2 * b, 8), num_workers=0),
+                   run=replace(cfg.run, epochs=1, max_steps=3, eval_every=1, log_every=1))
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.name == "adam":  # Adam's L2-style weight decay, as in the experiment reports
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def log_shapes_once(model: torch.nn.Module) -> list:
+    """Forward hooks that log every leaf module's output shape on the first forward (debug)."""
+    handles = []
+
+    def hook(mod, _inp, out, name=None):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        log.info("shape %-50s %s", name, shape)
+
+    for name, mod in model.named_modules():
+        if name and not any(True for _ in mod.children()):
+            handles.append(mod.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name)))
+    return handles
+
+
+class Trainer:
+    def __init__(self, cfg: Config, recipe: str):
+        if cfg.run.debug:
+            cfg = debug_config(cfg)
+        self.cfg, self.recipe = cfg, recipe
+        self.acc, self.rt = make_accelerator(cfg.run, cfg.optim.grad_accum)
+        setup_logging(None, self.acc.process_index)
+        self.run_dir = resolve_run_dir(cfg, self.acc)
+        setup_logging(self.run_dir, self.acc.process_index)
+        self.main = self.acc.is_main_process
+        log.info("attrdist %s recipe: %s | run dir: %s", _version(), recipe, self.run_dir)
+        log.info("runtime: %s", self.rt.describe())
+        if self.acc.num_processes > 1:
+            log.info("distributed run verified: %d ranks (%s, backend %s)", self.rt.world_size,
+                     self.rt.distributed_type, self.rt.backend)
+        log.info("config:\n%s", to_json(cfg))
+        if self.main:
+            from attrdist import atomic
+
+            atomic.write_json(self.run_dir / "config.json", {"recipe": recipe, **to_dict(cfg)})
+
+        self.manifest: Manifest = load_manifest(cfg.data.shards)
+        self.attributes = self.manifest.attributes
+        fields = [cfg.data.labels, *[f for f in cfg.data.eval_labels if f != cfg.data.labels]]
+        for f in fields:
+            if f not in self.manifest.label_fields:
+                raise AttrdistError(f"{self.manifest.root}/manifest.json: no label field {f!r} "
+                                    f"(have {self.manifest.label_fields}); set data.labels / data.eval_labels")
+        self.fields = fields
+        B, W = cfg.data.batch_size, self.acc.num_processes
+        if B % W:
+            raise AttrdistError(f"data.batch_size={B} is the GLOBAL batch and must be divisible by the {W} processes")
+        self.eval_batch = cfg.data.eval_batch_size or 2 * B
+        if self.eval_batch % W:
+            self.eval_batch += W - self.eval_batch % W
+
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg.model, len(self.attributes))
+        total, trainable = count_parameters(model)
+        log.info("model %s/%s: %.2fM parameters, %.2fM trainable; backbone weights: %s", cfg.model.name,
+                 cfg.model.backbone, total / 1e6, trainable / 1e6, getattr(model, "weights_source", "?"))
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.raw_model = model
+        optimizer = build_optimizer(cfg.optim, model)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+
+        train_split = cfg.data.train_split
+        self.train_reader = ShardReader(self.manifest, train_split)
+        overfit = cfg.run.overfit_batches
+        n = len(self.train_reader)
+        if cfg.data.subset:
+            n = min(n, cfg.data.subset)
+        if overfit:
+            n = min(n, overfit * B)
+        self.n_train = n
+        self.batches_per_epoch = n // B
+        if self.batches_per_epoch < cfg.optim.grad_accum:
+            raise AttrdistError(f"split {train_split!r} has {n} samples: fewer than one optimizer step of "
+                                f"{B} x {cfg.optim.grad_accum}; lower data.batch_size")
+        self.steps_per_epoch = self.batches_per_epoch // cfg.optim.grad_accum
+        self.total_steps = self.steps_per_epoch * cfg.run.epochs
+        if cfg.run.max_steps:
+            self.total_steps = min(self.total_steps, cfg.run.max_steps)
+        log.info("train split %r: %d samples, global batch %d (%d per rank x %d ranks), %d batches/epoch; "
+                 "the last %d samples of each epoch's order are dropped (incomplete global batch)",
+                 train_split, n, B, B // W, W, self.batches_per_epoch, n - self.batches_per_epoch * B)
+        self.train_ds = SampleDataset(self.train_reader, len(self.attributes), self.fields, cfg.data,
+                                      cfg.run.seed, train=not overfit)
+        self.prior = {f: self.manifest.label_prior(train_split, f) for f in self.fields}
+        self.state = LoopState()
+        self.tracker = Tracker(self.run_dir, enabled=self.main)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self._stop_signal = 0
+        self.timings = {"train_s": 0.0, "train_samples": 0, "step_img_s": []}
+        self.thresholds: dict[str, np.ndarray] = {}
+
+    # ---------------------------------------------------------------- checkpoints
+    def _meta(self, metric: float | None = None) -> dict:
+        return {"epoch": self.state.epoch, "batch": self.state.batch, "samples": self.state.samples,
+                "recipe": self.recipe, "attributes": list(self.attributes), "config": to_dict(self.cfg),
+                "monitor": self.cfg.run.monitor, "metric": metric, "world_size": self.acc.num_processes,
+                "attrdist_version": _version()}
+
+    def save(self, pointers=("last",), metric: float | None = None) -> None:
+        self.acc.wait_for_everyone()
+        if self.main:
+            train_state = {"optimizer": self.optimizer.state_dict(), "loop": asdict(self.state),
+                           "thresholds": {k: torch.from_numpy(v) for k, v in self.thresholds.items()}}
+            path = checkpoint.save(self.ckpt_root, step=self.state.step,
+                                   model_state=self.acc.unwrap_model(self.model).state_dict(),
+                                   train_state=train_state, meta=self._meta(metric), pointers=pointers,
+                                   keep=self.cfg.run.keep_checkpoints)
+            log.info("checkpoint %s -> %s", "+".join(pointers), path.name)
+        self.acc.wait_for_everyone()
+
+    def maybe_resume(self) -> None:
+        if self.cfg.run.resume != "auto":
+            return
+        found = checkpoint.find_resumable(self.ckpt_root)
+        if found is None:
+            log.info("run.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_root)
+            return
+        path, meta = found
+        self.acc.unwrap_model(self.model).load_state_dict(checkpoint.load_model_state(path))
+        st = checkpoint.load_train_state(path)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.state = LoopState(**st["loop"])
+        self.thresholds = {k: v.numpy() for k, v in st.get("thresholds", {}).items()}
+        log.info("resumed from %s: epoch %d, batch %d of the epoch, step %d (saved with world size %s)",
+                 path, self.state.epoch, self.state.batch, self.state.step, meta.get("world_size"))
+
+    # ---------------------------------------------------------------- signals
+    def _on_signal(self, signum, _frame):
+        self._stop_signal = signum
+        log.warning("received signal %d: will checkpoint at the end of this step and exit", signum)
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def predict_split(self, ds: SampleDataset, n: int) -> dict:
+        """Scores and labels of the first n samples of a split, gathered from all ranks, in order."""
+        model = self.model
+        model.eval()
+        plan = BatchPlan(n, self.eval_batch, self.acc.num_processes, self.acc.process_index, 0, 0,
+                         shuffle=False, drop_last=False)
+        loader = make_loader(ds, plan, self.cfg.data.num_workers, pin_memory=self.rt.device == "cuda")
+        chunks = {k: [] for k in ("scores", "index", "valid", *[f"labels/{f}" for f in self.fields],
+                                  *[f"mask/{f}" for f in self.fields])}
+        t0, corrupt = time.perf_counter(), 0
+        for batch in loader:
+            x = batch["image"].to(self.acc.device, non_blocking=True)
+            if self.cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.acc.autocast():
+                logits = model(x)["logits"]
+            corrupt += len(batch["errors"])
+            for e in batch["errors"]:
+                log.warning("eval: skipped undecodable sample %s", e)
+            local = {"scores": torch.sigmoid(logits.float()), "index": batch["index"].to(self.acc.device),
+                     "valid": batch["valid"].to(self.acc.device)}
+            for f in self.fields:
+                local[f"labels/{f}"] = batch[f"labels/{f}"].to(self.acc.device)
+                local[f"mask/{f}"] = batch[f"mask/{f}"].to(self.acc.device)
+            gathered = self.acc.gather(local)
+            for k, v in gathered.items():
+                chunks[k].append(v.cpu())
+        elapsed = time.perf_counter() - t0
+        model.train()
+        out = {k: torch.cat(v).numpy() for k, v in chunks.items()}
+        keep = out["valid"] & (out["index"] >= 0)
+        order = np.argsort(out["index"][keep], kind="stable")
+        res = {k: v[keep][order] for k, v in out.items()}
+        res["corrupt"] = int(self.acc.reduce(torch.tensor(corrupt, device=self.acc.device), "sum").item())
+        res["seconds"], res["n"] = elapsed, n
+        return res
+
+    def eval_dataset(self, split: str) -> tuple[SampleDataset, int]:
+        reader = self.train_reader if split == "__overfit__" else ShardReader(self.manifest, split)
+        n = self.n_train if split == "__overfit__" else len(reader)
+        if self.cfg.data.subset:
+            n = min(n, self.cfg.data.subset)
+        return SampleDataset(reader, len(self.attributes), self.fields, self.cfg.data, self.cfg.run.seed, train=False), n
+
+    def evaluate(self, split: str, tune: bool = False, per_attribute: bool = False) -> dict:
+        ds, n = self.eval_dataset(split)
+        p = self.predict_split(ds, n)
+        name = "train" if split == "__overfit__" else split
+        rec: dict = {f"{name}/images_per_s": n / max(p["seconds"], 1e-9), f"{name}/corrupt": p["corrupt"]}
+        details = {}
+        for f in self.fields:
+            y, m = p[f"labels/{f}"], p[f"mask/{f}"]
+            if tune:
+                self.thresholds[f] = metrics.tune_thresholds(p["scores"], y, m)
+            res = metrics.evaluate_multilabel(p["scores"], y, m, prior=self.prior[f], names=list(self.attributes),
+                                              thresholds=self.thresholds.get(f))
+            for k in ("mAP", "micro_AP", "macro_f1@0.5", "micro_f1@0.5", "macro_f1@tuned", "micro_f1@tuned", "accuracy@0.5"):
+                if k in res:
+                    rec[f"{name}/{f}/{k}"] = res[k]
+                    for b in ("prior", "all_negative"):
+                        if k in res["baselines"][b]:
+                            rec[f"{name}/{f}/{k}:{b}"] = res["baselines"][b][k]
+            details[f] = res
+        with torch.no_grad():  # validation loss on the training label field
+            f = self.cfg.data.labels
+            logits = torch.logit(torch.from_numpy(p["scores"]).clamp(1e-6, 1 - 1e-6))
+            rec[f"{name}/loss"] = float(masked_bce(logits, torch.from_numpy(p[f"labels/{f}"]),
+                                                   torch.from_numpy(p[f"mask/{f}"])))
+        rec["_details"] = details if per_attribute else None
+        return rec
+
+    # ---------------------------------------------------------------- training
+    def train(self) -> Path:
+        cfg, st, acc = self.cfg, self.state, self.acc
+        self.maybe_resume()
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR2)} \
+            if _is_main_thread() else {}
+        if cfg.run.debug:
+            torch.autograd.set_detect_anomaly(True)
+            hooks = log_shapes_once(self.acc.unwrap_model(self.model))
+        else:
+            hooks = []
+        val_split = "__overfit__" if cfg.run.overfit_batches else cfg.data.val_split
+        monitor = cfg.run.monitor
+        higher_better = "loss" not in monitor.rsplit("/", 1)[-1]
+        B, ga = cfg.data.batch_size, cfg.optim.grad_accum
+        t_start = time.perf_counter()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        stop = False
+        while st.epoch < cfg.run.epochs and not stop:
+            plan = BatchPlan(self.n_train, B, acc.num_processes, acc.process_index, cfg.run.seed, st.epoch,
+                             shuffle=not cfg.run.overfit_batches, drop_last=True, start=st.batch)
+            plan_batches = (self.batches_per_epoch // ga) * ga  # whole optimizer steps only
+            loader = make_loader(self.train_ds, plan, cfg.data.num_workers, pin_memory=self.rt.device == "cuda")
+            self.model.train()
+            t_epoch = time.perf_counter()
+            t_step = time.perf_counter()
+            for batch in loader:
+                if st.batch >= plan_batches:
+                    break
+                micro = st.batch % ga
+                x = batch["image"].to(acc.device, non_blocking=True)
+                if cfg.model.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                f = cfg.data.labels
+                y = batch[f"labels/{f}"].to(acc.device)
+                m = batch[f"mask/{f}"].to(acc.device)
+                valid = batch["valid"].to(acc.device)
+                sync = micro == ga - 1
+                ctx = acc.no_sync(self.model) if (not sync and acc.num_processes > 1) else nullcontext()
+                with ctx:
+                    with acc.autocast():
+                        out = self.model(x)
+                    loss, parts = attribute_loss(out, y, m, valid, bce_weight=cfg.optim.bce_weight,
+                                                 contrastive_weight=cfg.optim.contrastive_weight,
+                                                 temperature=cfg.optim.temperature)
+                    acc.backward(loss / ga)
+                if hooks:
+                    for h in hooks:
+                        h.remove()
+                    hooks = []
+                for e in batch["errors"]:
+                    log.warning("train: skipped undecodable sample %s", e)
+                st.batch += 1
+                st.samples += B
+                if not sync:
+                    continue
+                lr = cfg.optim.lr * lr_factor(st.step, cfg.schedule, self.steps_per_epoch, self.total_steps)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                grad_norm = None
+                if cfg.optim.clip_grad_norm:
+                    grad_norm = acc.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                st.step += 1
+                # one small all-reduce per step: loss for the log, corrupt count and stop signal agreed by all ranks
+                flags = torch.tensor([loss.detach().float().item(), *(float(v) for v in parts.values()),
+                                      float(len(batch["errors"])), float(self._stop_signal)], device=acc.device)
+                red = acc.reduce(flags, "sum") if acc.num_processes > 1 else flags
+                W = acc.num_processes
+                st.corrupt += int(red[-2].item())
+                now = time.perf_counter()
+                img_s = B * ga / max(now - t_step, 1e-9)
+                t_step = now
+                self.timings["step_img_s"].append(img_s)
+                rec = {"type": "train", "step": st.step, "epoch": st.epoch, "loss": red[0].item() / W, "lr": lr,
+                       "img_per_s": img_s, "time": now - t_start}
+                for i, k in enumerate(parts):
+                    rec[k] = red[1 + i].item() / W
+                if grad_norm is not None:
+                    rec["grad_norm"] = float(grad_norm)
+                self.tracker.log(rec)
+                if st.step % cfg.run.log_every == 0 or st.step == 1:
+                    log.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s", st.epoch, st.step,
+                             self.total_steps, rec["loss"], lr, img_s)
+                if st.corrupt > cfg.data.max_corrupt:
+                    raise AttrdistError(f"{self.manifest.root}: {st.corrupt} samples failed to decode, more than "
+                                        f"data.max_corrupt={cfg.data.max_corrupt}; check the shards (warnings above name them)")
+                if red[-1].item():
+                    self.save()
+                    log.warning("stopped by signal after step %d; resume with --resume (run.run_dir=%s)",
+                                st.step, self.run_dir)
+                    raise SystemExit(128 + int(red[-1].item() / W))
+                if cfg.run.ckpt_every_steps and st.step % cfg.run.ckpt_every_steps == 0:
+                    self.save()
+                if cfg.run.max_steps and st.step >= cfg.run.max_steps:
+                    stop = True
+                    break
+            self.timings["train_s"] += time.perf_counter() - t_epoch
+            epoch_done = st.batch >= plan_batches
+            if epoch_done:
+                st.epoch += 1
+                st.batch = 0
+            if epoch_done and (st.epoch % cfg.run.eval_every == 0 or st.epoch == cfg.run.epochs) or stop:
+                rec = self.evaluate(val_split)
+                rec.pop("_details")
+                rec.update(type="eval", step=st.step, epoch=st.epoch, time=time.perf_counter() - t_start)
+                key = monitor if monitor in rec else None
+                if key is None:
+                    raise AttrdistError(f"run.monitor={monitor!r} is not an eval metric; have: "
+                                        f"{', '.join(k for k in rec if '/' in k and ':' not in k)}")
+                value = rec[key] if higher_better else -rec[key]
+                improved = value > st.best
+                if improved:
+                    st.best, st.best_step, st.bad_evals = value, st.step, 0
+                else:
+                    st.bad_evals += 1
+                self.tracker.log(rec)
+                log.info("eval epoch %d: %s", st.epoch, "  ".join(
+                    f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float) and ":" not in k
+                    and k.split("/")[-1] in ("mAP", "loss", "micro_f1@0.5")))
+                self.save(pointers=("last", "best") if improved else ("last",), metric=rec[key])
+                if self.main and (st.epoch % cfg.run.curves_every == 0 or st.epoch >= cfg.run.epochs):
+                    plot_curves(self.run_dir, self._headline_keys(val_split))
+                if cfg.run.patience and st.bad_evals >= cfg.run.patience:
+                    log.info("early stopping: %s has not improved for %d evaluations (best %.4f at step %d)",
+                             monitor, st.bad_evals, abs(st.best), st.best_step)
+                    st.stopped_early = True
+                    stop = True
+            elif not epoch_done and not stop:
+                break  # loader ended early (should not happen)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        self.timings["wall_s"] = time.perf_counter() - t_start
+        return self.finish(val_split)
+
+    def _headline_keys(self, val_split: str) -> list[str]:
+        name = "train" if val_split == "__overfit__" else val_split
+        return [f"{name}/{f}/mAP" for f in self.cfg.data.eval_labels]
+
+    def finish(self, val_split: str) -> Path:
+        """Reload the best checkpoint, evaluate val (tuning thresholds) and test, write the report."""
+        from attrdist import report
+
+        best = checkpoint.resolve(self.ckpt_root, "best")
+        self.acc.unwrap_model(self.model).load_state_dict(checkpoint.load_model_state(best))
+        results = {"val": self.evaluate(val_split, tune=True, per_attribute=True)}
+        test = self.cfg.data.test_split
+        if test and self.manifest.has_split(test) and val_split != "__overfit__":
+            results["test"] = self.evaluate(test, per_attribute=True)
+        if self.main:
+            plot_curves(self.run_dir, self._headline_keys(val_split))
+            path = report.write(self.run_dir, recipe=self.recipe, cfg=self.cfg, rt=self.rt, results=results,
+                                state=self.state, timings=self.timings, fields=list(self.cfg.data.eval_labels),
+                                attributes=list(self.attributes), best_dir=best, manifest=self.manifest,
+                                thresholds=self.thresholds, n_train=self.n_train)
+            log.info("report: %s", path)
+            log.info("headline: %s", report.headline(results, list(self.cfg.data.eval_labels)))
+        self.tracker.close()
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        return self.run_dir
+
+
+def _version() -> str:
+    from attrdist import __version__
+
+    return __version__
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+

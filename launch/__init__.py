@@ -1,0 +1,1 @@
+"""Process launching: `python -m launch local SCRIPT --nproc N [key=value ...]` (SLURM comes later)."""

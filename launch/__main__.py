@@ -1,0 +1,26 @@
+"""python -m launch local recipes/coconut.py --nproc 2 [--dry-run] [key=value ...]"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch import local  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch", description=__doc__)
+    sub = ap.add_subparsers(dest="where", required=True)
+    lo = sub.add_parser("local", help="N processes on this machine (CUDA GPUs, else CPU ranks with gloo)")
+    lo.add_argument("script")
+    lo.add_argument("--nproc", type=int, default=1)
+    lo.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    lo.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    lo.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value config overrides")
+    args = ap.parse_args(argv)
+    return local.run(args.script, args.nproc, args.overrides, dry_run=args.dry_run, device=args.device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Start a recipe on this machine with N processes, choosing the invocation that really gives N.
+
+On CPU, `accelerate launch --cpu --num_processes 2` silently runs ONE process, and `--multi_gpu`
+without CPU mode runs N independent single processes. What works (measured):
+`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1`.
+The launched processes get ATTRDIST_EXPECT_WORLD_SIZE=N and fail loudly if they see another size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def has_cuda() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def build_command(script: str, nproc: int, overrides: list[str], *, device: str = "auto",
+                  mixed_precision: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, extra environment) for `nproc` processes of `script` on this machine."""
+    env = {"ATTRDIST_EXPECT_WORLD_SIZE": str(nproc)}
+    gpus = has_cuda() if device in ("auto", "cuda") else 0
+    if nproc == 1:
+        return [sys.executable, script, *overrides], env
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    base = ["--num_machines", "1", "--num_processes", str(nproc), "--main_process_port", str(free_port())]
+    if mixed_precision:
+        base += ["--mixed_precision", mixed_precision]
+    if gpus:
+        if nproc > gpus:
+            raise SystemExit(f"launch: asked for {nproc} processes but this machine has {gpus} GPUs")
+        return [*accelerate, "--multi_gpu", *base, script, *overrides], env
+    env["ACCELERATE_USE_CPU"] = "1"
+    # 1 thread per rank by default on CPU: ranks share the cores
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return [*accelerate, "--multi_gpu", *base, script, *overrides], env
+
+
+def run(script: str, nproc: int, overrides: list[str], dry_run: bool = False, **kw) -> int:
+    cmd, env = build_command(script, nproc, overrides, **kw)
+    shown = " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd)
+    print(f"launch: {shown}", flush=True)
+    if dry_run:
+        return 0
+    if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
+        raise SystemExit(f"launch: {cmd[0]} not found")
+    return subprocess.call(cmd, env={**os.environ, **env})

@@ -1,0 +1,58 @@
+"""Shared fixtures: a small real demo dataset packed by the real COCO packer, and a runner for
+recipes as real subprocesses (the way users run them)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+DEMO_VOCAB = ROOT / "recipes" / "coconut_demo_vocab.json"
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> Path:
+    """A small demo dataset in COCO formats (train 96 / val 32 / test 32 images)."""
+    from attrdist.demo import DemoSpec, ensure_demo
+
+    root = tmp_path_factory.mktemp("demo") / "coco"
+    return ensure_demo(root, DemoSpec(seed=0, n_train=96, n_val=32, n_test=32), progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_shards(small_demo, tmp_path_factory) -> Path:
+    from attrdist.coco import SplitSource, pack_coco_captions
+    from attrdist.vocab import load_vocabulary
+
+    out = tmp_path_factory.mktemp("shards") / "demo-shards"
+    ann = small_demo / "annotations"
+    splits = [SplitSource(s, small_demo / "images", ann / f"captions_{s}.json", ann / f"instances_{s}.json")
+              for s in ("train", "val", "test")]
+    pack_coco_captions(out, splits, load_vocabulary(DEMO_VOCAB), dataset="test-demo", vocab_path=DEMO_VOCAB,
+                       max_samples=40, progress=False)
+    return out
+
+
+def run_env(**extra) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    env.pop("ATTRDIST_EXPECT_WORLD_SIZE", None)
+    return env
+
+
+# Small, fast settings for the demo profile on test shards.
+FAST = ["data.batch_size=16", "data.num_workers=0", "run.epochs=2", "run.eval_every=1", "run.log_every=1",
+        "model.dim=64", "model.contrastive_dim=32", "run.precision=fp32"]
+
+
+def run_recipe(args: list[str], *, timeout: float = 300, env: dict | None = None, check: bool = True,
+               launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [*(launcher or [sys.executable]), str(ROOT / "recipes" / "coconut.py"), *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-6000:]}\nSTDERR:\n{p.stderr[-6000:]}")
+    return p

@@ -1,0 +1,98 @@
+"""Packing round trip (demo and real COCO photos), atomic publication, manifest errors."""
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from attrdist.coco import SplitSource, load_coco, pack_coco_captions
+from attrdist.errors import AttrdistError
+from attrdist.shards import ShardReader, load_manifest, sha256_file
+from attrdist.vocab import load_vocabulary
+from tests.conftest import DEMO_VOCAB, ROOT, SHARED_DATA
+
+
+def test_round_trip_demo(small_demo, small_shards):
+    m = load_manifest(small_shards)
+    vocab = load_vocabulary(DEMO_VOCAB)
+    assert m.attributes == list(vocab.names) and m.label_fields == ["labels", "true_labels"]
+    assert {s: m.split(s)["nsamples"] for s in ("train", "val", "test")} == {"train": 96, "val": 32, "test": 32}
+    assert len(m.split("train")["shards"]) == 3  # max_samples=40 -> 40 + 40 + 16
+    for s in m.split("train")["shards"]:
+        assert sha256_file(small_shards / s["file"]) == s["sha256"]
+        with tarfile.open(small_shards / s["file"]) as t:  # plain tar, readable by any tool
+            assert len(t.getnames()) == 2 * s["nsamples"]
+    caps = load_coco(small_demo / "annotations" / "captions_train.json")
+    inst = load_coco(small_demo / "annotations" / "instances_train.json")
+    reader = ShardReader(m, "train")
+    counts = [0] * len(vocab)
+    for i in range(len(reader)):
+        raw = reader[i]
+        meta = json.loads(raw["json"])
+        assert meta["index"] == i
+        img = caps.imgs[meta["id"]]
+        assert raw["jpg"] == (small_demo / "images" / img["file_name"]).read_bytes()  # copied through
+        texts = [a["caption"] for a in caps.imgToAnns[meta["id"]]]
+        assert meta["labels"] == [int(j) for j in vocab.labels(texts).nonzero()[0]]
+        names = set(inst.imgs[meta["id"]]["attributes"]) | {a for ann in inst.imgToAnns[meta["id"]]
+                                                              for a in ann["attributes"]}
+        assert [vocab.names[j] for j in meta["true_labels"]] == sorted(names, key=vocab.names.index)
+        assert set(meta["labels"]) <= set(meta["true_labels"])  # captions are weak but never wrong here
+        for j in meta["labels"]:
+            counts[j] += 1
+    assert m.split("train")["label_counts"]["labels"] == counts
+    assert m.data["report"]["train"]["caption_positives"] == dict(zip(vocab.names, counts))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "coco").is_dir(), reason="../shared/data/coco not present")
+def test_pack_real_coco_photos(tmp_path):
+    """Real COCO JPEGs + a captions file in COCO's format (written here), one image missing."""
+    inst = json.loads((SHARED_DATA / "coco/annotations/instances_sample.json").read_text())
+    words = ["A person riding a red bicycle on the street", "A dog sitting on a wooden bench",
+             "Two cats on a sofa indoors", "A plate of food on a table"]
+    images = inst["images"][:8] + [{"id": 999999, "file_name": "missing.jpg", "width": 1, "height": 1}]
+    caps = {"images": images, "annotations": [{"id": k, "image_id": im["id"], "caption": words[k % 4]}
+                                              for k, im in enumerate(images)]}
+    (tmp_path / "captions.json").write_text(json.dumps(caps))
+    vocab_path = ROOT / "recipes" / "coconut_vocab.json"
+    m = pack_coco_captions(tmp_path / "out", [SplitSource("train", SHARED_DATA / "coco/images", tmp_path / "captions.json")],
+                           load_vocabulary(vocab_path), vocab_path=vocab_path, progress=False)
+    assert m["splits"]["train"]["nsamples"] == 8
+    assert m["report"]["train"]["dropped"]["missing_image"] == 1
+    reader = ShardReader(load_manifest(tmp_path / "out"), "train")
+    meta = json.loads(reader[0]["json"])
+    assert meta["width"] > 100 and reader[0]["jpg"][:2] == b"\xff\xd8"
+
+
+def test_crashed_pack_leaves_previous_pack_intact(small_demo, tmp_path):
+    vocab = load_vocabulary(DEMO_VOCAB)
+    ann = small_demo / "annotations"
+    good = [SplitSource("train", small_demo / "images", ann / "captions_train.json")]
+    out = tmp_path / "pack"
+    first = pack_coco_captions(out, good, vocab, progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    bad_caps = tmp_path / "bad.json"
+    data = json.loads((ann / "captions_val.json").read_text())
+    data["images"][5]["file_name"] = "../../etc/passwd"  # refused half-way through the split
+    bad_caps.write_text(json.dumps(data))
+    bad = good + [SplitSource("val", small_demo / "images", bad_caps)]
+    with pytest.raises(AttrdistError, match=r"contains '\.\.'"):
+        pack_coco_captions(out, bad, vocab, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert load_manifest(out).data["created"] == first["created"]
+    assert not list(tmp_path.glob(".pack.staging-*"))  # no staging left behind
+
+
+def test_manifest_errors(tmp_path, small_shards):
+    with pytest.raises(AttrdistError, match="does not exist"):
+        load_manifest(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AttrdistError, match="no manifest.json"):
+        load_manifest(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    shutil.copytree(small_shards, broken)
+    (broken / "train-000001.tar").unlink()
+    with pytest.raises(AttrdistError, match="train-000001.tar: shard listed in manifest.json is missing"):
+        load_manifest(broken)
