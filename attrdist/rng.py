@@ -25,3 +25,4 @@ def generator(*parts: int) -> np.random.Generator:
 AUGMENT = 1
 ORDER = 2
 INIT = 3
+DROPOUT = 4  # torch's global RNG is re-seeded from (seed, epoch, batch, rank) before every forward

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from attrdist import checkpoint, metrics
+from attrdist import rng as rnglib
 from attrdist.config import Config, to_dict, to_json
 from attrdist.data import BatchPlan, SampleDataset, make_loader
 from attrdist.errors import AttrdistError
@@ -318,8 +319,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def train(self) -> Path:
+        self.maybe_resume()  # replaces self.state: bind `st` after it
         cfg, st, acc = self.cfg, self.state, self.acc
-        self.maybe_resume()
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR2)} \
             if _is_main_thread() else {}
         if cfg.run.debug:
@@ -329,6 +330,8 @@ class Trainer:
             hooks = []
         val_split = "__overfit__" if cfg.run.overfit_batches else cfg.data.val_split
         monitor = cfg.run.monitor
+        if cfg.run.overfit_batches and monitor.startswith(f"{cfg.data.val_split}/"):
+            monitor = "train/" + monitor.split("/", 1)[1]  # overfit mode evaluates on the training batches
         higher_better = "loss" not in monitor.rsplit("/", 1)[-1]
         B, ga = cfg.data.batch_size, cfg.optim.grad_accum
         t_start = time.perf_counter()
@@ -354,6 +357,8 @@ class Trainer:
                 m = batch[f"mask/{f}"].to(acc.device)
                 valid = batch["valid"].to(acc.device)
                 sync = micro == ga - 1
+                # dropout & co. draw from torch's global RNG: key it by position, so resume needs no RNG state
+                torch.manual_seed(rnglib.fold(cfg.run.seed, rnglib.DROPOUT, st.epoch, st.batch, acc.process_index))
                 ctx = acc.no_sync(self.model) if (not sync and acc.num_processes > 1) else nullcontext()
                 with ctx:
                     with acc.autocast():

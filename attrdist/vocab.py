@@ -10,8 +10,9 @@ A vocabulary is a JSON file, one entry per attribute; the entry order is the lab
 entry's `name` and non-empty `keywords`, are required.
 
 Matching rules (one precompiled regex per attribute):
-- case-insensitive, on whole words: "red" matches "Red," and "red." but not "bored" or "reddish";
-  a hyphen is a word boundary ("red-striped" mentions red);
+- case-insensitive, on whole words: "red" matches "Red," and "red." but not "bored", "reddish"
+  or "red_x" (letters, digits and "_" are word characters); a hyphen is a word boundary
+  ("red-striped" mentions red);
 - plurals: a keyword also matches with "s" or "es" appended, and a keyword ending in
   consonant + "y" also matches "ies" ("berry" -> "berries"); only the last word of a phrase is
   inflected;
@@ -60,9 +61,14 @@ def keyword_pattern(keyword: str) -> str:
 
 
 def _compile(keywords: Iterable[str]) -> re.Pattern:
+    """One regex for all keywords of an attribute; it is applied to lower-cased text."""
+    kws = [k.strip().lower() for k in keywords]
     # Longest alternatives first so the regex engine never stops at a shorter prefix phrase.
-    alts = sorted({keyword_pattern(k) for k in keywords}, key=lambda s: (-len(s), s))
-    return re.compile(r"(?<![^\W_])(?:" + "|".join(alts) + r")(?![^\W_])", re.IGNORECASE)
+    alts = sorted({keyword_pattern(k) for k in kws}, key=lambda s: (-len(s), s))
+    # `\b` is much faster than a look-behind; it is right when every keyword starts with a
+    # word character (letters, digits, underscore), as real keywords do.
+    start = r"\b" if all(re.match(r"\w", k) for k in kws) else r"(?<!\w)"
+    return re.compile(start + "(?:" + "|".join(alts) + r")(?!\w)")
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class Vocabulary:
         """uint8 multi-hot [A]: attribute a is 1 iff any text contains any of its keywords."""
         if isinstance(texts, str):
             texts = [texts]
-        joined = _JOIN.join(texts)
+        joined = _JOIN.join(texts).lower()
         out = np.zeros(len(self.names), dtype=np.uint8)
         if joined:
             for a, pat in enumerate(self._patterns):
@@ -106,7 +112,8 @@ class Vocabulary:
 
     def matches(self, text: str) -> list[str]:
         """Names of the attributes one text mentions (label order), for debugging and reports."""
-        return [n for n, pat in zip(self.names, self._patterns) if pat.search(text) is not None]
+        low = text.lower()
+        return [n for n, pat in zip(self.names, self._patterns) if pat.search(low) is not None]
 
     def index(self, name: str) -> int:
         return self.names.index(name)

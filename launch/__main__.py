@@ -17,9 +17,9 @@ def main(argv=None) -> int:
     lo.add_argument("--nproc", type=int, default=1)
     lo.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     lo.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
-    lo.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value config overrides")
-    args = ap.parse_args(argv)
-    return local.run(args.script, args.nproc, args.overrides, dry_run=args.dry_run, device=args.device)
+    # everything after the script that is not a launcher option goes to the recipe (key=value, --resume, ...)
+    args, recipe_args = ap.parse_known_args(argv)
+    return local.run(args.script, args.nproc, recipe_args, dry_run=args.dry_run, device=args.device)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def run_env(**extra) -> dict:
 
 # Small, fast settings for the demo profile on test shards.
 FAST = ["data.batch_size=16", "data.num_workers=0", "run.epochs=2", "run.eval_every=1", "run.log_every=1",
-        "model.dim=64", "model.contrastive_dim=32", "run.precision=fp32"]
+        "model.dim=64", "model.contrastive_dim=32", "run.precision=fp32", "run.threads=1"]
 
 
 def run_recipe(args: list[str], *, timeout: float = 300, env: dict | None = None, check: bool = True,

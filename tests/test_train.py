@@ -1,0 +1,193 @@
+"""Real training runs of the coconut recipe as subprocesses: outputs, overfit, resume, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import FAST, ROOT, run_env, run_recipe
+
+
+def demo_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--profile", "demo", f"data.shards={shards}", f"run.run_dir={run_dir}", *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "short"
+    run_recipe(demo_args(small_shards, run_dir))
+    return run_dir
+
+
+def test_short_run_writes_every_output(trained_run: Path):
+    r = trained_run
+    for name in ("config.json", "metrics.jsonl", "train.log", "curves.png", "report.md", "report.json"):
+        assert (r / name).is_file(), name
+    assert any((r / "tensorboard").iterdir())
+    recs = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in recs if x["type"] == "train"]
+    evals = [x for x in recs if x["type"] == "eval"]
+    assert [x["step"] for x in train] == list(range(1, 13))  # 96 / 16 = 6 steps x 2 epochs, every step logged
+    assert all({"loss", "lr", "img_per_s"} <= x.keys() for x in train)
+    assert len(evals) == 2 and "val/true_labels/mAP" in evals[0] and "val/true_labels/mAP:prior" in evals[0]
+    report = (r / "report.md").read_text()
+    first_map = report.split("**Validation mAP against `true_labels`: ")[1].split("**")[0]
+    assert 0 <= float(first_map) <= 1
+    assert "prior baseline" in report and "all-negative baseline" in report and "worst 20" in report
+    assert "## test vs `true_labels`" in report
+    cfg = json.loads((r / "config.json").read_text())
+    assert cfg["recipe"] == "coconut" and cfg["data"]["batch_size"] == 16
+    # checkpoints: safetensors weights + a state file that loads with weights_only=True
+    best = json.loads((r / "checkpoints" / "best.json").read_text())["dir"]
+    ck = r / "checkpoints" / best
+    assert load_file(str(ck / "model.safetensors"))
+    state = torch.load(ck / "state.pt", weights_only=True)
+    assert {"optimizer", "loop"} <= state.keys()
+    meta = json.loads((ck / "meta.json").read_text())
+    assert len(meta["attributes"]) == 21 and set(meta["files"]) == {"model.safetensors", "state.pt"}
+    assert not list((r / "checkpoints").glob(".*"))  # no temporary files left
+
+
+def test_predict_prints_top_attributes(trained_run: Path, small_demo: Path):
+    img = next((small_demo / "images" / "val").glob("*.jpg"))
+    p = subprocess.run([sys.executable, "-m", "attrdist.cli", "predict", str(trained_run), str(img), "--top", "3"],
+                       cwd=ROOT, capture_output=True, text=True, env=run_env())
+    assert p.returncode == 0, p.stderr
+    line = [x for x in p.stdout.splitlines() if x.startswith(str(img))][0]
+    names = [part.split(" (")[0] for part in line.split(": ", 1)[1].split(", ")]
+    assert len(names) == 3 and len(set(names)) == 3  # three different attributes, with probabilities
+
+
+def test_overfit_drives_loss_to_zero(small_shards, tmp_path):
+    run_recipe(demo_args(small_shards, tmp_path / "overfit", "run.overfit_batches=1", "run.epochs=80",
+                         "run.eval_every=80", "optim.lr=3e-3", "optim.weight_decay=0", "schedule.name=constant",
+                         "schedule.warmup_epochs=0", "model.dropout=0"))
+    train = [json.loads(x) for x in (tmp_path / "overfit" / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in x]
+    assert train[0]["bce"] > 0.3
+    assert train[-1]["bce"] < 0.02, train[-1]
+
+
+def _steps(path: Path) -> list[int]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("type") == "train":
+            out.append(rec["step"])
+    return out
+
+
+def test_kill_mid_epoch_then_resume_matches_uninterrupted(small_shards, tmp_path):
+    """SIGKILL after a mid-epoch checkpoint, resume, and end with the same weights as a run never killed."""
+    extra = ("run.epochs=2", "run.ckpt_every_steps=2", "run.eval_every=2", "model.dropout=0.1")
+    ref = tmp_path / "ref"
+    run_recipe(demo_args(small_shards, ref, *extra))
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "recipes" / "coconut.py"), *demo_args(small_shards, run_dir, *extra)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (max(_steps(run_dir / "metrics.jsonl"), default=0) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ck = run_dir / "checkpoints"
+    last = json.loads((ck / "last.json").read_text())
+    assert 2 <= last["step"] < 12 and last["step"] % 6 != 0  # a mid-epoch checkpoint (6 steps per epoch)
+    for d in ck.glob("step-*"):  # every visible checkpoint is complete
+        assert {p.name for p in d.iterdir()} == {"model.safetensors", "state.pt", "meta.json"}
+    p = run_recipe(demo_args(small_shards, run_dir, *extra) + ["--resume"])
+    assert f"step {last['step']}" in p.stdout and "resumed from" in p.stdout
+    assert (run_dir / "report.md").is_file()
+    a = load_file(str(ref / "checkpoints" / json.loads((ref / "checkpoints/last.json").read_text())["dir"] / "model.safetensors"))
+    b = load_file(str(ck / json.loads((ck / "last.json").read_text())["dir"] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_run_dir_in_use_needs_resume(trained_run, small_shards):
+    p = run_recipe(demo_args(small_shards, trained_run), check=False)
+    assert p.returncode == 2 and "already holds a run; pass --resume" in p.stderr
+
+
+@pytest.mark.dist
+def test_two_cpu_processes_really_train_as_two_ranks(small_shards, tmp_path):
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "launch", "local", "recipes/coconut.py", "--nproc", "2",
+           *demo_args(small_shards, run_dir)]
+    p = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    log = (run_dir / "train.log").read_text()
+    assert "distributed run verified: 2 ranks (MULTI_CPU, backend gloo)" in log
+    assert "world_size=2" in log and "(8 per rank x 2 ranks)" in log
+    assert (run_dir / "report.md").is_file()
+
+
+def test_fewer_ranks_than_asked_fails_loudly(small_shards, tmp_path):
+    p = run_recipe(demo_args(small_shards, tmp_path / "r", "run.world_size=2"), check=False)
+    assert p.returncode == 2
+    assert "asked for 2 processes (run.world_size) but this process sees world size 1" in p.stderr
+
+
+def _corrupt_copy(src: Path, dst: Path, bad: set[int]) -> Path:
+    """Copy a packed dataset, replacing the JPEG bytes of some train samples by broken ones."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    shard = dst / "train-000000.tar"
+    members = []
+    with tarfile.open(shard) as t:
+        for m in t.getmembers():
+            members.append((m, t.extractfile(m).read()))
+    with tarfile.open(shard, "w") as t:
+        for k, (m, data) in enumerate(members):
+            if m.name.endswith(".jpg") and k // 2 in bad:
+                data = data[:200] if k % 4 == 0 else b"\xff\xd8\xff\xe0" + bytes(reversed(data[4:]))
+            m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+    return dst
+
+
+def test_corrupt_jpegs_are_skipped_and_counted_then_limit_stops(small_shards, tmp_path):
+    bad = _corrupt_copy(small_shards, tmp_path / "bad", {0, 3, 7})
+    ok = run_recipe(["--profile", "demo", f"data.shards={bad}", f"run.run_dir={tmp_path / 'ok'}", *FAST,
+                     "run.epochs=1", "data.max_corrupt=10"])
+    assert "skipped undecodable sample 000" in ok.stdout
+    assert "failed to decode and were skipped: train 3" in (tmp_path / "ok" / "report.md").read_text()
+    stop = run_recipe(["--profile", "demo", f"data.shards={bad}", f"run.run_dir={tmp_path / 'stop'}", *FAST,
+                       "data.max_corrupt=2"], check=False)
+    assert stop.returncode == 2
+    err = stop.stderr.strip().splitlines()
+    assert len(err) == 1 and "3 samples failed to decode, more than data.max_corrupt=2" in err[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data.shards=/nonexistent/shards"], "/nonexistent/shards: shard directory does not exist"),
+    (["data.shards={empty}"], "no manifest.json here"),
+    (["--profile", "demo", "data.shards={shards}", "run.precision=fp16"], "run.precision=fp16 is CUDA-only"),
+    (["--profile", "demo", "data.shards={shards}", "data.labels=nope"], "no label field 'nope'"),
+])
+def test_bad_input_one_line(args, message, small_shards, tmp_path):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty", shards=small_shards) for a in args]
+    p = run_recipe(args + [f"run.run_dir={tmp_path / 'r'}"], check=False, timeout=120)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith("attrdist: error: ") and message in lines[-1]
+    assert "Traceback" not in p.stderr
