@@ -82,11 +82,35 @@ class RuntimeInfo:
                 f"threads={self.threads} launcher={self.launcher}")
 
 
+def _launcher_num_processes() -> int:
+    """--num_processes of an `accelerate launch` parent process, if that is what started us.
+
+    Catches `accelerate launch --cpu --num_processes 2`, which starts ONE process and sets no
+    variable saying 2 were asked for.
+    """
+    try:
+        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")
+    except OSError:
+        return 0
+    head = " ".join(argv[:3])
+    if not ("accelerate.commands.launch" in head or ("accelerate" in head and "launch" in argv[:4])):
+        return 0
+    for i, a in enumerate(argv):
+        if a in ("--num_processes", "--num-processes") and i + 1 < len(argv) and argv[i + 1].isdigit():
+            return int(argv[i + 1])
+        if a.startswith(("--num_processes=", "--num-processes=")) and a.split("=", 1)[1].isdigit():
+            return int(a.split("=", 1)[1])
+    return 0
+
+
 def _expected_world_size(cfg_world_size: int) -> tuple[int, str]:
+    if cfg_world_size:
+        return cfg_world_size, "run.world_size"
     for var in ("ATTRDIST_EXPECT_WORLD_SIZE", "WORLD_SIZE"):
         if os.environ.get(var):
             return int(os.environ[var]), var
-    return cfg_world_size, "run.world_size"
+    n = _launcher_num_processes()
+    return n, "accelerate launch --num_processes"
 
 
 def make_accelerator(run_cfg, grad_accum: int):

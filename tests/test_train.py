@@ -143,6 +143,11 @@ def test_fewer_ranks_than_asked_fails_loudly(small_shards, tmp_path):
     p = run_recipe(demo_args(small_shards, tmp_path / "r", "run.world_size=2"), check=False)
     assert p.returncode == 2
     assert "asked for 2 processes (run.world_size) but this process sees world size 1" in p.stderr
+    # the silent trap: `accelerate launch --cpu --num_processes 2` starts ONE process
+    p = run_recipe(demo_args(small_shards, tmp_path / "r2"), check=False,
+                   launcher=[sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"])
+    assert p.returncode != 0
+    assert "asked for 2 processes (accelerate launch --num_processes) but this process sees world size 1" in p.stderr
 
 
 def _corrupt_copy(src: Path, dst: Path, bad: set[int]) -> Path:
