@@ -75,10 +75,9 @@ def plot_curves(run_dir: Path, headline: list[str]) -> Path:
         k = max(1, len(train) // 50)
         smooth = [sum(r["loss"] for r in train[max(0, i - k):i + 1]) / len(train[max(0, i - k):i + 1]) for i in range(len(train))]
         axes[0].plot(steps, smooth, lw=1.5, label=f"loss (mean of {k + 1})")
-        for r_key in ("val_loss",):
+        for r_key in sorted({k for r in evals for k in r if k.endswith("/loss")}):
             pts = [(r["step"], r[r_key]) for r in evals if r_key in r]
-            if pts:
-                axes[0].plot(*zip(*pts), "o-", label="val loss")
+            axes[0].plot(*zip(*pts), "o-", label=r_key)
         axes[1].plot(steps, [r["lr"] for r in train])
     axes[0].set(title="loss", xlabel="step")
     axes[0].legend()
