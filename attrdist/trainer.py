@@ -96,7 +96,7 @@ def resolve_run_dir(cfg: Config, acc) -> Path:
 def debug_config(cfg: Config) -> Config:
     """run.debug: a few steps on a small subset, one eval, no workers."""
     b = cfg.data.batch_size
-    return replace(cfg, data=replace(cfg.data, subset=max(2 * b, 8), num_workers=0),
+    return replace(cfg, data=replace(cfg.data, subset=max(4 * b, 8), num_workers=0),
                    run=replace(cfg.run, epochs=1, max_steps=3, eval_every=1, log_every=1))
 
 

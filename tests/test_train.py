@@ -121,6 +121,25 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(small_shards, tmp_path
         assert torch.equal(a[k], b[k]), k
 
 
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def test_grad_accum_early_stopping_and_debug(small_shards, tmp_path):
+    run_recipe(demo_args(small_shards, tmp_path / "ga", "optim.grad_accum=2", "run.epochs=1"))
+    assert [r["step"] for r in _records(tmp_path / "ga", "train")] == [1, 2, 3]  # 6 batches / 2 per step
+    # with a negligible lr the model barely moves (only BN statistics): patience 1 stops at the first
+    # evaluation that does not beat the best so far
+    run_recipe(demo_args(small_shards, tmp_path / "es", "run.epochs=12", "run.patience=1", "optim.lr=1e-30"))
+    values = [r["val/labels/mAP"] for r in _records(tmp_path / "es", "eval")]
+    first_bad = next(i for i in range(1, len(values)) if values[i] <= max(values[:i]))
+    assert len(values) == first_bad + 1 < 12
+    assert "(early stop)" in (tmp_path / "es" / "report.md").read_text()
+    p = run_recipe(demo_args(small_shards, tmp_path / "dbg", "run.debug=true"))
+    assert "shape backbone.conv1" in p.stdout and "shape attr_proj" in p.stdout
+    assert [r["step"] for r in _records(tmp_path / "dbg", "train")] == [1, 2, 3]
+
+
 def test_run_dir_in_use_needs_resume(trained_run, small_shards):
     p = run_recipe(demo_args(small_shards, trained_run), check=False)
     assert p.returncode == 2 and "already holds a run; pass --resume" in p.stderr
