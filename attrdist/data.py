@@ -93,8 +93,8 @@ class SampleDataset(Dataset):
             y = torch.zeros(self.A, dtype=torch.float32)
             y[meta.get(f, [])] = 1.0
             m = torch.ones(self.A, dtype=torch.bool)
-            if f"{f}_mask" in meta:  # indices of unlabelled ("ignore") entries
-                m[meta[f"{f}_mask"]] = False
+            if f"{f}_ignore" in meta:  # indices of unlabelled entries: left out of loss and metrics
+                m[meta[f"{f}_ignore"]] = False
             out[f"labels/{f}"], out[f"mask/{f}"] = y, m
         return out
 

@@ -10,7 +10,7 @@ shard and the manifest are complete (`atomic.replace_dir`): a crashed pack never
 or a manifest that looks complete, and never damages the previous good pack.
 
 Sample JSON: {"id", "index" (position in its split), "labels": [positive attribute indices],
-optional other label fields (e.g. "true_labels") and "<field>_mask" ignore lists, "captions"...}.
+optional other label fields (e.g. "true_labels") and "<field>_ignore" lists of unlabelled attribute indices, "captions"...}.
 Reading uses wids' indexed tar reader (random access by sample index, mmap'ed).
 """
 
@@ -47,6 +47,26 @@ def source_entry(path: str | os.PathLike) -> dict:
     return {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
+def _check_replaceable(out_dir: Path, dataset: str, overwrite: bool) -> None:
+    """Refuse to replace a directory holding something else (another dataset, or not shards)."""
+    if overwrite or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise AttrdistError(f"{out_dir}: exists and is not a directory; choose another --out")
+    m = out_dir / MANIFEST
+    if m.is_file():
+        try:
+            other = json.loads(m.read_text()).get("dataset")
+        except ValueError:
+            other = None
+        if other != dataset:
+            raise AttrdistError(f"{out_dir}: already holds dataset {other!r}, not {dataset!r}; pass --overwrite "
+                                f"to replace it or choose another --out")
+    elif any(out_dir.iterdir()):
+        raise AttrdistError(f"{out_dir}: not empty and not an attrdist pack; pass --overwrite to replace it "
+                            f"or choose another --out")
+
+
 class PackWriter:
     """Write splits of samples into shards in a staging dir; `commit()` publishes the pack.
 
@@ -56,8 +76,10 @@ class PackWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, dataset: str, attributes: list[str],
-                 label_fields: list[str], max_samples: int = 1000, max_bytes: int = 256 << 20):
+                 label_fields: list[str], max_samples: int = 1000, max_bytes: int = 256 << 20,
+                 overwrite: bool = False):
         self.out_dir = Path(out_dir)
+        _check_replaceable(self.out_dir, dataset, overwrite)
         self.staging = self.out_dir.with_name(f".{self.out_dir.name}.staging-{os.getpid()}")
         if self.staging.exists():
             raise AttrdistError(f"{self.staging}: a staging directory exists; remove it (a previous pack crashed)")

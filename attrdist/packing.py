@@ -1,0 +1,103 @@
+"""Shared machinery of the packers: parallel per-item work, image re-encoding, content hashes.
+
+`parallel_map(fn, items, workers)` runs `fn` over items in worker processes and yields results
+in input order with a bounded number in flight, so packing uses every core while memory stays
+flat in dataset size. `fn` must be a module-level function (it is pickled) and should return
+bytes/JSON-able data, or raise; exceptions come back as `ItemError` results to be counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+from PIL import Image
+
+from attrdist.errors import AttrdistError
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """A per-item failure (corrupt image, bad box...): counted by the packer, never fatal."""
+
+    reason: str
+    detail: str
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _call(fn, item):
+    try:
+        return fn(item)
+    except AttrdistError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any per-item failure is data to count, not a crash
+        return ItemError(getattr(e, "reason", type(e).__name__), str(e)[:300])
+
+
+def parallel_map(fn: Callable, items: Iterable, workers: int | None = None, max_in_flight: int = 0) -> Iterator:
+    """Ordered map over `items` in `workers` processes (0 or 1 = in this process)."""
+    workers = default_workers() if workers is None else workers
+    if workers <= 1:
+        for it in items:
+            yield _call(fn, it)
+        return
+    max_in_flight = max_in_flight or 8 * workers
+    with ProcessPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for it in items:
+            pending.append(pool.submit(_call, fn, it))
+            if len(pending) >= max_in_flight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class ItemFailure(Exception):
+    """Raise inside a per-item function with a short reason (e.g. 'box_outside_image')."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=False)
+    return buf.getvalue()
+
+
+def open_image(data: bytes, max_side: int = 0) -> Image.Image:
+    """Decode fully (so corrupt/truncated files fail here), DCT-downscaling when a small result is wanted."""
+    im = Image.open(io.BytesIO(data))
+    if max_side and im.format == "JPEG" and max(im.size) > 2 * max_side:
+        im.draft("RGB", (max_side, max_side))
+    im.load()
+    return im
+
+
+def resize_max_side(data: bytes, max_side: int, quality: int = 90) -> tuple[bytes, tuple[int, int], float]:
+    """(bytes, (w, h), scale): bytes unchanged when the image already fits within max_side."""
+    im = open_image(data, max_side)
+    w, h = im.size
+    orig = Image.open(io.BytesIO(data)).size
+    if max(w, h) <= max_side and (w, h) == orig:
+        return data, (w, h), 1.0
+    s = min(1.0, max_side / max(w, h))
+    if s < 1.0:
+        im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+    return encode_jpeg(im, quality), im.size, im.size[0] / orig[0]
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
