@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import webdataset as wds
 from attrdist import __version__, atomic
 from attrdist.errors import AttrdistError
 
+log = logging.getLogger("attrdist")
 MANIFEST = "manifest.json"
 FORMAT = "attrdist-shards-v1"
 
@@ -70,43 +72,105 @@ def _check_replaceable(out_dir: Path, dataset: str, overwrite: bool) -> None:
 class PackWriter:
     """Write splits of samples into shards in a staging dir; `commit()` publishes the pack.
 
-        with PackWriter(out_dir, dataset="coco", attributes=names) as w:
-            for s in samples: w.add("train", key, {"jpg": data, "json": meta})
+        with PackWriter(out_dir, dataset="coco", attributes=names, label_fields=["labels"], job=options) as w:
+            for key, sample in samples:            # deterministic order
+                w.add("train", key, {"jpg": data, "json": meta})
             w.commit(sources=[...], options={...}, report={...})
+
+    Resume: the staging directory `.<out>.staging` survives a crash with `progress.json`, which
+    lists the shards that were closed (complete, fsync'ed). A new PackWriter for the same job
+    (same dataset, attributes, label fields, shard size and `job` options) keeps those shards,
+    discards the partial one, and `add()` skips the samples already written (checking that the
+    inputs still give the same keys); `done(split)` tells a packer how many it may skip producing.
+    A different job starts afresh. One packer at a time per output (a file lock).
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, dataset: str, attributes: list[str],
                  label_fields: list[str], max_samples: int = 1000, max_bytes: int = 256 << 20,
-                 overwrite: bool = False):
+                 overwrite: bool = False, job: dict | None = None):
+        from filelock import FileLock, Timeout
+
         self.out_dir = Path(out_dir)
         _check_replaceable(self.out_dir, dataset, overwrite)
-        self.staging = self.out_dir.with_name(f".{self.out_dir.name}.staging-{os.getpid()}")
-        if self.staging.exists():
-            raise AttrdistError(f"{self.staging}: a staging directory exists; remove it (a previous pack crashed)")
-        self.staging.mkdir(parents=True)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.out_dir.with_name(f".{self.out_dir.name}.lock")))
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise AttrdistError(f"{self.out_dir}: another packer is writing this output right now") from None
+        self.staging = self.out_dir.with_name(f".{self.out_dir.name}.staging")
         self.dataset, self.attributes, self.label_fields = dataset, list(attributes), list(label_fields)
         self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.job = json.loads(json.dumps({"dataset": dataset, "attributes": self.attributes,
+                                          "label_fields": self.label_fields, "max_samples": max_samples,
+                                          "max_bytes": max_bytes, "job": job or {}}, default=str))
         self.splits: dict[str, dict[str, Any]] = {}
-        self._open: dict[str, tuple[wds.TarWriter, Path, int, int]] = {}
+        self._open: dict[str, tuple[wds.TarWriter, Path, int, int, dict]] = {}
+        self._skip: dict[str, int] = {}
         self.committed = False
+        self.resumed_samples = 0
+        self._resume_or_reset()
+
+    # -------------------------------------------------------------- resume
+    def _resume_or_reset(self) -> None:
+        import shutil
+
+        progress = self.staging / "progress.json"
+        if self.staging.is_dir() and progress.is_file():
+            try:
+                state = json.loads(progress.read_text())
+            except ValueError:
+                state = {}
+            if state.get("job") == self.job:
+                self.splits = state["splits"]
+                keep = {s["file"] for info in self.splits.values() for s in info["shards"]}
+                for p in self.staging.iterdir():
+                    if p.name not in keep and p.name != "progress.json":
+                        p.unlink()
+                self._skip = {k: v["nsamples"] for k, v in self.splits.items()}
+                self.resumed_samples = sum(self._skip.values())
+                log.info("%s: resuming an interrupted pack: %d samples in %d finished shards kept", self.out_dir,
+                         self.resumed_samples, len(keep))
+                return
+        if self.staging.exists():
+            log.info("%s: discarding the staging directory of an interrupted pack of other inputs", self.out_dir)
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True)
+
+    def done(self, split: str) -> int:
+        """Samples of `split` already in finished shards (a resumed pack skips producing them)."""
+        return self.splits.get(split, {}).get("nsamples", 0)
+
+    def _save_progress(self) -> None:
+        atomic.write_json(self.staging / "progress.json", {"job": self.job, "splits": self.splits}, indent=None)
+
+    # -------------------------------------------------------------- writing
+    def _split(self, split: str) -> dict:
+        return self.splits.setdefault(split, {"shards": [], "nsamples": 0, "last_key": None,
+                                              "label_counts": {f: [0] * len(self.attributes) for f in self.label_fields}})
 
     def add(self, split: str, key: str, sample: dict[str, bytes | dict]) -> int:
         """Append one sample to `split`; returns its index in the split."""
-        info = self.splits.setdefault(split, {"shards": [], "nsamples": 0,
-                                              "label_counts": {f: [0] * len(self.attributes) for f in self.label_fields}})
-        writer, path, n, nbytes = self._open.get(split) or self._new_shard(split)
-        index = info["nsamples"]
+        info = self._split(split)
+        if self._skip.get(split):  # already written by the interrupted run
+            self._skip[split] -= 1
+            if self._skip[split] == 0 and info["last_key"] != key:
+                raise AttrdistError(f"{self.out_dir}: the inputs changed since the interrupted pack (sample "
+                                    f"{key!r} where {info['last_key']!r} was written); delete {self.staging} and re-pack")
+            return self._skip[split]
+        writer, path, n, nbytes, counts = self._open.get(split) or self._new_shard(split)
+        index = info["nsamples"] + n
         meta = dict(sample["json"])
         meta["index"] = index
         for f in self.label_fields:
             for a in meta.get(f, []):
-                info["label_counts"][f][a] += 1
+                counts[f][a] += 1
         record = {"__key__": key, **{k: v for k, v in sample.items() if k != "json"},
                   "json": json.dumps(meta).encode()}
         writer.write(record)
         size = sum(len(v) for k, v in record.items() if k != "__key__")
-        info["nsamples"] += 1
-        self._open[split] = (writer, path, n + 1, nbytes + size)
+        self._open[split] = (writer, path, n + 1, nbytes + size, counts)
+        self._last_key = key
         if n + 1 >= self.max_samples or nbytes + size >= self.max_bytes:
             self._close_shard(split)
         return index
@@ -114,27 +178,39 @@ class PackWriter:
     def _new_shard(self, split: str):
         name = f"{split}-{len(self.splits[split]['shards']):06d}.tar"
         path = self.staging / name
-        writer = wds.TarWriter(str(path))
-        self._open[split] = (writer, path, 0, 0)
+        writer = wds.TarWriter(str(path), mtime=0.0)  # fixed mtime: same inputs give the same shard bytes
+        self._open[split] = (writer, path, 0, 0, {f: [0] * len(self.attributes) for f in self.label_fields})
         return self._open[split]
 
     def _close_shard(self, split: str) -> None:
-        writer, path, n, nbytes = self._open.pop(split)
+        writer, path, n, nbytes, counts = self._open.pop(split)
         writer.close()
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        self.splits[split]["shards"].append({"file": path.name, "nsamples": n, "bytes": path.stat().st_size,
-                                             "sha256": sha256_file(path)})
+        info = self.splits[split]
+        info["shards"].append({"file": path.name, "nsamples": n, "bytes": path.stat().st_size,
+                               "sha256": sha256_file(path)})
+        info["nsamples"] += n
+        info["last_key"] = self._last_key
+        for f in self.label_fields:
+            info["label_counts"][f] = [a + b for a, b in zip(info["label_counts"][f], counts[f])]
+        self._save_progress()
 
     def commit(self, *, sources: list[dict], options: dict, report: dict | None = None) -> dict:
+        unfinished = {k: v for k, v in self._skip.items() if v}
+        if unfinished:
+            raise AttrdistError(f"{self.out_dir}: the inputs now give fewer samples than the interrupted pack "
+                                f"wrote ({unfinished}); delete {self.staging} and re-pack")
         for split in list(self._open):
             self._close_shard(split)
+        splits = {k: {kk: vv for kk, vv in v.items() if kk != "last_key"} for k, v in self.splits.items()}
         manifest = {
             "format": FORMAT, "dataset": self.dataset, "attrdist_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attributes": self.attributes,
-            "label_fields": self.label_fields, "splits": self.splits, "sources": sources,
+            "label_fields": self.label_fields, "splits": splits, "sources": sources,
             "options": options, "report": report or {},
         }
+        (self.staging / "progress.json").unlink(missing_ok=True)
         atomic.write_json(self.staging / MANIFEST, manifest)
         atomic.replace_dir(self.staging, self.out_dir)
         self.committed = True
@@ -143,15 +219,15 @@ class PackWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        if not self.committed:
-            for writer, _, _, _ in self._open.values():
-                try:
-                    writer.close()
-                except Exception:
-                    pass
-            import shutil
-            shutil.rmtree(self.staging, ignore_errors=True)
+    def __exit__(self, exc_type, *exc):
+        """On failure the staging dir (finished shards + progress.json) stays for a resume."""
+        for writer, *_ in self._open.values():
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - already failing; the partial shard is discarded on resume
+                pass
+        self._open.clear()
+        self._lock.release()
 
 
 # ------------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def test_crashed_pack_leaves_previous_pack_intact(small_demo, tmp_path):
         pack_coco_captions(out, bad, vocab, progress=False)
     assert sorted(p.name for p in out.iterdir()) == before
     assert load_manifest(out).data["created"] == first["created"]
-    assert not list(tmp_path.glob(".pack.staging-*"))  # no staging left behind
+    staging = tmp_path / ".pack.staging"  # kept for a resume, and never mistaken for a pack
+    assert not (staging / "manifest.json").exists()
 
 
 def test_manifest_errors(tmp_path, small_shards):
@@ -96,3 +97,56 @@ def test_manifest_errors(tmp_path, small_shards):
     (broken / "train-000001.tar").unlink()
     with pytest.raises(AttrdistError, match="train-000001.tar: shard listed in manifest.json is missing"):
         load_manifest(broken)
+
+
+def _samples(n):
+    return [(f"k{i:04d}", {"jpg": bytes([i % 256]) * 50, "json": {"id": i, "labels": [i % 3]}}) for i in range(n)]
+
+
+def test_interrupted_pack_resumes_without_redoing_finished_shards(tmp_path):
+    from attrdist.shards import PackWriter
+
+    out = tmp_path / "out"
+    kw = dict(dataset="t", attributes=["a", "b", "c"], label_fields=["labels"], max_samples=10, job={"x": 1})
+    with pytest.raises(RuntimeError):
+        with PackWriter(out, **kw) as w:
+            for i, (k, s) in enumerate(_samples(30)):
+                if i == 25:
+                    raise RuntimeError("killed")
+                w.add("train", k, s)
+    assert not out.exists()
+    finished = sorted(p.name for p in (tmp_path / ".out.staging").glob("*.tar"))
+    mtimes = {n: (tmp_path / ".out.staging" / n).stat().st_mtime_ns for n in finished[:2]}
+    with PackWriter(out, **kw) as w:
+        assert w.done("train") == 20  # two finished shards kept; the partial third is redone
+        for k, s in _samples(30):
+            w.add("train", k, s)
+        w.commit(sources=[], options={})
+    m = load_manifest(out)
+    assert m.split("train")["nsamples"] == 30 and len(m.split("train")["shards"]) == 3
+    assert {n: (out / n).stat().st_mtime_ns for n in finished[:2]} == mtimes  # not rewritten
+    assert m.split("train")["label_counts"]["labels"] == [10, 10, 10]
+    reader = ShardReader(m, "train")
+    assert [json.loads(reader[i]["json"])["id"] for i in range(30)] == list(range(30))
+    # fresh pack of the same samples: identical shard bytes
+    with PackWriter(tmp_path / "fresh", **{**kw, "dataset": "t"}) as w:
+        for k, s in _samples(30):
+            w.add("train", k, s)
+        w.commit(sources=[], options={})
+    for s in m.split("train")["shards"]:
+        assert (out / s["file"]).read_bytes() == (tmp_path / "fresh" / s["file"]).read_bytes()
+
+
+def test_resume_refuses_changed_inputs(tmp_path):
+    from attrdist.shards import PackWriter
+
+    kw = dict(dataset="t", attributes=["a", "b", "c"], label_fields=["labels"], max_samples=10)
+    with pytest.raises(RuntimeError):
+        with PackWriter(tmp_path / "out", **kw) as w:
+            for k, s in _samples(15):
+                w.add("train", k, s)
+            raise RuntimeError("killed")
+    with PackWriter(tmp_path / "out", **kw) as w:
+        with pytest.raises(AttrdistError, match="inputs changed"):
+            for k, s in _samples(30)[1:]:
+                w.add("train", k, s)
