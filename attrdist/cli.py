@@ -1,6 +1,7 @@
 """The `attrdist` command (installed by `pip install -e .`). Imports are lazy: --help is fast.
 
     attrdist predict CHECKPOINT IMAGE [IMAGE ...] [--top K]   top attributes with probabilities
+    attrdist inspect SHARDS [--sheet out.png] [--n 32] [--split train] [--seed 0]
     attrdist version
 """
 
@@ -17,6 +18,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint", help="run directory, checkpoints dir, or a checkpoints/step-* directory")
     p.add_argument("images", nargs="+")
     p.add_argument("--top", type=int, default=5)
+    p = sub.add_parser("inspect", help="summarise a packed dataset; --sheet writes a contact sheet PNG")
+    p.add_argument("shards", help="packed dataset directory (holds manifest.json)")
+    p.add_argument("--sheet", default=None, help="write a contact sheet PNG of random samples here")
+    p.add_argument("--n", type=int, default=32, help="samples on the sheet")
+    p.add_argument("--split", default="train", help="split to sample for the sheet")
+    p.add_argument("--seed", type=int, default=0)
     sub.add_parser("version", help="print the version")
     args = ap.parse_args(argv)
 
@@ -27,6 +34,13 @@ def main(argv: list[str] | None = None) -> None:
             from attrdist import __version__
 
             print(__version__)
+        elif args.cmd == "inspect":
+            from attrdist.inspect import contact_sheet, summary
+
+            print(summary(args.shards))
+            if args.sheet:
+                w, h = contact_sheet(args.shards, args.sheet, n=args.n, split=args.split, seed=args.seed)
+                print(f"contact sheet: {args.sheet} ({w}x{h}, split {args.split})")
         elif args.cmd == "predict":
             from attrdist.predict import load_for_inference, predict_images
 

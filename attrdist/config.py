@@ -64,6 +64,7 @@ class DataConfig:
     batch_size: int = _f(8, "GLOBAL batch size per optimizer micro-step (split over processes)")
     eval_batch_size: int = _f(0, "global eval batch size (0 = 2 x batch_size)")
     num_workers: int = _f(2, "DataLoader worker processes per rank (decode + augment + collate)")
+    task: Literal["multilabel", "multiclass"] = _f("multilabel", "sigmoid/BCE attributes, or softmax/CE classes")
     labels: str = _f("labels", "which label field of the shards to train on")
     eval_labels: tuple[str, ...] = _f(("labels",), "label fields to evaluate against (first = headline)")
     max_corrupt: int = _f(10, "stop the run once more than this many samples failed to decode")

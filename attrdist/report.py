@@ -16,11 +16,6 @@ from pathlib import Path
 from attrdist import atomic
 from attrdist.config import to_dict
 
-SCALARS = [("mAP", "mAP (attributes with >= 1 positive)"), ("micro_AP", "micro-AP"),
-           ("macro_f1@0.5", "macro F1 @0.5"), ("micro_f1@0.5", "micro F1 @0.5"),
-           ("macro_f1@tuned", "macro F1 @ val-tuned thresholds"), ("micro_f1@tuned", "micro F1 @ val-tuned thresholds"),
-           ("accuracy@0.5", "element-wise accuracy @0.5")]
-
 
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -28,14 +23,15 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def headline(results: dict, fields: list[str]) -> str:
+def headline(task, results: dict, fields: list[str]) -> str:
     val = results["val"]["_details"][fields[0]]
-    return (f"val mAP vs {fields[0]} = {_fmt(val['mAP'])} (prior baseline {_fmt(val['baselines']['prior']['mAP'])}, "
-            f"all-negative {_fmt(val['baselines']['all_negative']['mAP'])})")
+    h = task.headline
+    base = ", ".join(f"{b} baseline {_fmt(val['baselines'][b][h])}" for b in task.baselines)
+    return f"val {h} vs {fields[0]} = {_fmt(val[h])} ({base})"
 
 
-def write(run_dir: Path, *, recipe, cfg, rt, results, state, timings, fields, attributes, best_dir, manifest,
-          thresholds, n_train) -> Path:
+def write(run_dir: Path, *, task, recipe, cfg, rt, results, state, timings, fields, attributes, best_dir,
+          manifest, thresholds, n_train) -> Path:
     L: list[str] = []
     first = fields[0]
     val = results["val"]["_details"][first]
@@ -48,23 +44,56 @@ def write(run_dir: Path, *, recipe, cfg, rt, results, state, timings, fields, at
           f"- epochs run: {state.epoch} of {cfg.run.epochs}{' (early stop)' if state.stopped_early else ''}, "
           f"{state.step} optimizer steps", "",
           "## Headline", "",
-          f"**Validation mAP against `{first}`: {_fmt(val['mAP'])}**: prior baseline {_fmt(val['baselines']['prior']['mAP'])}, "
-          f"all-negative baseline {_fmt(val['baselines']['all_negative']['mAP'])} "
-          f"({val['n_attr_with_pos']} attributes with positives, {val['n_attr_without_pos']} without).", ""]
+          f"**Validation {task.headline} against `{first}`: {_fmt(val[task.headline])}**: "
+          + ", ".join(f"{b.replace('_', '-')} baseline {_fmt(val['baselines'][b][task.headline])}" for b in task.baselines)
+          + (f" ({val['n_attr_with_pos']} attributes with positives, {val['n_attr_without_pos']} without)."
+             if "n_attr_with_pos" in val else "."), ""]
     for split, res in results.items():
         for f in fields:
             d = res["_details"][f]
             note = " (thresholds tuned on this split: optimistic)" if split == "val" else " (thresholds tuned on val)"
             L += [f"## {split} vs `{f}` ({d['n_samples']} images)", "",
-                  "| metric | model | prior baseline | all-negative baseline |", "| --- | ---: | ---: | ---: |"]
-            for k, label in SCALARS:
+                  "| metric | model | " + " | ".join(f"{b.replace('_', '-')} baseline" for b in task.baselines) + " |",
+                  "| --- | ---: |" + " ---: |" * len(task.baselines)]
+            for k, label in task.scalars:
                 if k in d:
                     lab = label + (note if "tuned" in k else "")
-                    L.append(f"| {lab} | {_fmt(d[k])} | {_fmt(d['baselines']['prior'].get(k))} | "
-                             f"{_fmt(d['baselines']['all_negative'].get(k))} |")
+                    L.append(f"| {lab} | {_fmt(d[k])} | "
+                             + " | ".join(_fmt(d["baselines"][b].get(k)) for b in task.baselines) + " |")
             L.append("")
-    # per-attribute table for the headline field on val (and test if present)
     split = "test" if "test" in results else "val"
+    if "per_attribute" in results[split]["_details"][first]:
+        L += _per_attribute(results, split, first)
+    if "per_class" in results[split]["_details"][first]:
+        L += _per_class(results[split]["_details"][first], split, first)
+    L += _throughput(results, split, state, timings)
+    md = "\n".join(L) + "\n"
+    atomic.write_text(run_dir / "report.md", md)
+    clean = {s: {k: v for k, v in r.items() if k != "_details"} | {"details": r["_details"]} for s, r in results.items()}
+    atomic.write_json(run_dir / "report.json", {"recipe": recipe, "task": task.kind, "config": to_dict(cfg),
+                                               "results": clean,
+                                               "thresholds": {k: v.tolist() for k, v in thresholds.items()},
+                                               "best_checkpoint": str(best_dir), "timings": timings,
+                                               "runtime": rt.describe()})
+    return run_dir / "report.md"
+
+
+def _per_class(d: dict, split: str, field: str) -> list[str]:
+    L = [f"## Per-class results on {split} vs `{field}`", "", "| class | precision | recall | F1 | support |",
+         "| --- | ---: | ---: | ---: | ---: |"]
+    L += [f"| {c['name']} | {_fmt(c['precision'])} | {_fmt(c['recall'])} | {_fmt(c['f1'])} | {c['support']} |"
+          for c in d["per_class"]]
+    cm = d.get("confusion")
+    if cm and len(cm) <= 30:
+        names = [c["name"] for c in d["per_class"]]
+        L += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
+              "| true \\ pred | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+        L += [f"| {names[i]} | " + " | ".join(str(v) for v in row) + " |" for i, row in enumerate(cm)]
+    return L + [""]
+
+
+def _per_attribute(results: dict, split: str, first: str) -> list[str]:
+    L: list[str] = []
     per = results[split]["_details"][first]["per_attribute"]
     ranked = sorted([p for p in per if p["ap"] is not None and not math.isnan(p["ap"])], key=lambda p: -p["ap"])
     missing = [p["name"] for p in per if p["ap"] is None or math.isnan(p["ap"])]
@@ -76,8 +105,12 @@ def write(run_dir: Path, *, recipe, cfg, rt, results, state, timings, fields, at
     L += [f"| {p['name']} | {_fmt(p['ap'])} | {_fmt(p['f1@0.5'])} | {_fmt(p['precision@0.5'])} | "
           f"{_fmt(p['recall@0.5'])} | {p['support']} |" for p in ranked[::-1][:20]]
     L += ["", f"Attributes with no positive on {split} (excluded from mAP): {', '.join(missing) or 'none'}", ""]
+    return L
+
+
+def _throughput(results: dict, split: str, state, timings: dict) -> list[str]:
     step_rates = timings.get("step_img_s", [])[5:] or timings.get("step_img_s", [])
-    L += ["## Throughput and time", "",
+    return ["## Throughput and time", "",
           f"- training: median {_fmt(statistics.median(step_rates)) if step_rates else 'n/a'} images/s per optimizer "
           f"step over {len(step_rates)} steps (all ranks together; first 5 steps excluded as warm-up)",
           f"- evaluation ({split}): {_fmt(results[split].get(f'{split}/images_per_s'))} images/s (forward + gather, "
@@ -86,14 +119,6 @@ def write(run_dir: Path, *, recipe, cfg, rt, results, state, timings, fields, at
           f"{timings.get('wall_s', 0):.1f} s",
           f"- samples that failed to decode and were skipped: train {state.corrupt}, "
           + ", ".join(f"{s} {r.get(f'{s}/corrupt', 0)}" for s, r in results.items()), ""]
-    md = "\n".join(L) + "\n"
-    atomic.write_text(run_dir / "report.md", md)
-    clean = {s: {k: v for k, v in r.items() if k != "_details"} | {"details": r["_details"]} for s, r in results.items()}
-    atomic.write_json(run_dir / "report.json", {"recipe": recipe, "config": to_dict(cfg), "results": clean,
-                                               "thresholds": {k: v.tolist() for k, v in thresholds.items()},
-                                               "best_checkpoint": str(best_dir), "timings": timings,
-                                               "runtime": rt.describe()})
-    return run_dir / "report.md"
 
 
 def load(run_dir: Path) -> dict:

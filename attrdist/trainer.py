@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attrdist import checkpoint, metrics
+from attrdist import checkpoint
 from attrdist import rng as rnglib
 from attrdist.config import Config, to_dict, to_json
 from attrdist.data import BatchPlan, SampleDataset, make_loader
 from attrdist.errors import AttrdistError
-from attrdist.losses import attribute_loss, masked_bce
 from attrdist.models import build_model, count_parameters
 from attrdist.runtime import make_accelerator
 from attrdist.schedules import lr_factor
+from attrdist.tasks import make_task
 from attrdist.shards import Manifest, ShardReader, load_manifest
 from attrdist.tracking import Tracker, plot_curves
 
@@ -156,6 +156,7 @@ class Trainer:
                 raise AttrdistError(f"{self.manifest.root}/manifest.json: no label field {f!r} "
                                     f"(have {self.manifest.label_fields}); set data.labels / data.eval_labels")
         self.fields = fields
+        self.task = make_task(cfg.data.task)
         B, W = cfg.data.batch_size, self.acc.num_processes
         if B % W:
             raise AttrdistError(f"data.batch_size={B} is the GLOBAL batch and must be divisible by the {W} processes")
@@ -256,16 +257,24 @@ class Trainer:
         chunks = {k: [] for k in ("scores", "index", "valid", *[f"labels/{f}" for f in self.fields],
                                   *[f"mask/{f}" for f in self.fields])}
         t0, corrupt = time.perf_counter(), 0
+        f0 = self.cfg.data.labels
+        loss_sum = torch.zeros(2, device=self.acc.device)  # (sum of batch loss x valid samples, valid samples)
         for batch in loader:
             x = batch["image"].to(self.acc.device, non_blocking=True)
             if self.cfg.model.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.acc.autocast():
-                logits = model(x)["logits"]
+                out = model(x)
+            logits = out["logits"]
+            valid = batch["valid"].to(self.acc.device)
+            if valid.any():
+                loss, _ = self.task.loss(out, batch[f"labels/{f0}"].to(self.acc.device),
+                                         batch[f"mask/{f0}"].to(self.acc.device), valid, self.cfg.optim)
+                loss_sum += torch.stack([loss.float() * valid.sum(), valid.sum().float()])
             corrupt += len(batch["errors"])
             for e in batch["errors"]:
                 log.warning("eval: skipped undecodable sample %s", e)
-            local = {"scores": torch.sigmoid(logits.float()), "index": batch["index"].to(self.acc.device),
+            local = {"scores": self.task.probs(logits), "index": batch["index"].to(self.acc.device),
                      "valid": batch["valid"].to(self.acc.device)}
             for f in self.fields:
                 local[f"labels/{f}"] = batch[f"labels/{f}"].to(self.acc.device)
@@ -280,6 +289,8 @@ class Trainer:
         order = np.argsort(out["index"][keep], kind="stable")
         res = {k: v[keep][order] for k, v in out.items()}
         res["corrupt"] = int(self.acc.reduce(torch.tensor(corrupt, device=self.acc.device), "sum").item())
+        loss_sum = self.acc.reduce(loss_sum, "sum") if self.acc.num_processes > 1 else loss_sum
+        res["loss"] = float(loss_sum[0] / loss_sum[1].clamp_min(1.0))
         res["seconds"], res["n"] = elapsed, n
         return res
 
@@ -297,23 +308,18 @@ class Trainer:
         rec: dict = {f"{name}/images_per_s": n / max(p["seconds"], 1e-9), f"{name}/corrupt": p["corrupt"]}
         details = {}
         for f in self.fields:
-            y, m = p[f"labels/{f}"], p[f"mask/{f}"]
-            if tune:
-                self.thresholds[f] = metrics.tune_thresholds(p["scores"], y, m)
-            res = metrics.evaluate_multilabel(p["scores"], y, m, prior=self.prior[f], names=list(self.attributes),
-                                              thresholds=self.thresholds.get(f))
-            for k in ("mAP", "micro_AP", "macro_f1@0.5", "micro_f1@0.5", "macro_f1@tuned", "micro_f1@tuned", "accuracy@0.5"):
+            res, new = self.task.evaluate(p["scores"], p[f"labels/{f}"], p[f"mask/{f}"], prior=self.prior[f],
+                                          names=list(self.attributes), thresholds=self.thresholds.get(f), tune=tune)
+            if new is not None:
+                self.thresholds[f] = new
+            for k, _ in self.task.scalars:
                 if k in res:
                     rec[f"{name}/{f}/{k}"] = res[k]
-                    for b in ("prior", "all_negative"):
+                    for b in self.task.baselines:
                         if k in res["baselines"][b]:
                             rec[f"{name}/{f}/{k}:{b}"] = res["baselines"][b][k]
             details[f] = res
-        with torch.no_grad():  # validation loss on the training label field
-            f = self.cfg.data.labels
-            logits = torch.logit(torch.from_numpy(p["scores"]).clamp(1e-6, 1 - 1e-6))
-            rec[f"{name}/loss"] = float(masked_bce(logits, torch.from_numpy(p[f"labels/{f}"]),
-                                                   torch.from_numpy(p[f"mask/{f}"])))
+        rec[f"{name}/loss"] = p["loss"]
         rec["_details"] = details if per_attribute else None
         return rec
 
@@ -363,9 +369,7 @@ class Trainer:
                 with ctx:
                     with acc.autocast():
                         out = self.model(x)
-                    loss, parts = attribute_loss(out, y, m, valid, bce_weight=cfg.optim.bce_weight,
-                                                 contrastive_weight=cfg.optim.contrastive_weight,
-                                                 temperature=cfg.optim.temperature)
+                    loss, parts = self.task.loss(out, y, m, valid, cfg.optim)
                     acc.backward(loss / ga)
                 if hooks:
                     for h in hooks:
@@ -441,7 +445,7 @@ class Trainer:
                 self.tracker.log(rec)
                 log.info("eval epoch %d: %s", st.epoch, "  ".join(
                     f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float) and ":" not in k
-                    and k.split("/")[-1] in ("mAP", "loss", "micro_f1@0.5")))
+                    and k.split("/")[-1] in (self.task.headline, "loss", "micro_f1@0.5", "macro_f1")))
                 self.save(pointers=("last", "best") if improved else ("last",), metric=rec[key])
                 if self.main and (st.epoch % cfg.run.curves_every == 0 or st.epoch >= cfg.run.epochs):
                     plot_curves(self.run_dir, self._headline_keys(val_split))
@@ -459,7 +463,7 @@ class Trainer:
 
     def _headline_keys(self, val_split: str) -> list[str]:
         name = "train" if val_split == "__overfit__" else val_split
-        return [f"{name}/{f}/mAP" for f in self.cfg.data.eval_labels]
+        return [f"{name}/{f}/{self.task.headline}" for f in self.cfg.data.eval_labels]
 
     def finish(self, val_split: str) -> Path:
         """Reload the best checkpoint, evaluate val (tuning thresholds) and test, write the report."""
@@ -473,12 +477,12 @@ class Trainer:
             results["test"] = self.evaluate(test, per_attribute=True)
         if self.main:
             plot_curves(self.run_dir, self._headline_keys(val_split))
-            path = report.write(self.run_dir, recipe=self.recipe, cfg=self.cfg, rt=self.rt, results=results,
+            path = report.write(self.run_dir, task=self.task, recipe=self.recipe, cfg=self.cfg, rt=self.rt, results=results,
                                 state=self.state, timings=self.timings, fields=list(self.cfg.data.eval_labels),
                                 attributes=list(self.attributes), best_dir=best, manifest=self.manifest,
                                 thresholds=self.thresholds, n_train=self.n_train)
             log.info("report: %s", path)
-            log.info("headline: %s", report.headline(results, list(self.cfg.data.eval_labels)))
+            log.info("headline: %s", report.headline(self.task, results, list(self.cfg.data.eval_labels)))
         self.tracker.close()
         self.acc.wait_for_everyone()
         self.acc.end_training()

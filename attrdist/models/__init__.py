@@ -13,7 +13,11 @@ def build_model(cfg: ModelConfig, num_attributes: int) -> nn.Module:
         from attrdist.models.cross_modal import CrossModalAttributes
 
         return CrossModalAttributes(cfg, num_attributes)
-    raise AttrdistError(f"model.name={cfg.name!r}: unknown model (available: cross_modal)")
+    if cfg.name == "classifier":
+        from attrdist.models.classifier import build_classifier
+
+        return build_classifier(cfg, num_attributes)
+    raise AttrdistError(f"model.name={cfg.name!r}: unknown model (available: cross_modal, classifier)")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

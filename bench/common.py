@@ -1,0 +1,73 @@
+"""Benchmark plumbing: machine info, alternating repeated timings, CSV results.
+
+These machines are noisy, so every comparison alternates A and B for several rounds and reports
+the median and the spread (min-max) of each, and the ratio of medians.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    info = {"host": platform.node(), "python": platform.python_version(), "cores": len(os.sched_getaffinity(0)),
+            "cpu": "", "date": time.strftime("%Y-%m-%d %H:%M")}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def alternate(fns: dict[str, Callable[[], float | None]], rounds: int = 3) -> dict[str, list[float]]:
+    """Run each fn once per round, in alternating order; a fn returns its own seconds or None (timed here)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            got = fns[name]()
+            times[name].append(got if isinstance(got, float) else time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: list[float], items: int) -> dict:
+    med = statistics.median(times)
+    return {"median_s": round(med, 4), "min_s": round(min(times), 4), "max_s": round(max(times), 4),
+            "items_per_s": round(items / med, 1), "rounds": len(times)}
+
+
+def write_csv(name: str, rows: list[dict]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    path = RESULTS / f"{name}.csv"
+    fields = sorted({k for r in rows for k in r} | set(info), key=lambda k: (k in info, k))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**info, **r})
+    return path

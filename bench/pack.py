@@ -1,0 +1,130 @@
+"""Packing benchmark: copy-through and resize packing against raw read and decode+encode.
+
+    .venv/bin/python -m bench.pack [--n 1200] [--rounds 3]
+
+Data: N COCO-like JPEGs (640x480, quality 90) cut from the real COCO photos in
+../shared/data/coco/images when present (else rendered by the demo generator at 640x480), with a
+COCO captions JSON and instances JSON. Measured on the same cores, alternating, median of rounds:
+  raw_read        read every file's bytes (page cache warm, as for the packer)
+  pack_copy       shards/coco.py --mode captions (bytes copied through; verify + fingerprint + write)
+  decode_encode   decode each JPEG, resize to max side 256, encode q90 (all cores, no packing)
+  pack_resize     shards/coco.py --mode image --max-side 256 (decode + resize + encode + write)
+Targets (issue 3): pack_copy <= 2x raw_read; pack_resize <= 1.5x decode_encode.
+Writes bench/results/pack.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import alternate, summarize, write_csv  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO = ROOT.parent / "shared" / "data" / "coco" / "images"
+WORDS = ["A person riding a red bicycle on a street", "A dog sitting on a wooden bench outdoors",
+         "Two cats sleeping on a sofa indoors", "A plate of food on a table", "A white bus parked in a city"]
+
+
+def make_dataset(root: Path, n: int, seed: int = 0) -> Path:
+    """N 640x480 JPEGs with captions + instances JSON (one whole-image box each)."""
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    sources = sorted(COCO.glob("*.jpg")) if COCO.is_dir() else []
+    images, caps, anns = [], [], []
+    for i in range(n):
+        if sources:
+            src = Image.open(sources[i % len(sources)]).convert("RGB")
+            w, h = src.size
+            s = rng.uniform(0.6, 1.0)
+            cw, ch = int(w * s), int(h * s)
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            im = src.crop((x, y, x + cw, y + ch)).resize((640, 480), Image.BICUBIC)
+        else:
+            from attrdist.demo import render_scene
+
+            im = render_scene(np.random.default_rng([seed, i]), 480)[0].resize((640, 480))
+        name = f"{i:012d}.jpg"
+        im.save(img_dir / name, quality=90)
+        images.append({"id": i + 1, "file_name": name, "width": 640, "height": 480})
+        caps.append({"id": i + 1, "image_id": i + 1, "caption": WORDS[i % len(WORDS)]})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1 + i % 3, "bbox": [40, 30, 500, 400],
+                     "area": 200000, "iscrowd": 0, "segmentation": []})
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": caps}))
+    cats = [{"id": k, "name": n, "supercategory": "x"} for k, n in ((1, "person"), (2, "dog"), (3, "cat"))]
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+def raw_read(root: Path) -> None:
+    for p in sorted((root / "images").iterdir()):
+        p.read_bytes()
+
+
+def decode_encode(root: Path, workers: int) -> None:
+    from attrdist.packing import parallel_map
+
+    list(parallel_map(_decode_encode_one, sorted((root / "images").iterdir()), workers))
+
+
+def _decode_encode_one(path: Path) -> int:
+    from attrdist.packing import resize_max_side
+
+    return len(resize_max_side(path.read_bytes(), 256)[0])
+
+
+def pack(root: Path, out: Path, *args: str) -> None:
+    import subprocess
+
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([sys.executable, str(ROOT / "shards" / "coco.py"), "--out", str(out), *args], check=True,
+                   capture_output=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1200)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    from attrdist.packing import default_workers
+
+    workers = default_workers()
+    with tempfile.TemporaryDirectory(prefix="attrdist-bench-") as tmp:
+        root = make_dataset(Path(tmp) / "data", args.n)
+        vocab = str(ROOT / "recipes" / "coconut_vocab.json")
+        split = ["train", str(root / "images"), str(root / "captions.json")]
+        inst = ["train", str(root / "images"), str(root / "instances.json")]
+        t = alternate({
+            "raw_read": lambda: raw_read(root),
+            "pack_copy": lambda: pack(root, Path(tmp) / "copy", "--mode", "captions", "--vocab", vocab,
+                                      "--split", *split),
+        }, args.rounds)
+        t.update(alternate({
+            "decode_encode": lambda: decode_encode(root, workers),
+            "pack_resize": lambda: pack(root, Path(tmp) / "resize", "--mode", "image", "--max-side", "256",
+                                        "--split", *inst),
+        }, args.rounds))
+    rows = [{"benchmark": "pack", "what": k, "n": args.n, "workers": workers, **summarize(v, args.n)} for k, v in t.items()]
+    med = {r["what"]: r["median_s"] for r in rows}
+    rows.append({"benchmark": "pack", "what": "ratio pack_copy/raw_read (target <= 2)",
+                 "ratio": round(med["pack_copy"] / med["raw_read"], 2)})
+    rows.append({"benchmark": "pack", "what": "ratio pack_resize/decode_encode (target <= 1.5)",
+                 "ratio": round(med["pack_resize"] / med["decode_encode"], 2)})
+    path = write_csv("pack", rows)
+    for r in rows:
+        print({k: v for k, v in r.items() if k in ("what", "median_s", "min_s", "max_s", "items_per_s", "ratio")})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
