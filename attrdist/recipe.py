@@ -26,6 +26,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATTRDIST_CACHE") or Path.home() / ".cache" / "attrdist")
 
 
+def characters_demo_shards(spec=None) -> Path:
+    """The characters demo: an image folder (with offline-augmented copies) packed by the image-folder packer."""
+    from filelock import FileLock
+
+    from attrdist.demo_characters import CharactersSpec, ensure_characters
+    from attrdist.imagefolder import pack_imagefolder
+
+    spec = spec or CharactersSpec()
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir() / "demo.lock")):
+        root = ensure_characters(None, spec)
+        out = root.with_name(root.name + "-shards")
+        if not (out / "manifest.json").is_file():
+            # group by source (`A0012_aug1.png` -> `A0012`): augmented copies never straddle splits
+            pack_imagefolder(root, out, val=0.2, test=0.1, seed=spec.seed, group_by="prefix", group_sep="_",
+                             group_parts=1, dataset="characters-demo", progress=True)
+    return out
+
+
 def demo_shards(vocab_path: Path, spec=None) -> Path:
     """The demo dataset, generated (COCO formats) and packed (COCO packer) once into the cache."""
     from filelock import FileLock
@@ -48,7 +67,7 @@ def demo_shards(vocab_path: Path, spec=None) -> Path:
     return out
 
 
-def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, demo_vocab: Path,
+def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, demo_data: Callable[[], Path],
          argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog=f"recipes/{name}.py", add_help=False,
                                  description=f"attrdist recipe {name!r}. Arguments are key=value config overrides.")
@@ -78,7 +97,7 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
             if profile == "full":
                 raise AttrdistError("data.shards is empty: pack your data (python shards/coco.py --help) and pass "
                                     "data.shards=DIR, or run the demo profile")
-            cfg = replace(cfg, data=replace(cfg.data, shards=str(demo_shards(demo_vocab))))
+            cfg = replace(cfg, data=replace(cfg.data, shards=str(demo_data())))
         from attrdist.trainer import Trainer
 
         Trainer(cfg, name).train()

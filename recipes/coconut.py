@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from attrdist.config import (AugmentConfig, Config, DataConfig, ModelConfig, OptimConfig, RunConfig,  # noqa: E402
                              ScheduleConfig)
-from attrdist.recipe import main  # noqa: E402
+from attrdist.recipe import demo_shards, main  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,4 +62,4 @@ def demo() -> Config:
 
 
 if __name__ == "__main__":
-    main("coconut", full, demo, demo_vocab=HERE / "coconut_demo_vocab.json")
+    main("coconut", full, demo, demo_data=lambda: demo_shards(HERE / "coconut_demo_vocab.json"))
