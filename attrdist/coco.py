@@ -52,7 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
-from attrdist.packing import ItemError, ItemFailure, encode_jpeg, open_image, parallel_map, resize_max_side
+from attrdist.packing import ItemError, ItemFailure, job_identity, encode_jpeg, open_image, parallel_map, resize_max_side
 from attrdist.shards import PackWriter, source_entry
 from attrdist.vocab import Vocabulary, count_positives
 
@@ -460,8 +460,9 @@ def pack_coco_captions(out_dir: str | os.PathLike, splits: list[SplitSource], vo
     verified = verify_all(jobs, workers, progress, "verify")
     leak_report, leak_drop = check_leakage(verified, [s.name for s in splits], on_leak, str(out_dir))
     report: dict = {"leakage": leak_report}
+    job = job_identity(verified, mode="captions", sources=sources, limit=limit)
     with PackWriter(out_dir, dataset=dataset, attributes=list(vocab.names), label_fields=fields,
-                    max_samples=max_samples, overwrite=overwrite) as writer:
+                    max_samples=max_samples, overwrite=overwrite, job=job) as writer:
         for split, caps, inst, ids in loaded:
             dropped = _dropped("missing_image", "not_an_image", "corrupt_image", "no_true_attributes", "leak")
             no_hit = 0
@@ -559,8 +560,9 @@ def pack_coco_images(out_dir: str | os.PathLike, splits: list[AnnSource], *, dat
     leak_report, leak_drop = check_leakage(verified, [s.name for s in splits], on_leak, str(out_dir))
     report: dict = {"leakage": leak_report}
     sources = [source_entry(s.annotations) for s in splits]
+    job = job_identity(verified, mode="image", sources=sources, limit=limit, max_side=max_side, quality=quality)
     with PackWriter(out_dir, dataset=dataset, attributes=[c["name"] for c in categories], label_fields=["labels"],
-                    max_samples=max_samples, overwrite=overwrite) as writer:
+                    max_samples=max_samples, overwrite=overwrite, job=job) as writer:
         for s, det, ids in plans:
             dropped = _dropped("missing_image", "not_an_image", "corrupt_image", "leak")
             box_drops = _dropped("unknown_category", "bad_box")
@@ -654,8 +656,10 @@ def pack_coco_objects(out_dir: str | os.PathLike, splits: list[AnnSource], *, da
     leak_report, leak_drop = check_leakage(verified, [s.name for s in splits], on_leak, str(out_dir))
     report: dict = {"leakage": leak_report}
     sources = [source_entry(s.annotations) for s in splits]
+    job = job_identity(verified, mode="objects", sources=sources, limit=limit, max_side=max_side, quality=quality,
+                       margin=margin, min_size=min_size)
     with PackWriter(out_dir, dataset=dataset, attributes=[c["name"] for c in categories], label_fields=["labels"],
-                    max_samples=max_samples, overwrite=overwrite) as writer:
+                    max_samples=max_samples, overwrite=overwrite, job=job) as writer:
         for s, det, total, dropped, candidates in plans:
             for r in ("missing_image", "not_an_image", "corrupt_image", "leak"):
                 dropped[r] += 0

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from attrdist.coco import (_safe_join, box_in_crop, check_box, check_leakage, crop_items,
                            load_detections, verify_all)
 from attrdist.errors import AttrdistError
-from attrdist.packing import ItemError, parallel_map
+from attrdist.packing import ItemError, job_identity, parallel_map
 from attrdist.shards import PackWriter, source_entry
 
 REASONS = ("no_votes", "bad_vector", "unknown_split", "no_annotation_id", "crowd", "bad_box", "box_too_small",
@@ -260,8 +260,10 @@ def pack_cocottributes(out_dir: str | os.PathLike, pkl: str | os.PathLike, insta
     leak_report, leak_drop = check_leakage(verified, split_names, on_leak, str(out_dir))
     report: dict = {"leakage": leak_report}
     sources = [source_entry(pkl)] + [source_entry(p) for p in instances]
+    job = job_identity(verified, sources=sources, threshold=threshold, margin=margin, min_size=min_size,
+                       max_side=max_side, quality=quality)
     with PackWriter(out_dir, dataset=dataset, attributes=[a["name"] for a in attrs], label_fields=["labels"],
-                    max_samples=max_samples, overwrite=overwrite) as writer:
+                    max_samples=max_samples, overwrite=overwrite, job=job) as writer:
         for split in split_names:
             dropped = drops[split]
             by_image: dict[int, list] = {}

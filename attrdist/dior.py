@@ -264,13 +264,6 @@ def read_split_ids(path: Path) -> list[str]:
     return ids
 
 
-def job_kwargs(options: dict) -> dict:
-    """`job=` for PackWriter versions that resume an interrupted pack only for the same job."""
-    import inspect
-
-    return {"job": options} if "job" in inspect.signature(PackWriter).parameters else {}
-
-
 def _scale_box(b: list[float], sx: float, sy: float) -> list[float]:
     return [round(b[0] * sx, 2), round(b[1] * sy, 2), round(b[2] * sx, 2), round(b[3] * sy, 2)]
 
@@ -344,7 +337,7 @@ def pack_dior(root: str | os.PathLike, out_dir: str | os.PathLike, *, splits: li
                "box_format": "xywh pixels of the stored image", "prompts": PROMPTS,
                "raw_class_names": [r for r, _ in DIOR_CLASSES]}
     writer = PackWriter(out_dir, dataset=dataset, attributes=CLASS_NAMES, label_fields=["labels"],
-                        max_samples=max_samples, overwrite=overwrite, **job_kwargs(options))
+                        max_samples=max_samples, overwrite=overwrite, job=options)
     with writer:
         # pass 2: encode (workers) and write in order; COCO instances per split
         order2 = [(s, i, m) for s in splits for i, m in kept[s]]

@@ -36,7 +36,6 @@ from tqdm import tqdm
 from attrdist.errors import AttrdistError
 from attrdist.packing import (ItemError, ItemFailure, default_workers, encode_jpeg, open_image, parallel_map,
                               resize_max_side)
-from attrdist.dior import job_kwargs
 from attrdist.shards import PackWriter, _check_replaceable, source_entry
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -313,7 +312,7 @@ def pack_imagefolder(root: str | os.PathLike, out_dir: str | os.PathLike, *, val
                "groups": str(groups_csv) if groups_csv else None, "max_side": max_side, "quality": quality,
                "on_leak": on_leak, "splits": splits}
     writer = PackWriter(out_dir, dataset=dataset, attributes=classes, label_fields=["labels"],
-                        max_samples=max_samples, overwrite=overwrite, **job_kwargs(options))
+                        max_samples=max_samples, overwrite=overwrite, job=options)
     with writer:
         # pass 2: stored bytes in workers, written in order
         order2 = [(s, f, r) for s in splits for f, r in kept[s]]

@@ -101,3 +101,17 @@ def resize_max_side(data: bytes, max_side: int, quality: int = 90) -> tuple[byte
 
 def content_hash(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
+
+
+def job_identity(verified: dict, **options) -> dict:
+    """What a resumable pack must match: the options and a digest of every verified input item.
+
+    `verified` maps (split, key) -> metadata with "sha1" (or an ItemError). Any changed image,
+    added or removed item, or changed option gives another identity, so an interrupted pack is
+    resumed only when it would produce exactly the same shards.
+    """
+    h = hashlib.sha1()
+    for (split, key), r in sorted(verified.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        tag = r.get("sha1") if isinstance(r, dict) else f"error:{getattr(r, 'reason', '?')}"
+        h.update(f"{split}\0{key}\0{tag}\n".encode())
+    return {"options": {k: str(v) for k, v in sorted(options.items())}, "items": h.hexdigest()}
