@@ -94,11 +94,20 @@ def perceptual_hash(data: bytes) -> int:
     try:
         im = Image.open(io.BytesIO(data))
         if im.format == "JPEG":
-            im.draft("L", (2 * _N, 2 * _N))
-        im = im.convert("L").resize((_N, _N), Image.BILINEAR)
+            im.draft("L", DRAFT_SIZE)
+        return hash_image(im)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
         raise ValueError(f"not a decodable image ({type(e).__name__}: {e})") from None
-    g = np.asarray(im, dtype=np.float64)
+
+
+DRAFT_SIZE = (2 * _N, 2 * _N)  # packers decode with `im.draft("L", DRAFT_SIZE)` once and call hash_image
+
+
+def hash_image(im) -> int:
+    """The perceptual hash of an opened PIL image (for packers that already decoded it)."""
+    from PIL import Image
+
+    g = np.asarray(im.convert("L").resize((_N, _N), Image.BILINEAR), dtype=np.float64)
     c = (_D @ g @ _D.T)[_U, _V]
     return _pack(c > 0)
 

@@ -6,9 +6,10 @@ Data: N COCO-like JPEGs (640x480, quality 90) cut from the real COCO photos in
 ../shared/data/coco/images when present (else rendered by the demo generator at 640x480), with a
 COCO captions JSON and instances JSON. Measured on the same cores, alternating, median of rounds:
   raw_read        read every file's bytes (page cache warm, as for the packer)
-  pack_copy       shards/coco.py --mode captions (bytes copied through; verify + fingerprint + write)
+  pack_copy       shards/coco.py --mode captions, in-process (bytes copied through; pass 1 fully decodes
+                  every image to verify it and fingerprints it for the leakage check; pass 2 writes)
   decode_encode   decode each JPEG, resize to max side 256, encode q90 (all cores, no packing)
-  pack_resize     shards/coco.py --mode image --max-side 256 (decode + resize + encode + write)
+  pack_resize     shards/coco.py --mode image --max-side 256, in-process (verify pass + decode/resize/encode + write)
 Targets (issue 3): pack_copy <= 2x raw_read; pack_resize <= 1.5x decode_encode.
 Writes bench/results/pack.csv.
 """
@@ -83,12 +84,24 @@ def _decode_encode_one(path: Path) -> int:
     return len(resize_max_side(path.read_bytes(), 256)[0])
 
 
-def pack(root: Path, out: Path, *args: str) -> None:
-    import subprocess
+def pack_copy(root: Path, out: Path, workers: int) -> None:
+    """What `shards/coco.py --mode captions` does, in-process (no interpreter start-up in the timing)."""
+    from attrdist.coco import SplitSource, pack_coco_captions
+    from attrdist.vocab import load_vocabulary
 
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run([sys.executable, str(ROOT / "shards" / "coco.py"), "--out", str(out), *args], check=True,
-                   capture_output=True)
+    vocab = ROOT / "recipes" / "coconut_vocab.json"
+    pack_coco_captions(out, [SplitSource("train", root / "images", root / "captions.json")], load_vocabulary(vocab),
+                       vocab_path=vocab, workers=workers, progress=False, on_leak="warn")
+
+
+def pack_resize(root: Path, out: Path, workers: int) -> None:
+    """What `shards/coco.py --mode image --max-side 256` does, in-process."""
+    from attrdist.coco import AnnSource, pack_coco_images
+
+    shutil.rmtree(out, ignore_errors=True)
+    pack_coco_images(out, [AnnSource("train", root / "images", root / "instances.json")], max_side=256,
+                     workers=workers, progress=False, on_leak="warn")
 
 
 def main(argv=None) -> None:
@@ -101,18 +114,13 @@ def main(argv=None) -> None:
     workers = default_workers()
     with tempfile.TemporaryDirectory(prefix="attrdist-bench-") as tmp:
         root = make_dataset(Path(tmp) / "data", args.n)
-        vocab = str(ROOT / "recipes" / "coconut_vocab.json")
-        split = ["train", str(root / "images"), str(root / "captions.json")]
-        inst = ["train", str(root / "images"), str(root / "instances.json")]
         t = alternate({
             "raw_read": lambda: raw_read(root),
-            "pack_copy": lambda: pack(root, Path(tmp) / "copy", "--mode", "captions", "--vocab", vocab,
-                                      "--split", *split),
+            "pack_copy": lambda: pack_copy(root, Path(tmp) / "copy", workers),
         }, args.rounds)
         t.update(alternate({
             "decode_encode": lambda: decode_encode(root, workers),
-            "pack_resize": lambda: pack(root, Path(tmp) / "resize", "--mode", "image", "--max-side", "256",
-                                        "--split", *inst),
+            "pack_resize": lambda: pack_resize(root, Path(tmp) / "resize", workers),
         }, args.rounds))
     rows = [{"benchmark": "pack", "what": k, "n": args.n, "workers": workers, **summarize(v, args.n)} for k, v in t.items()]
     med = {r["what"]: r["median_s"] for r in rows}
