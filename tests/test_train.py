@@ -215,3 +215,25 @@ def test_bad_input_one_line(args, message, small_shards, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert lines[-1].startswith("attrdist: error: ") and message in lines[-1]
     assert "Traceback" not in p.stderr
+
+
+def test_characters_multiclass_recipe_trains_and_reports(tmp_path):
+    """The softmax path: image folder (with augmented copies) -> group-aware pack -> characters recipe."""
+    from attrdist.demo_characters import CharactersSpec, ensure_characters
+    from attrdist.imagefolder import pack_imagefolder
+
+    root = ensure_characters(tmp_path / "letters", CharactersSpec(classes=4, sources_per_class=12, copies=1, size=48))
+    m = pack_imagefolder(root, tmp_path / "shards", val=0.25, test=0.0, group_by="prefix", group_sep="_",
+                         group_parts=1, dataset="letters", progress=False)
+    assert m["report"]["leakage"]["exact"] == 0
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "recipes" / "characters.py"), "--profile", "demo",
+           f"data.shards={tmp_path / 'shards'}", f"run.run_dir={run_dir}", "data.batch_size=8", "data.num_workers=0",
+           "run.epochs=2", "run.eval_every=1", "run.precision=fp32", "run.threads=1", "data.image_size=32"]
+    p = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = (run_dir / "report.md").read_text()
+    assert "**Validation accuracy against `labels`:" in report and "majority baseline" in report
+    assert "Confusion matrix" in report and "| A |" in report
+    evals = _records(run_dir, "eval")
+    assert "val/labels/accuracy:majority" in evals[0] and 0 <= evals[-1]["val/labels/accuracy"] <= 1
