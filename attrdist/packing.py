@@ -29,6 +29,17 @@ class ItemError:
     detail: str
 
 
+def add_pack_args(ap) -> None:
+    """The options every packer entry point (shards/*.py) shares."""
+    ap.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
+    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    ap.add_argument("--on-leak", choices=("error", "warn", "drop"), default="error",
+                    help="identical/near-identical images across splits: fail (default), warn, or drop them "
+                         "from the later split")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out even if it holds another dataset")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def default_workers() -> int:
     try:
         return len(os.sched_getaffinity(0))

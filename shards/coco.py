@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attrdist.coco import (AnnSource, SplitSource, pack_coco_captions, pack_coco_images,  # noqa: E402
                            pack_coco_objects, summary_lines)
+from attrdist.packing import add_pack_args  # noqa: E402
 from attrdist.errors import AttrdistError, user_errors  # noqa: E402
 
 
@@ -45,18 +46,13 @@ def main(argv=None) -> None:
     ap.add_argument("--split", nargs="+", action="append", required=True,
                     metavar="NAME IMAGES JSON", help="one split; repeat for each (see above)")
     ap.add_argument("--dataset", help="dataset name recorded in the manifest (default: coco-<mode>)")
-    ap.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
+    add_pack_args(ap)
     ap.add_argument("--limit", type=int, default=0, help="pack only the first N images of each split")
     ap.add_argument("--max-side", type=int, default=0,
                     help="image/objects: downscale so the longer side is <= N (0: image mode copies bytes through)")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images/crops")
     ap.add_argument("--margin", type=float, default=0.1, help="objects: context added on each side, x box size")
     ap.add_argument("--min-size", type=float, default=16, help="objects: smaller boxes (px) are counted too_small")
-    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
-    ap.add_argument("--on-leak", choices=("error", "warn", "drop"), default="error",
-                    help="images found in more than one split")
-    ap.add_argument("--overwrite", action="store_true", help="replace --out even if it holds another dataset")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     with user_errors():
         common = dict(max_samples=args.max_samples, limit=args.limit, workers=args.workers,

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attrdist.cocottributes import pack_cocottributes, summary_line  # noqa: E402
+from attrdist.packing import add_pack_args  # noqa: E402
 from attrdist.errors import user_errors  # noqa: E402
 
 
@@ -37,13 +38,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-side", type=int, default=0, help="downscale crops so the longer side is <= N (0: no)")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality of the crops")
     ap.add_argument("--dataset", default="cocottributes", help="dataset name recorded in the manifest")
-    ap.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
+    add_pack_args(ap)
     ap.add_argument("--limit", type=int, default=0, help="pack only the first N patches (by patch id)")
-    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
-    ap.add_argument("--on-leak", choices=("error", "warn", "drop"), default="error",
-                    help="images found in both train and val")
-    ap.add_argument("--overwrite", action="store_true", help="replace --out even if it holds another dataset")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     with user_errors():
         m = pack_cocottributes(args.out, args.pkl, args.instances, args.images, dataset=args.dataset,

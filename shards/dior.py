@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attrdist.dior import VARIANTS, pack_dior  # noqa: E402
 from attrdist.errors import user_errors  # noqa: E402
-from attrdist.packing import default_workers  # noqa: E402
+from attrdist.packing import add_pack_args  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -31,15 +31,9 @@ def main(argv=None) -> None:
     ap.add_argument("--max-side", type=int, default=0, help="shrink images so the longer side is at most N "
                     "pixels (boxes scaled); 0 = store original bytes")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (--max-side)")
-    ap.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
-    ap.add_argument("--on-leak", choices=("error", "warn", "drop"), default="error",
-                    help="identical/near-identical images across splits: fail, warn, or drop them from "
-                         "the later split")
+    add_pack_args(ap)
     ap.add_argument("--dataset", default="dior", help="dataset name recorded in the manifest")
-    ap.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
     ap.add_argument("--limit", type=int, default=0, help="pack only the first N ids of each split")
-    ap.add_argument("--overwrite", action="store_true", help="replace --out even if it holds another dataset")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     with user_errors():
         m = pack_dior(args.root, args.out, splits=args.splits, boxes=args.boxes, max_side=args.max_side,

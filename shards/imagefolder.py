@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attrdist.errors import user_errors  # noqa: E402
 from attrdist.imagefolder import pack_imagefolder  # noqa: E402
-from attrdist.packing import default_workers  # noqa: E402
+from attrdist.packing import add_pack_args  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -36,13 +36,8 @@ def main(argv=None) -> None:
     ap.add_argument("--groups", type=Path, help="csv: file with columns path,group (paths relative to --root)")
     ap.add_argument("--max-side", type=int, default=0, help="shrink images so the longer side is at most N pixels")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
-    ap.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
-    ap.add_argument("--on-leak", choices=("error", "warn", "drop"), default="error",
-                    help="identical/near-identical images across splits: fail, warn, or drop the later copies")
+    add_pack_args(ap)
     ap.add_argument("--dataset", default="imagefolder", help="dataset name recorded in the manifest")
-    ap.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
-    ap.add_argument("--overwrite", action="store_true", help="replace --out even if it holds another dataset")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     with user_errors():
         m = pack_imagefolder(args.root, args.out, val=args.val, test=args.test, seed=args.seed,

@@ -60,6 +60,26 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_pretrained(net: nn.Module, arch: str, pretrained: str, head_note: str = "") -> str:
+    """Load `pretrained` ('' | path | 'auto') into `net` where names and shapes match; say what was used."""
+    path = pretrained
+    if pretrained == "auto":
+        path = cached_pretrained_file(arch)
+        if path is None:
+            log.warning("no pretrained weights for %s in the local caches (nothing is downloaded): training from "
+                        "scratch. Put weights in a file and set model.pretrained=PATH.", arch)
+            return f"random init (no cached weights for {arch})"
+    if not path:
+        return "random init (model.pretrained='')"
+    state = load_state_file(path)
+    own = net.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise AttrdistError(f"{path}: no tensor matches {arch} (wrong architecture?)")
+    net.load_state_dict(usable, strict=False)
+    return f"{path} ({len(usable)}/{len(own)} tensors{head_note})"
+
+
 def create_backbone(arch: str, feature_level: int, pretrained: str) -> tuple[nn.Module, int, str]:
     """(feature extractor returning [B, C, h, w], C, description of the weights used)."""
     try:
@@ -68,22 +88,7 @@ def create_backbone(arch: str, feature_level: int, pretrained: str) -> tuple[nn.
         raise AttrdistError(f"model.backbone={arch!r}: {e}") from None
     except IndexError:
         raise AttrdistError(f"model.feature_level={feature_level} does not exist for {arch}") from None
-    source = "random init (model.pretrained='')"
-    path = pretrained
-    if pretrained == "auto":
-        path = cached_pretrained_file(arch)
-        if path is None:
-            log.warning("no pretrained weights for %s in the local caches (nothing is downloaded): training the "
-                        "backbone from scratch. Put weights in a file and set model.pretrained=PATH.", arch)
-            source = f"random init (no cached weights for {arch})"
-    if path:
-        state = load_state_file(path)
-        own = net.state_dict()
-        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        if not usable:
-            raise AttrdistError(f"{path}: no tensor matches backbone {arch} (wrong architecture?)")
-        net.load_state_dict(usable, strict=False)
-        source = f"{path} ({len(usable)}/{len(own)} tensors)"
+    source = load_pretrained(net, arch, pretrained)
     return net, net.feature_info.channels()[-1], source
 
 

@@ -7,17 +7,13 @@ head is always new (its shape depends on the classes).
 
 from __future__ import annotations
 
-import logging
-
 import timm
 import torch
 from torch import nn
 
 from attrdist.config import ModelConfig
 from attrdist.errors import AttrdistError
-from attrdist.models.backbone import cached_pretrained_file, load_state_file
-
-log = logging.getLogger("attrdist")
+from attrdist.models.backbone import load_pretrained
 
 
 class Classifier(nn.Module):
@@ -35,20 +31,5 @@ def build_classifier(cfg: ModelConfig, num_classes: int) -> Classifier:
         net = timm.create_model(cfg.backbone, pretrained=False, num_classes=num_classes, drop_rate=cfg.dropout)
     except RuntimeError as e:
         raise AttrdistError(f"model.backbone={cfg.backbone!r}: {e}") from None
-    source = "random init (model.pretrained='')"
-    path = cfg.pretrained
-    if path == "auto":
-        path = cached_pretrained_file(cfg.backbone)
-        if path is None:
-            log.warning("no pretrained weights for %s in the local caches (nothing is downloaded): training from "
-                        "scratch. Put weights in a file and set model.pretrained=PATH.", cfg.backbone)
-            source = f"random init (no cached weights for {cfg.backbone})"
-    if path:
-        state = load_state_file(path)
-        own = net.state_dict()
-        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        if not usable:
-            raise AttrdistError(f"{path}: no tensor matches {cfg.backbone} (wrong architecture?)")
-        net.load_state_dict(usable, strict=False)
-        source = f"{path} ({len(usable)}/{len(own)} tensors; head is new)"
+    source = load_pretrained(net, cfg.backbone, cfg.pretrained, head_note="; the head is new")
     return Classifier(net, source)

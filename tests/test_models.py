@@ -1,0 +1,65 @@
+"""Models from config: shapes, pretrained weights from local files only, frozen stages."""
+
+import logging
+import pickle
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from attrdist.config import ModelConfig
+from attrdist.errors import AttrdistError
+from attrdist.models import build_model, count_parameters
+
+SMALL = dict(backbone="resnet18", feature_level=3, dim=64, heads=8, contrastive_dim=32)
+
+
+def test_cross_modal_shapes_and_no_label_input():
+    m = build_model(ModelConfig(pretrained="", **SMALL), 7)
+    out = m(torch.randn(2, 3, 64, 64))  # the only input is the image
+    assert out["logits"].shape == (2, 7) and out["img_emb"].shape == (2, 32) and out["attr_emb"].shape == (7, 32)
+
+
+def test_pretrained_from_local_safetensors(tmp_path):
+    ref = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(3,))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    m = build_model(ModelConfig(pretrained=str(tmp_path / "w.safetensors"), **SMALL), 5)
+    assert torch.equal(m.backbone.state_dict()["layer1.0.conv1.weight"], ref.state_dict()["layer1.0.conv1.weight"])
+    assert "w.safetensors" in m.weights_source
+
+
+def test_auto_without_cache_trains_from_scratch_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with caplog.at_level(logging.WARNING, logger="attrdist"):
+        m = build_model(ModelConfig(pretrained="auto", **SMALL), 5)
+    assert "random init" in m.weights_source and "nothing is downloaded" in caplog.text
+
+
+def test_pickle_checkpoint_is_never_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    with pytest.raises(AttrdistError, match="weights-only"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "evil.pth"), **SMALL), 5)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_frozen_stages_and_classifier():
+    m = build_model(ModelConfig(pretrained="", frozen_stages=2, **{**SMALL, "feature_level": 4}), 5)
+    frozen = {n for n, p in m.backbone.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("layer2.") for n in frozen) and not any(n.startswith("layer3.") for n in frozen)
+    m.train()
+    assert not m.backbone.bn1.training  # frozen BN keeps its statistics
+    c = build_model(ModelConfig(name="classifier", backbone="efficientnet_b0", pretrained="", dropout=0.2), 26)
+    assert c(torch.randn(1, 3, 64, 64))["logits"].shape == (1, 26)
+    assert c.net.get_classifier().in_features == 1280 and c.net.drop_rate == 0.2
+    total, trainable = count_parameters(c)
+    assert total == trainable > 4_000_000
