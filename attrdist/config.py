@@ -83,6 +83,11 @@ class ModelConfig:
     heads: int = _f(8, "attention heads")
     dropout: float = _f(0.1, "dropout in the fusion block")
     contrastive_dim: int = _f(256, "width of the contrastive projection")
+    fusion_layers: int = _f(1, "cross_modal: attention + FFN blocks in which the attribute queries attend to the image")
+    head_dims: tuple[int, ...] = _f((), "hidden widths of the MLP head: on pooled features (classifier) or on each attribute query's output (cross_modal), e.g. 512 or 256,128; empty = linear")
+    attr_init: Literal["learned", "text"] = _f("learned", "cross_modal: attribute queries from random init, or initialised from an open_clip text tower over the attribute names")
+    text_encoder: str = _f("RN50", "attr_init=text: open_clip architecture whose text tower embeds the attribute names")
+    text_pretrained: str = _f("auto", "attr_init=text: local open_clip checkpoint for the text tower; 'auto' = the local HF cache if it has one for text_encoder; '' or nothing cached = random text tower (said in the log). OpenAI weights need text_encoder=RN50-quickgelu")
     channels_last: bool = _f(True, "channels_last memory format (faster convs on CPU and GPU)")
 
 
@@ -123,6 +128,7 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "auto = bf16 where the device supports it, else fp32; fp16 only on CUDA")
     device: Literal["auto", "cuda", "mps", "cpu"] = _f("auto", "auto = CUDA > MPS > CPU")
     ckpt_every_steps: int = _f(0, "also save `last` every N optimizer steps (0 = at evals only)")
+    ckpt_every_epochs: int = _f(0, "also keep a permanent checkpoint every N epochs (pointer epoch-NNNN.json; 0 = none)")
     keep_checkpoints: int = _f(2, "step checkpoints kept besides `best`")
     log_every: int = _f(10, "log a training line every N steps")
     resume: Literal["", "auto"] = _f("", "'auto' = continue from the run directory's last checkpoint")
@@ -271,6 +277,9 @@ def validate(cfg: Config) -> None:
         (m.dim % m.heads == 0, f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})"),
         (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
         (m.frozen_stages >= 0, "model.frozen_stages must be >= 0"),
+        (m.fusion_layers >= 1, "model.fusion_layers must be >= 1"),
+        (all(h >= 1 for h in m.head_dims), "model.head_dims are layer widths: each must be >= 1"),
+        (r.ckpt_every_epochs >= 0, "run.ckpt_every_epochs must be >= 0 (0 = off)"),
     ]
     for f_name in ("hflip", "vflip", "blur", "erase"):
         p = getattr(d.augment, f_name)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from attrdist import checkpoint
 from attrdist.config import Config, from_dict
 from attrdist.errors import AttrdistError
 from attrdist.models import build_model
+from attrdist.tasks import make_task
 from attrdist.transforms import decode_image, eval_transform
 
 
@@ -20,7 +22,8 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     ckpt = checkpoint.resolve(path, "best")
     meta = checkpoint.verify(ckpt)
     cfg: Config = from_dict(Config, meta["config"])
-    model_cfg = cfg.model.__class__(**{**cfg.model.__dict__, "pretrained": ""})  # weights come from the checkpoint
+    # every weight comes from the checkpoint: no pretrained file, no text tower needed
+    model_cfg = replace(cfg.model, pretrained="", attr_init="learned")
     model = build_model(model_cfg, len(meta["attributes"]))
     model.load_state_dict(checkpoint.load_model_state(ckpt))
     model.eval().to(device)
@@ -40,7 +43,7 @@ def predict_images(model, cfg: Config, attributes: list[str], images: list[str],
         except Exception as e:
             raise AttrdistError(f"{p}: cannot decode image ({type(e).__name__})") from None
         x = eval_transform(img, cfg.data.image_size, cfg.data.eval_resize).unsqueeze(0).to(device)
-        probs = torch.sigmoid(model(x)["logits"].float())[0]
+        probs = make_task(cfg.data.task).probs(model(x)["logits"])[0]
         k = min(top, len(attributes))
         vals, idx = probs.topk(k)
         out.append([(attributes[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())])

@@ -67,6 +67,28 @@ def demo_shards(vocab_path: Path, spec=None) -> Path:
     return out
 
 
+def cocottributes_demo_shards(spec=None) -> Path:
+    """Object crops of the demo scenes with simulated COCO Attributes votes, packed by the real
+    COCO Attributes packer from a real-format pickle (attrdist.demo_cocottributes)."""
+    from filelock import FileLock
+
+    from attrdist import demo
+    from attrdist.cocottributes import pack_cocottributes
+    from attrdist.demo_cocottributes import write_pickle
+
+    spec = spec or demo.DemoSpec()
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir() / "demo.lock")):
+        root = demo.ensure_demo(None, spec)
+        out = root / "shards-cocottributes"
+        if not (out / "manifest.json").is_file():
+            pkl = write_pickle(root, root / "annotations" / "cocottributes_demo.pkl", seed=spec.seed)
+            ann = root / "annotations"
+            pack_cocottributes(out, pkl, [ann / "instances_train.json", ann / "instances_val.json"], [root / "images"],
+                               dataset="cocottributes-demo", min_size=12, max_samples=2000, progress=True)
+    return out
+
+
 def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, demo_data: Callable[[], Path],
          argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog=f"recipes/{name}.py", add_help=False,

@@ -66,6 +66,13 @@ def write(run_dir: Path, *, task, recipe, cfg, rt, results, state, timings, fiel
         L += _per_attribute(results, split, first)
     if "per_class" in results[split]["_details"][first]:
         L += _per_class(results[split]["_details"][first], split, first)
+        if results[split]["_details"][first].get("confusion"):
+            from attrdist.tracking import plot_confusion
+
+            plot_confusion(run_dir / "confusion.png", results[split]["_details"][first]["confusion"],
+                           [c["name"] for c in results[split]["_details"][first]["per_class"]],
+                           f"{recipe}: {split} vs {first}")
+            L += ["Confusion matrix as a picture: `confusion.png` (rows normalised to recall).", ""]
     L += _throughput(results, split, state, timings)
     md = "\n".join(L) + "\n"
     atomic.write_text(run_dir / "report.md", md)
@@ -115,10 +122,18 @@ def _throughput(results: dict, split: str, state, timings: dict) -> list[str]:
           f"step over {len(step_rates)} steps (all ranks together; first 5 steps excluded as warm-up)",
           f"- evaluation ({split}): {_fmt(results[split].get(f'{split}/images_per_s'))} images/s (forward + gather, "
           f"includes decode)",
+          _inference_line(timings.get("inference")),
           f"- time in training epochs: {timings.get('train_s', 0):.1f} s; wall time of the loop including evals: "
           f"{timings.get('wall_s', 0):.1f} s",
           f"- samples that failed to decode and were skipped: train {state.corrupt}, "
           + ", ".join(f"{s} {r.get(f'{s}/corrupt', 0)}" for s, r in results.items()), ""]
+
+
+def _inference_line(inf: dict | None) -> str:
+    if not inf:
+        return "- inference: not measured"
+    return (f"- inference: {_fmt(inf['images_per_s'])} images/s (model forward only on one real batch of "
+            f"{inf['batch']}, {inf['batches']} timed batches after {inf['warmup']} warm-up batches; decode excluded)")
 
 
 def load(run_dir: Path) -> dict:

@@ -97,3 +97,34 @@ def plot_curves(run_dir: Path, headline: list[str]) -> Path:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return out
+
+
+def plot_confusion(path: Path, cm: list[list[int]], names: list[str], title: str) -> Path:
+    """A confusion matrix PNG (rows: true class, columns: predicted), each row normalised to recall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(cm, dtype=np.float64)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    n = len(names)
+    side = min(24, max(5, 0.35 * n + 2))
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(names, rotation=90, fontsize=7 if n > 30 else 9)
+    ax.set_yticklabels(names, fontsize=7 if n > 30 else 9)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path

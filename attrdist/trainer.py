@@ -165,10 +165,12 @@ class Trainer:
             self.eval_batch += W - self.eval_batch % W
 
         torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg.model, len(self.attributes))
+        model = build_model(cfg.model, len(self.attributes), list(self.attributes))
         total, trainable = count_parameters(model)
         log.info("model %s/%s: %.2fM parameters, %.2fM trainable; backbone weights: %s", cfg.model.name,
                  cfg.model.backbone, total / 1e6, trainable / 1e6, getattr(model, "weights_source", "?"))
+        if hasattr(model, "attr_source"):
+            log.info("attribute queries: %s", model.attr_source)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.raw_model = model
@@ -428,6 +430,8 @@ class Trainer:
             if epoch_done:
                 st.epoch += 1
                 st.batch = 0
+            keep = (f"epoch-{st.epoch:04d}",) if (epoch_done and cfg.run.ckpt_every_epochs
+                                                   and st.epoch % cfg.run.ckpt_every_epochs == 0) else ()
             if epoch_done and (st.epoch % cfg.run.eval_every == 0 or st.epoch == cfg.run.epochs) or stop:
                 rec = self.evaluate(val_split)
                 rec.pop("_details")
@@ -446,7 +450,7 @@ class Trainer:
                 log.info("eval epoch %d: %s", st.epoch, "  ".join(
                     f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float) and ":" not in k
                     and k.split("/")[-1] in (self.task.headline, "loss", "micro_f1@0.5", "macro_f1")))
-                self.save(pointers=("last", "best") if improved else ("last",), metric=rec[key])
+                self.save(pointers=("last", "best", *keep) if improved else ("last", *keep), metric=rec[key])
                 if self.main and (st.epoch % cfg.run.curves_every == 0 or st.epoch >= cfg.run.epochs):
                     plot_curves(self.run_dir, self._headline_keys(val_split))
                 if cfg.run.patience and st.bad_evals >= cfg.run.patience:
@@ -454,12 +458,35 @@ class Trainer:
                              monitor, st.bad_evals, abs(st.best), st.best_step)
                     st.stopped_early = True
                     stop = True
+            elif keep:
+                self.save(pointers=("last", *keep))
             elif not epoch_done and not stop:
                 break  # loader ended early (should not happen)
         for s, h in old_handlers.items():
             signal.signal(s, h)
         self.timings["wall_s"] = time.perf_counter() - t_start
         return self.finish(val_split)
+
+    @torch.no_grad()
+    def measure_inference(self, split: str, batches: int = 10, warmup: int = 3) -> dict:
+        """Model forward images/s on one real eval batch after `warmup` batches (decode excluded)."""
+        model = self.acc.unwrap_model(self.model).eval()
+        ds, n = self.eval_dataset(split)
+        b = max(1, min(self.eval_batch // self.acc.num_processes, n))
+        x = torch.stack([ds[(i, 0)]["image"] for i in range(b)]).to(self.acc.device)
+        if self.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        sync = torch.cuda.synchronize if self.rt.device == "cuda" else (lambda: None)
+        for i in range(warmup + batches):
+            if i == warmup:
+                sync()
+                t0 = time.perf_counter()
+            with self.acc.autocast():
+                model(x)
+        sync()
+        seconds = time.perf_counter() - t0
+        model.train()
+        return {"images_per_s": b * batches / seconds, "batch": b, "batches": batches, "warmup": warmup}
 
     def _headline_keys(self, val_split: str) -> list[str]:
         name = "train" if val_split == "__overfit__" else val_split
@@ -476,6 +503,7 @@ class Trainer:
         if test and self.manifest.has_split(test) and val_split != "__overfit__":
             results["test"] = self.evaluate(test, per_attribute=True)
         if self.main:
+            self.timings["inference"] = self.measure_inference(val_split)
             plot_curves(self.run_dir, self._headline_keys(val_split))
             path = report.write(self.run_dir, task=self.task, recipe=self.recipe, cfg=self.cfg, rt=self.rt, results=results,
                                 state=self.state, timings=self.timings, fields=list(self.cfg.data.eval_labels),

@@ -234,6 +234,6 @@ def test_characters_multiclass_recipe_trains_and_reports(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = (run_dir / "report.md").read_text()
     assert "**Validation accuracy against `labels`:" in report and "majority baseline" in report
-    assert "Confusion matrix" in report and "| A |" in report
+    assert "Confusion matrix" in report and "| A |" in report and (run_dir / "confusion.png").stat().st_size > 1000
     evals = _records(run_dir, "eval")
     assert "val/labels/accuracy:majority" in evals[0] and 0 <= evals[-1]["val/labels/accuracy"] <= 1

@@ -8,11 +8,12 @@ from attrdist.config import ModelConfig
 from attrdist.errors import AttrdistError
 
 
-def build_model(cfg: ModelConfig, num_attributes: int) -> nn.Module:
+def build_model(cfg: ModelConfig, num_attributes: int, names: list[str] | None = None) -> nn.Module:
+    """`names` (the attribute/class names, from the manifest) are needed by model.attr_init=text."""
     if cfg.name == "cross_modal":
         from attrdist.models.cross_modal import CrossModalAttributes
 
-        return CrossModalAttributes(cfg, num_attributes)
+        return CrossModalAttributes(cfg, num_attributes, names)
     if cfg.name == "classifier":
         from attrdist.models.classifier import build_classifier
 
