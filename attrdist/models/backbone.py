@@ -5,11 +5,23 @@ Pretrained weights never come from the network. `pretrained` is
   a path  -> a local .safetensors (preferred) or .pth/.pt file, loaded with weights_only=True,
   'auto'  -> the file already in the local Hugging Face or torch hub cache for this timm model,
              if one is there; else random init with a clear message saying where to put weights.
+
+Tensors are loaded where name and shape match the model; everything else is reported, never
+silently dropped: a table in the log lists the model tensors the file lacks (missing, they keep
+their random init), the file's tensors the model has no place for (unexpected), and those whose
+shapes differ (e.g. a 1000-class head loaded into a 5-class model). A file that matches nothing
+is an error. Checkpoints with other key names are converted once, offline, into a timm
+.safetensors file (see models/convert.py):
+
+    python -m attrdist.models.convert efficientnet-lite0 IN.pth OUT.safetensors
+    python recipes/characters.py model.backbone=tf_efficientnet_lite0 model.pretrained=OUT.safetensors
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -60,8 +72,55 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_pretrained(net: nn.Module, arch: str, pretrained: str, head_note: str = "") -> str:
-    """Load `pretrained` ('' | path | 'auto') into `net` where names and shapes match; say what was used."""
+@dataclass
+class KeyReport:
+    """How a checkpoint's tensors line up with a model's state dict."""
+
+    usable: dict[str, torch.Tensor] = field(default_factory=dict)  # name and shape match: loaded
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file: stay at init
+    unexpected: list[str] = field(default_factory=list)  # in the file, nowhere in the model
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (name, file shape, model shape)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+
+def compare_keys(own: dict[str, torch.Tensor], state: dict) -> KeyReport:
+    """Sort the checkpoint `state` against the model's `own` state dict. BatchNorm step counters
+    (num_batches_tracked) absent from the file are not counted as missing: they hold no weights."""
+    rep = KeyReport()
+    for k, v in state.items():
+        if k not in own or not isinstance(v, torch.Tensor):
+            rep.unexpected.append(k)
+        elif own[k].shape != v.shape:
+            rep.mismatched.append((k, tuple(v.shape), tuple(own[k].shape)))
+        else:
+            rep.usable[k] = v
+    rep.missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    return rep
+
+
+def key_table(rep: KeyReport, path: str, limit: int = 10) -> str:
+    """The report as a few readable lines: counts, then the first `limit` names of each kind."""
+    shapes = [f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in rep.mismatched]
+    rows = [("missing (not in the file; random init)", rep.missing),
+            ("unexpected (in the file; not used)", rep.unexpected),
+            ("shape-mismatched (not loaded)", shapes)]
+    lines = [f"pretrained weights {path}: {len(rep.usable)} tensors loaded"]
+    for title, names in rows:
+        if names:
+            more = f"  ... and {len(names) - limit} more" if len(names) > limit else ""
+            lines.append(f"  {len(names):5d} {title}:")
+            lines += [f"          {n}" for n in names[:limit]] + ([more] if more else [])
+    return "\n".join(lines)
+
+
+def load_pretrained(net: nn.Module, arch: str, pretrained: str, head_note: str = "",
+                    key_map: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> str:
+    """Load `pretrained` ('' | path | 'auto') into `net` where names and shapes match; log a table of
+    missing / unexpected / shape-mismatched keys; return a one-line description of what was used.
+    `key_map` (optional) renames a foreign checkpoint's keys before matching (see models/convert.py)."""
     path = pretrained
     if pretrained == "auto":
         path = cached_pretrained_file(arch)
@@ -70,14 +129,25 @@ def load_pretrained(net: nn.Module, arch: str, pretrained: str, head_note: str =
                         "scratch. Put weights in a file and set model.pretrained=PATH.", arch)
             return f"random init (no cached weights for {arch})"
     if not path:
+        log.info("model.pretrained='': %s trains from scratch (random init)", arch)
         return "random init (model.pretrained='')"
     state = load_state_file(path)
+    if key_map is not None:
+        state = key_map(state)
     own = net.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise AttrdistError(f"{path}: no tensor matches {arch} (wrong architecture?)")
-    net.load_state_dict(usable, strict=False)
-    return f"{path} ({len(usable)}/{len(own)} tensors{head_note})"
+    rep = compare_keys(own, state)
+    if all(k.endswith("num_batches_tracked") for k in rep.usable):  # scalar counters fit any BatchNorm model
+        raise AttrdistError(f"{path}: no tensor matches {arch} by name and shape (wrong architecture? convert it "
+                            f"with python -m attrdist.models.convert)")
+    net.load_state_dict(rep.usable, strict=False)
+    if rep.missing or rep.mismatched:
+        log.warning("%s", key_table(rep, str(path)))
+    elif rep.unexpected:
+        log.info("%s", key_table(rep, str(path)))
+    else:
+        log.info("pretrained weights %s: all %d tensors of %s loaded", path, len(rep.usable), arch)
+    counts = f"{len(rep.missing)} missing, {len(rep.unexpected)} unexpected, {len(rep.mismatched)} shape-mismatched"
+    return f"{path} ({len(rep.usable)}/{len(own)} tensors{head_note}; {counts})"
 
 
 def create_backbone(arch: str, feature_level: int, pretrained: str) -> tuple[nn.Module, int, str]:

@@ -4,7 +4,8 @@ COCO Attributes: Linear, ReLU, Dropout per hidden layer).
 
 Backbone weights follow the same offline rules as every attrdist model (see models/backbone.py):
 a local file or an already-populated cache, else random init said out loud. The classification
-head is always new (its shape depends on the classes).
+head loads only when the file has one of the same shape (e.g. ImageNet's 1000 classes); otherwise it
+starts at random init and the key table in the log lists it as shape-mismatched or missing.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def build_classifier(cfg: ModelConfig, num_classes: int) -> Classifier:
         raise AttrdistError(f"model.backbone={cfg.backbone!r}: {e}") from None
     if cfg.frozen_stages:
         raise AttrdistError("model.frozen_stages is not supported by model.name=classifier (it trains every layer)")
-    source = load_pretrained(net, cfg.backbone, cfg.pretrained, head_note="; the head is new")
+    source = load_pretrained(net, cfg.backbone, cfg.pretrained)
     if cfg.head_dims:
         net = nn.Sequential(net, mlp_head(net.num_features, cfg.head_dims, num_classes, cfg.dropout))
     return Classifier(net, source)
