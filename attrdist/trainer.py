@@ -197,8 +197,7 @@ class Trainer:
         log.info("train split %r: %d samples, global batch %d (%d per rank x %d ranks), %d batches/epoch; "
                  "the last %d samples of each epoch's order are dropped (incomplete global batch)",
                  train_split, n, B, B // W, W, self.batches_per_epoch, n - self.batches_per_epoch * B)
-        self.train_ds = SampleDataset(self.train_reader, len(self.attributes), self.fields, cfg.data,
-                                      cfg.run.seed, train=not overfit)
+        self.train_ds = self.make_dataset(self.train_reader, train=not overfit)
         self.prior = {f: self.manifest.label_prior(train_split, f) for f in self.fields}
         self.state = LoopState()
         self.tracker = Tracker(self.run_dir, enabled=self.main)
@@ -296,12 +295,16 @@ class Trainer:
         res["seconds"], res["n"] = elapsed, n
         return res
 
-    def eval_dataset(self, split: str) -> tuple[SampleDataset, int]:
+    def make_dataset(self, reader: ShardReader, train: bool):
+        """(index, epoch) -> one decoded sample; a subclass for another kind of sample overrides this."""
+        return SampleDataset(reader, len(self.attributes), self.fields, self.cfg.data, self.cfg.run.seed, train=train)
+
+    def eval_dataset(self, split: str):
         reader = self.train_reader if split == "__overfit__" else ShardReader(self.manifest, split)
         n = self.n_train if split == "__overfit__" else len(reader)
         if self.cfg.data.subset:
             n = min(n, self.cfg.data.subset)
-        return SampleDataset(reader, len(self.attributes), self.fields, self.cfg.data, self.cfg.run.seed, train=False), n
+        return self.make_dataset(reader, train=False), n
 
     def evaluate(self, split: str, tune: bool = False, per_attribute: bool = False) -> dict:
         ds, n = self.eval_dataset(split)
@@ -326,6 +329,17 @@ class Trainer:
         return rec
 
     # ---------------------------------------------------------------- training
+    def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The training loss of one (per-rank) batch and its logged parts."""
+        acc, f = self.acc, self.cfg.data.labels
+        x = batch["image"].to(acc.device, non_blocking=True)
+        if self.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with acc.autocast():
+            out = self.model(x)
+        return self.task.loss(out, batch[f"labels/{f}"].to(acc.device), batch[f"mask/{f}"].to(acc.device),
+                              batch["valid"].to(acc.device), self.cfg.optim)
+
     def train(self) -> Path:
         self.maybe_resume()  # replaces self.state: bind `st` after it
         cfg, st, acc = self.cfg, self.state, self.acc
@@ -357,21 +371,12 @@ class Trainer:
                 if st.batch >= plan_batches:
                     break
                 micro = st.batch % ga
-                x = batch["image"].to(acc.device, non_blocking=True)
-                if cfg.model.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                f = cfg.data.labels
-                y = batch[f"labels/{f}"].to(acc.device)
-                m = batch[f"mask/{f}"].to(acc.device)
-                valid = batch["valid"].to(acc.device)
                 sync = micro == ga - 1
                 # dropout & co. draw from torch's global RNG: key it by position, so resume needs no RNG state
                 torch.manual_seed(rnglib.fold(cfg.run.seed, rnglib.DROPOUT, st.epoch, st.batch, acc.process_index))
                 ctx = acc.no_sync(self.model) if (not sync and acc.num_processes > 1) else nullcontext()
                 with ctx:
-                    with acc.autocast():
-                        out = self.model(x)
-                    loss, parts = self.task.loss(out, y, m, valid, cfg.optim)
+                    loss, parts = self.forward_loss(batch)
                     acc.backward(loss / ga)
                 if hooks:
                     for h in hooks:
