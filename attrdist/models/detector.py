@@ -1,0 +1,303 @@
+"""Open-vocabulary detector: a CLIP ResNet image tower inside torchvision's Faster R-CNN, regions
+classified by cosine similarity against the frozen CLIP text embeddings of class prompts.
+
+    from attrdist.dior import PROMPTS                        # "a satellite image of an airplane", ...
+    cfg = DetectorConfig(checkpoint="/models/RemoteCLIP-RN50.pt")     # full size: RN50, 800 px
+    cfg = DetectorConfig.tiny()                                        # CPU demo: tiny CLIP, 128 px
+    model = build_detector(cfg, [PROMPTS[i] for i in base])            # train on the base classes
+    losses = model(images, targets)          # train(): list of [3, H, W] in 0..1 + torchvision targets
+    model.set_classes(PROMPTS)               # all classes, novel ones included (only their prompts)
+    model.eval(); detections = model(images) # [{"boxes" xyxy, "labels" 1..C, "scores"}] per image
+    model.param_counts()                     # {"total", "trainable", "text", "image", "heads"}
+
+Architecture (torchvision `FasterRCNN`, so its forward contract, losses and post-processing):
+
+    image (CLIP mean/std, resized by GeneralizedRCNNTransform to min_size/max_size)
+      -> CLIP ModifiedResNet trunk (3-conv stem, layer1..4; the attention pool is not used)
+      -> FPN over cfg.fpn_layers (+ a max-pool level), torchvision `BackboneWithFPN`
+      -> RPN (anchors: one size per FPN level, cfg.anchor_sizes) -> MultiScaleRoIAlign 7x7
+      -> TwoMLPHead -> `TextEmbeddingPredictor`:
+           class logits = exp(logit_scale) * cos(proj(roi), [background; text embeddings]) [N, C+1]
+           box deltas: class-agnostic (4 per RoI), repeated over the C+1 classes
+
+The text embeddings are a non-persistent buffer filled by `set_classes(prompts)` with the frozen
+text tower (requires_grad False, always in eval mode), so class lists can change between training
+(base classes) and evaluation (all classes) and are not part of checkpoints. Labels 1..C index the
+current prompt list; 0 is background. The image tower trains (cfg.frozen_stages freezes the stem
+and the first stages); the projection, background embedding and logit scale are learned.
+
+Weights never come from the network. `cfg.checkpoint` is a local open_clip state dict such as
+RemoteCLIP-RN50.pt (`.pt`/`.pth` loaded with weights_only=True, or `.safetensors`; possibly nested
+under "state_dict"); `load_clip_checkpoint` logs a table of missing / unexpected / shape-mismatched
+keys and refuses a file of which nothing matches. BatchNorm in the trunk is frozen (torchvision's
+practice for small detection batches) when weights were loaded (`cfg.freeze_bn=None`), trained
+otherwise: frozen at random init it would zero every residual branch (open_clip zero-inits bn3).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from attrdist.errors import AttrdistError
+
+log = logging.getLogger("attrdist")
+
+TINY = "tiny"
+# The CPU demo's CLIP: ModifiedResNet of width 16 with one bottleneck per stage (trunk channels 64,
+# 128, 256, 512), a 2-layer text transformer of width 64 on CLIP's BPE vocabulary, 64-d embeddings.
+TINY_CLIP = {"embed_dim": 64,
+             "vision_cfg": {"layers": [1, 1, 1, 1], "width": 16, "head_width": 32, "image_size": 128},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+STEM = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Every knob of the detector; defaults are the full-size model for 800 px DIOR images (torchvision's
+    Faster R-CNN layout: FPN over stages 1-4, anchors 32-512). The tiny preset is measured for 2 CPU cores."""
+
+    clip: str = "RN50"  # open_clip model name with a ModifiedResNet image tower, or "tiny"
+    checkpoint: str = ""  # local RemoteCLIP/open_clip weights file; '' = random init (logged)
+    min_size: int = 800  # GeneralizedRCNNTransform resizing
+    max_size: int = 800
+    fpn_layers: tuple[int, ...] = (1, 2, 3, 4)  # ModifiedResNet stages fed to the FPN (strides 4, 8, 16, 32)
+    fpn_channels: int = 256
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per FPN level, the extra max-pool level last
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    box_head_dim: int = 1024  # TwoMLPHead width
+    rpn_batch_size: int = 256  # anchors sampled per image for the RPN loss
+    roi_batch_size: int = 512  # proposals sampled per image for the box-head loss
+    proposals_train: int = 2000  # RPN proposals kept after NMS
+    proposals_test: int = 1000
+    frozen_stages: int = 0  # k > 0 freezes the stem and layer1..k
+    freeze_bn: bool | None = None  # None: frozen iff a checkpoint was loaded
+    temperature: float = 0.07  # initial softmax temperature (learned as logit_scale = log(1/T))
+    score_thresh: float = 0.01  # keep low for mAP
+    detections_per_img: int = 100
+
+    @classmethod
+    def tiny(cls, **overrides) -> DetectorConfig:
+        """The CPU demo: a tiny CLIP (64-d embeddings), 128 px images, objects of ~10-50 px."""
+        base = cls(clip=TINY, min_size=128, max_size=128, fpn_layers=(2, 3, 4), fpn_channels=64,
+                   anchor_sizes=(12, 24, 48, 96),
+                   box_head_dim=128, rpn_batch_size=128, roi_batch_size=64, proposals_train=300,
+                   proposals_test=200)
+        return replace(base, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP towers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What `load_clip_checkpoint` did: key lists and a printable table."""
+
+    path: str
+    loaded: list[str]
+    missing: list[str]  # in the model, not in the file (they keep their random init)
+    unexpected: list[str]  # in the file, not in the model
+    mismatched: list[tuple[str, tuple, tuple]]  # (key, shape in file, shape in model)
+
+    def table(self, limit: int = 8) -> str:
+        rows = [f"{self.path}: {len(self.loaded)} tensors loaded"]
+        groups = [("missing (random init)", [(k, "", "") for k in self.missing]),
+                  ("unexpected (ignored)", [(k, "", "") for k in self.unexpected]),
+                  ("shape mismatch (file vs model)", [(k, str(tuple(a)), str(tuple(b))) for k, a, b in self.mismatched])]
+        for title, items in groups:
+            if items:
+                rows.append(f"  {title}: {len(items)}")
+                rows += [f"    {k:<48} {a} {b}".rstrip() for k, a, b in items[:limit]]
+                if len(items) > limit:
+                    rows.append(f"    ... and {len(items) - limit} more")
+        return "\n".join(rows)
+
+
+def load_clip_checkpoint(clip: nn.Module, path: str | Path) -> LoadReport:
+    """Load an open_clip/RemoteCLIP state dict into `clip` where names and shapes match; log a table
+    of the rest; raise AttrdistError when nothing matches."""
+    from attrdist.models.backbone import load_state_file
+
+    state = {k.removeprefix("module."): v for k, v in load_state_file(path).items()}
+    own = clip.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    report = LoadReport(str(path), sorted(usable), sorted(k for k in own if k not in state),
+                        sorted(k for k in state if k not in own),
+                        [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sorted(state.items())
+                         if k in own and own[k].shape != v.shape])
+    if not usable:
+        raise AttrdistError(f"{path}: no tensor matches the open_clip image/text towers (not an open_clip "
+                            f"checkpoint of this architecture?); set model.checkpoint to a matching file")
+    clip.load_state_dict(usable, strict=False)
+    partial = report.missing or report.unexpected or report.mismatched
+    (log.warning if partial else log.info)("CLIP weights:\n%s", report.table())
+    return report
+
+
+def build_clip(cfg: DetectorConfig) -> tuple[nn.Module, LoadReport | None]:
+    """(open_clip CLIP model, load report or None): built offline, weights from cfg.checkpoint if set."""
+    import open_clip
+    from open_clip.modified_resnet import ModifiedResNet
+
+    if cfg.clip == TINY:
+        c = TINY_CLIP
+        clip = open_clip.model.CLIP(c["embed_dim"], open_clip.model.CLIPVisionCfg(**c["vision_cfg"]),
+                                    open_clip.model.CLIPTextCfg(**c["text_cfg"]))
+    else:
+        try:
+            clip = open_clip.create_model(cfg.clip, pretrained=None)
+        except RuntimeError as e:
+            raise AttrdistError(f"model.clip={cfg.clip!r}: {e}") from None
+    if not isinstance(clip.visual, ModifiedResNet):
+        raise AttrdistError(f"model.clip={cfg.clip!r}: its image tower is not a CLIP ResNet (use RN50, RN101, ... or tiny)")
+    if not cfg.checkpoint:
+        log.warning("detector: CLIP %s with random weights (set model.checkpoint=PATH to a local RemoteCLIP/"
+                    "open_clip file; nothing is downloaded)", cfg.clip)
+        return clip, None
+    return clip, load_clip_checkpoint(clip, cfg.checkpoint)
+
+
+def clip_trunk_channels(visual: nn.Module) -> list[int]:
+    """Output channels of layer1..layer4 of a ModifiedResNet."""
+    return [layer[-1].conv3.out_channels for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4)]
+
+
+def freeze_trunk(body: nn.Module, frozen_stages: int) -> None:
+    """requires_grad=False for the stem and layer1..frozen_stages (0: nothing)."""
+    if not 0 <= frozen_stages <= 4:
+        raise AttrdistError(f"model.frozen_stages={frozen_stages}: expected 0..4 (stem + layer1..k)")
+    if frozen_stages == 0:
+        return
+    names = STEM + tuple(f"layer{i}" for i in range(1, frozen_stages + 1))
+    for name in names:
+        if hasattr(body, name):  # IntermediateLayerGetter keeps only the stages up to the last FPN input
+            getattr(body, name).requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Detector
+# ----------------------------------------------------------------------------------------------
+
+
+class TextEmbeddingPredictor(nn.Module):
+    """RoI features [N, F] -> (class logits [N, C+1], box deltas [N, 4 (C+1)]), background = class 0."""
+
+    def __init__(self, in_features: int, embed_dim: int, temperature: float):
+        super().__init__()
+        self.proj = nn.Linear(in_features, embed_dim)
+        self.bbox_pred = nn.Linear(in_features, 4)
+        self.background = nn.Parameter(torch.randn(embed_dim) / math.sqrt(embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.register_buffer("class_embeddings", torch.zeros(0, embed_dim), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.flatten(1)
+        region = F.normalize(self.proj(x).float(), dim=-1)
+        weights = torch.cat([F.normalize(self.background.float(), dim=0)[None], self.class_embeddings.float()])
+        logits = self.logit_scale.float().exp().clamp(max=100.0) * region @ weights.T
+        return logits, self.bbox_pred(x).float().repeat(1, weights.shape[0])
+
+
+class OpenVocabDetector(FasterRCNN):
+    """Faster R-CNN over a CLIP image tower, classifying regions against frozen text embeddings.
+
+    Construct with `build_detector(cfg, prompts)`; `OpenVocabDetector(clip, cfg, prompts)` takes an
+    open_clip CLIP (from `build_clip`) and consumes it: its image trunk becomes `backbone.body`, the
+    rest becomes the frozen `text` tower (the image tower's attention pool is dropped).
+    """
+
+    def __init__(self, clip: nn.Module, cfg: DetectorConfig, prompts: list[str], frozen_bn: bool = False):
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+        from open_clip.utils import freeze_batch_norm_2d
+
+        levels = len(cfg.fpn_layers) + 1
+        if len(cfg.anchor_sizes) != levels:
+            raise AttrdistError(f"model.anchor_sizes has {len(cfg.anchor_sizes)} sizes; the FPN over layers "
+                                f"{list(cfg.fpn_layers)} has {levels} levels (one size per level, pool level last)")
+        if not set(cfg.fpn_layers) <= {1, 2, 3, 4}:
+            raise AttrdistError(f"model.fpn_layers={list(cfg.fpn_layers)}: stages are 1..4")
+        visual, embed_dim = clip.visual, clip.text_projection.shape[1]
+        clip.visual = None
+        channels = clip_trunk_channels(visual)
+        backbone = BackboneWithFPN(visual, {f"layer{i}": str(k) for k, i in enumerate(cfg.fpn_layers)},
+                                   [channels[i - 1] for i in cfg.fpn_layers], cfg.fpn_channels)
+        if frozen_bn:
+            freeze_batch_norm_2d(backbone.body)
+        freeze_trunk(backbone.body, cfg.frozen_stages)
+        anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), (tuple(cfg.aspect_ratios),) * levels)
+        roi_pool = MultiScaleRoIAlign([str(k) for k in range(len(cfg.fpn_layers))], output_size=7, sampling_ratio=2)
+        box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_dim)
+        super().__init__(
+            backbone, num_classes=None, min_size=cfg.min_size, max_size=cfg.max_size,
+            image_mean=list(OPENAI_DATASET_MEAN), image_std=list(OPENAI_DATASET_STD),
+            rpn_anchor_generator=anchors, rpn_batch_size_per_image=cfg.rpn_batch_size,
+            rpn_pre_nms_top_n_train=cfg.proposals_train, rpn_post_nms_top_n_train=cfg.proposals_train,
+            rpn_pre_nms_top_n_test=cfg.proposals_test, rpn_post_nms_top_n_test=cfg.proposals_test,
+            box_roi_pool=roi_pool, box_head=box_head,
+            box_predictor=TextEmbeddingPredictor(cfg.box_head_dim, embed_dim, cfg.temperature),
+            box_batch_size_per_image=cfg.roi_batch_size, box_score_thresh=cfg.score_thresh,
+            box_detections_per_img=cfg.detections_per_img)
+        self.text = clip.requires_grad_(False).eval()
+        self.prompts: list[str] = []
+        self.set_classes(prompts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.prompts)
+
+    def train(self, mode: bool = True) -> OpenVocabDetector:
+        super().train(mode)
+        self.text.eval()  # frozen: no dropout, no statistics updates
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """L2-normalised frozen text embeddings [len(prompts), D] (float32, on the model's device)."""
+        import open_clip
+
+        if not prompts:
+            raise AttrdistError("detector: the class prompt list is empty; give at least one class")
+        device = self.roi_heads.box_predictor.class_embeddings.device
+        tokens = open_clip.get_tokenizer("RN50")(prompts).to(device)  # CLIP's BPE vocab, shipped with open_clip
+        return self.text.encode_text(tokens, normalize=True).float()
+
+    def set_classes(self, prompts: list[str]) -> None:
+        """Classify against these prompts from now on: labels 1..len(prompts), 0 = background."""
+        self.roi_heads.box_predictor.class_embeddings = self.encode_prompts(list(prompts))
+        self.prompts = list(prompts)
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts: total, trainable, and by part (frozen text tower, image trunk + FPN, heads)."""
+        def count(m: nn.Module, trainable: bool = False) -> int:
+            return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+
+        return {"total": count(self), "trainable": count(self, True), "text": count(self.text),
+                "image": count(self.backbone), "heads": count(self.rpn) + count(self.roi_heads)}
+
+
+def build_detector(cfg: DetectorConfig, prompts: list[str]) -> OpenVocabDetector:
+    """The detector for `prompts` (labels 1..len(prompts)); logs its parameter counts."""
+    clip, report = build_clip(cfg)
+    frozen_bn = report is not None if cfg.freeze_bn is None else cfg.freeze_bn
+    if frozen_bn and report is None:
+        raise AttrdistError("model.freeze_bn=true needs model.checkpoint: BatchNorm frozen at random init "
+                            "zeroes every residual branch; set model.checkpoint or model.freeze_bn=null")
+    model = OpenVocabDetector(clip, cfg, prompts, frozen_bn=frozen_bn)
+    counts = model.param_counts()
+    log.info("detector: CLIP %s, %d classes, %.1fM parameters (%.1fM trainable; frozen text tower %.1fM), "
+             "BatchNorm %s", cfg.clip, model.num_classes, counts["total"] / 1e6, counts["trainable"] / 1e6,
+             counts["text"] / 1e6, "frozen" if frozen_bn else "trained")
+    return model
