@@ -1,6 +1,7 @@
 """The `attrdist` command (installed by `pip install -e .`). Imports are lazy: --help is fast.
 
     attrdist predict CHECKPOINT IMAGE [IMAGE ...] [--top K]   top attributes with probabilities
+    attrdist predict DETECTOR_RUN IMAGE ... [--out DIR] [--classes a,b] [--threshold T]   boxes drawn (PNG)
     attrdist inspect SHARDS [--sheet out.png] [--n 32] [--split train] [--seed 0]
     attrdist version
 """
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint", help="run directory, checkpoints dir, or a checkpoints/step-* directory")
     p.add_argument("images", nargs="+")
     p.add_argument("--top", type=int, default=5)
+    p.add_argument("--out", default="predictions", help="detectors: directory for <image>-detections.png")
+    p.add_argument("--threshold", type=float, default=0.3, help="detectors: lowest score drawn and listed")
+    p.add_argument("--classes", default="", help="detectors: comma-separated class names to detect instead of "
+                                                 "the training classes (open vocabulary)")
     p = sub.add_parser("inspect", help="summarise a packed dataset; --sheet writes a contact sheet PNG")
     p.add_argument("shards", help="packed dataset directory (holds manifest.json)")
     p.add_argument("--sheet", default=None, help="write a contact sheet PNG of random samples here")
@@ -45,6 +50,15 @@ def main(argv: list[str] | None = None) -> None:
             from attrdist.predict import load_for_inference, predict_images
 
             model, cfg, attributes, ckpt = load_for_inference(args.checkpoint)
+            if cfg.data.task == "detection":
+                from attrdist.predict import detect_images
+
+                classes = [c.strip() for c in args.classes.split(",") if c.strip()] or None
+                print(f"# checkpoint {ckpt} ({len(classes or attributes)} classes)")
+                for png, found in detect_images(model, attributes, args.images, args.out, threshold=args.threshold,
+                                                classes=classes):
+                    print(f"{png}: " + (", ".join(f"{n} {s:.2f} {b}" for n, s, b in found) or "nothing above threshold"))
+                return
             print(f"# checkpoint {ckpt} ({len(attributes)} attributes)")
             for path, top in zip(args.images, predict_images(model, cfg, attributes, args.images, args.top)):
                 print(f"{path}: " + ", ".join(f"{name} ({p:.3f})" for name, p in top))

@@ -64,12 +64,44 @@ class DataConfig:
     batch_size: int = _f(8, "GLOBAL batch size per optimizer micro-step (split over processes)")
     eval_batch_size: int = _f(0, "global eval batch size (0 = 2 x batch_size)")
     num_workers: int = _f(2, "DataLoader worker processes per rank (decode + augment + collate)")
-    task: Literal["multilabel", "multiclass"] = _f("multilabel", "sigmoid/BCE attributes, or softmax/CE classes")
+    task: Literal["multilabel", "multiclass", "detection"] = _f("multilabel", "sigmoid/BCE attributes, softmax/CE classes, or boxes (open-vocabulary detection)")
+    novel_classes: tuple[str, ...] = _f((), "detection: classes held out of training (their boxes are background) and detected at test time only through their prompts")
     labels: str = _f("labels", "which label field of the shards to train on")
     eval_labels: tuple[str, ...] = _f(("labels",), "label fields to evaluate against (first = headline)")
     max_corrupt: int = _f(10, "stop the run once more than this many samples failed to decode")
     subset: int = _f(0, "use only the first N samples of each split (0 = all)")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Open-vocabulary detector (model.name=open_vocab_detector; attrdist/models/detector.py). Its CLIP
+    comes from model.backbone (an open_clip ResNet CLIP such as RN50, or 'tiny'), model.pretrained (a
+    local RemoteCLIP/open_clip file) and model.frozen_stages. Defaults: torchvision's Faster R-CNN layout
+    for 800 px DIOR images; `tiny()` is the 128 px CPU demo measured on 2 cores."""
+
+    min_size: int = _f(800, "images are resized so the short side is min_size (GeneralizedRCNNTransform)")
+    max_size: int = _f(800, "... and the long side at most max_size")
+    fpn_layers: tuple[int, ...] = _f((1, 2, 3, 4), "CLIP ResNet stages fed to the FPN (strides 4, 8, 16, 32)")
+    fpn_channels: int = _f(256, "FPN width")
+    anchor_sizes: tuple[int, ...] = _f((32, 64, 128, 256, 512), "anchor size per FPN level (the extra max-pool level last)")
+    aspect_ratios: tuple[float, ...] = _f((0.5, 1.0, 2.0), "anchor aspect ratios")
+    box_head_dim: int = _f(1024, "width of the RoI box head (TwoMLPHead)")
+    rpn_batch_size: int = _f(256, "anchors sampled per image for the RPN loss")
+    roi_batch_size: int = _f(512, "proposals sampled per image for the box-head loss")
+    proposals_train: int = _f(2000, "RPN proposals kept after NMS in training")
+    proposals_test: int = _f(1000, "RPN proposals kept after NMS in evaluation")
+    freeze_bn: bool | None = _f(None, "freeze the trunk's BatchNorm (empty/null: frozen iff pretrained weights were loaded)")
+    temperature: float = _f(0.07, "initial region/text softmax temperature (learned)")
+    score_thresh: float = _f(0.01, "detections below this score are dropped (keep low for mAP)")
+    detections_per_img: int = _f(100, "detections kept per image")
+
+    @classmethod
+    def tiny(cls, **overrides) -> "DetectorConfig":
+        """The CPU demo (with model.backbone=tiny): 128 px images, objects of ~10-50 px."""
+        return replace(cls(min_size=128, max_size=128, fpn_layers=(2, 3, 4), fpn_channels=64,
+                           anchor_sizes=(12, 24, 48, 96), box_head_dim=128, rpn_batch_size=128, roi_batch_size=64,
+                           proposals_train=300, proposals_test=200), **overrides)
 
 
 @dataclass(frozen=True)
@@ -89,6 +121,7 @@ class ModelConfig:
     text_encoder: str = _f("RN50", "attr_init=text: open_clip architecture whose text tower embeds the attribute names")
     text_pretrained: str = _f("auto", "attr_init=text: local open_clip checkpoint for the text tower; 'auto' = the local HF cache if it has one for text_encoder; '' or nothing cached = random text tower (said in the log). OpenAI weights need text_encoder=RN50-quickgelu")
     channels_last: bool = _f(True, "channels_last memory format (faster convs on CPU and GPU)")
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
 @dataclass(frozen=True)
@@ -318,6 +351,8 @@ def help_text(cfg: Config) -> str:
     """Every key with its type, current default and help, grouped by section."""
     lines, section = [], None
     for key, (value, f) in flatten(cfg).items():
+        if key.startswith("model.detector.") and cfg.model.name != "open_vocab_detector":
+            continue  # detector knobs only where they apply
         sec = key.rsplit(".", 1)[0]
         if sec != section:
             lines.append(f"\n[{sec}]")

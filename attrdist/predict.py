@@ -1,10 +1,14 @@
-"""Inference from a checkpoint: top attributes with probabilities for each image.
+"""Inference from a checkpoint: top attributes with probabilities for each image, or, for a
+detector, the boxes drawn on each image (PNG) and listed.
 
     attrdist predict runs/coconut-demo-20261123-101500 image1.jpg image2.jpg --top 5
+    attrdist predict runs/dior_remoteclip-demo-... scene.jpg --out detections/ --threshold 0.3
+    attrdist predict runs/dior_remoteclip-demo-... scene.jpg --classes airport,helipad   # any names: open vocabulary
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,8 +28,18 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     cfg: Config = from_dict(Config, meta["config"])
     # every weight comes from the checkpoint: no pretrained file, no text tower needed
     model_cfg = replace(cfg.model, pretrained="", attr_init="learned")
-    model = build_model(model_cfg, len(meta["attributes"]))
+    quiet = logging.getLogger("attrdist")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "random init" notes are moot: the weights come next, from the checkpoint
+    try:
+        model = build_model(model_cfg, len(meta["attributes"]), list(meta["attributes"]))
+    finally:
+        quiet.setLevel(level)
     model.load_state_dict(checkpoint.load_model_state(ckpt))
+    if hasattr(model, "set_classes"):  # detector: class embeddings from the (now loaded) frozen text tower
+        from attrdist.dior import prompt
+
+        model.set_classes([prompt(n) for n in meta["attributes"]])
     model.eval().to(device)
     return model, cfg, meta["attributes"], ckpt
 
@@ -48,3 +62,47 @@ def predict_images(model, cfg: Config, attributes: list[str], images: list[str],
         vals, idx = probs.topk(k)
         out.append([(attributes[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())])
     return out
+
+
+@torch.no_grad()
+def detect_images(model, attributes: list[str], images: list[str], out_dir: str | Path, *, threshold: float = 0.3,
+                  classes: list[str] | None = None, device: str = "cpu") -> list[tuple[Path, list[tuple[str, float, list]]]]:
+    """Detect in each image (optionally against other class names: open vocabulary), draw the boxes
+    above `threshold` and write <out_dir>/<stem>-detections.png. Returns (png, [(class, score, xyxy)])."""
+    from PIL import Image, ImageDraw
+
+    from attrdist import atomic
+    from attrdist.dior import prompt
+    from attrdist.inspect import _font
+
+    names = list(classes) if classes else list(attributes)
+    if classes:
+        model.set_classes([prompt(n) for n in names])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    font, results = _font(13), []
+    for path in images:
+        p = Path(path)
+        if not p.is_file():
+            raise AttrdistError(f"{p}: image not found")
+        try:
+            img = decode_image(p.read_bytes())
+        except Exception as e:
+            raise AttrdistError(f"{p}: cannot decode image ({type(e).__name__})") from None
+        out = model([img.float().div(255).to(device)])[0]
+        found = [(names[int(lab) - 1], float(sc), [round(v, 1) for v in box.tolist()])
+                 for box, lab, sc in zip(out["boxes"], out["labels"], out["scores"]) if sc >= threshold]
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        scale = max(1, 512 // max(pil.size))  # small images are drawn larger so the labels stay readable
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+        draw = ImageDraw.Draw(pil)
+        for name, score, (x0, y0, x1, y1) in found:
+            draw.rectangle([x0 * scale, y0 * scale, x1 * scale, y1 * scale], outline=(255, 0, 255), width=2)
+            label, ty = f"{name} {score:.2f}", max(0, y0 * scale - 16)
+            draw.rectangle([x0 * scale, ty, x0 * scale + draw.textlength(label, font=font) + 4, ty + 16], fill=(255, 0, 255))
+            draw.text((x0 * scale + 2, ty), label, fill=(255, 255, 255), font=font)
+        png = out_dir / f"{p.stem}-detections.png"
+        with atomic.atomic_path(png) as tmp:
+            pil.save(tmp, format="PNG")
+        results.append((png, found))
+    return results

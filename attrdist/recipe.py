@@ -89,6 +89,13 @@ def cocottributes_demo_shards(spec=None) -> Path:
     return out
 
 
+def aerial_demo_data() -> Path:
+    """Procedural aerial scenes in DIOR's layout, packed by the real DIOR packer (attrdist.demo_aerial)."""
+    from attrdist.demo_aerial import aerial_demo_shards
+
+    return aerial_demo_shards()
+
+
 def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, demo_data: Callable[[], Path],
          argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog=f"recipes/{name}.py", add_help=False,
@@ -120,8 +127,10 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
                 raise AttrdistError("data.shards is empty: pack your data (python shards/coco.py --help) and pass "
                                     "data.shards=DIR, or run the demo profile")
             cfg = replace(cfg, data=replace(cfg.data, shards=str(demo_data())))
-        from attrdist.trainer import Trainer
-
+        if cfg.data.task == "detection":
+            from attrdist.detection_trainer import DetectionTrainer as Trainer
+        else:
+            from attrdist.trainer import Trainer
         Trainer(cfg, name).train()
 
 

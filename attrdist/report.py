@@ -138,3 +138,56 @@ def _inference_line(inf: dict | None) -> str:
 
 def load(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "report.json").read_text())
+
+
+def detection_headline(results: dict) -> str:
+    d = results["val"]["_details"]
+    s = f"val mAP@50 = {_fmt(d['mAP50'])} (shuffled-label baseline {_fmt(d['baseline']['mAP50'])})"
+    if d["novel"]["classes"]:
+        s += (f"; base {_fmt(d['base']['mAP50'])}, novel {_fmt(d['novel']['mAP50'])} "
+              f"(baseline {_fmt(d['baseline']['novel']['mAP50'])})")
+    return s
+
+
+def write_detection(run_dir: Path, *, recipe, cfg, rt, results, state, timings, best_dir, manifest, novel,
+                    n_train) -> Path:
+    """report.md / report.json of a detector: COCO mAP (pycocotools), base vs novel classes, per-class AP,
+    each beside the shuffled-label baseline."""
+    val = results["val"]["_details"]
+    L = [f"# {recipe}: report", "",
+         f"- run directory: `{run_dir}`  ", f"- finished: {time.strftime('%Y-%m-%d %H:%M:%S')}  ",
+         f"- data: `{manifest.root}` (dataset `{manifest.data['dataset']}`, {len(manifest.attributes)} classes, "
+         f"{n_train} training images)  ",
+         f"- novel classes (no training boxes; detected through their prompts only): {', '.join(novel) or 'none'}  ",
+         f"- runtime: {rt.describe()}  ",
+         f"- best checkpoint: `{best_dir}` (monitor `{cfg.run.monitor}` = {_fmt(abs(state.best))} at step {state.best_step})  ",
+         f"- epochs run: {state.epoch} of {cfg.run.epochs}{' (early stop)' if state.stopped_early else ''}, "
+         f"{state.step} optimizer steps", "",
+         "## Headline", "", f"**{detection_headline(results)}**", "",
+         "Baseline: the model's own boxes and scores with their class labels permuted across detections: it keeps "
+         "localisation and class frequencies and removes the class decision.", ""]
+    for split, res in results.items():
+        d = res["_details"]
+        L += [f"## {split} ({d['num_images']} images, {d['num_detections']} detections; COCOeval, up to 100 per image)", "",
+              "| metric | model | shuffled-label baseline |", "| --- | ---: | ---: |"]
+        for key, label in (("mAP", "mAP @ IoU 0.50:0.95"), ("mAP50", "mAP @ IoU 0.50"), ("mAP75", "mAP @ IoU 0.75")):
+            L.append(f"| {label} | {_fmt(d[key])} | {_fmt(d['baseline'][key])} |")
+        for group in ("base", "novel"):
+            with_gt = sum(1 for n, c in d["per_class"].items() if c["num_gt"] and (n in novel) == (group == "novel"))
+            if d[group]["classes"]:
+                for key in ("mAP", "mAP50"):
+                    L.append(f"| {group} classes ({with_gt} with boxes here): {key} | {_fmt(d[group][key])} | "
+                             f"{_fmt(d['baseline'][group][key])} |")
+        L += ["", f"Per-class AP on {split} (classes without ground truth here: {d['classes_without_gt']}, left out):", "",
+              "| class | group | AP | AP50 | AP75 | boxes |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+        L += [f"| {n} | {'novel' if n in novel else 'base'} | {_fmt(c['AP'])} | {_fmt(c['AP50'])} | {_fmt(c['AP75'])} | "
+              f"{c['num_gt']} |" for n, c in d["per_class"].items() if c["num_gt"]]
+        L.append("")
+    split = "test" if "test" in results else "val"
+    L += _throughput(results, split, state, timings)
+    atomic.write_text(run_dir / "report.md", "\n".join(L) + "\n")
+    clean = {s: {k: v for k, v in r.items() if k != "_details"} | {"details": r["_details"]} for s, r in results.items()}
+    atomic.write_json(run_dir / "report.json", {"recipe": recipe, "task": "detection", "config": to_dict(cfg),
+                                               "results": clean, "best_checkpoint": str(best_dir), "timings": timings,
+                                               "runtime": rt.describe(), "novel_classes": list(novel)})
+    return run_dir / "report.md"

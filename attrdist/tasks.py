@@ -68,9 +68,20 @@ class MultiClass:
         return evaluate_multiclass(p, labels, prior=prior, names=names), None
 
 
+class Detection:
+    """Boxes: torchvision's detection losses in the model; COCO mAP in attrdist.detection_trainer."""
+
+    kind = "detection"
+    headline = "mAP50"
+    baselines = ("shuffled",)
+    scalars = [("mAP", "mAP @ IoU 0.50:0.95"), ("mAP50", "mAP @ IoU 0.50"), ("mAP75", "mAP @ IoU 0.75")]
+
+
 def make_task(kind: str):
     if kind == "multilabel":
         return MultiLabel()
     if kind == "multiclass":
         return MultiClass()
-    raise AttrdistError(f"data.task={kind!r}: unknown task (multilabel, multiclass)")
+    if kind == "detection":
+        return Detection()
+    raise AttrdistError(f"data.task={kind!r}: unknown task (multilabel, multiclass, detection)")

@@ -254,7 +254,7 @@ class Trainer:
         model.eval()
         plan = BatchPlan(n, self.eval_batch, self.acc.num_processes, self.acc.process_index, 0, 0,
                          shuffle=False, drop_last=False)
-        loader = make_loader(ds, plan, self.cfg.data.num_workers, pin_memory=self.rt.device == "cuda")
+        loader = self.make_loader(ds, plan)
         chunks = {k: [] for k in ("scores", "index", "valid", *[f"labels/{f}" for f in self.fields],
                                   *[f"mask/{f}" for f in self.fields])}
         t0, corrupt = time.perf_counter(), 0
@@ -296,8 +296,12 @@ class Trainer:
         return res
 
     def make_dataset(self, reader: ShardReader, train: bool):
-        """(index, epoch) -> one decoded sample; a subclass for another kind of sample overrides this."""
+        """(index, epoch) -> one decoded sample; a subclass for another kind of sample overrides this and
+        make_loader (batching), forward_loss and evaluate."""
         return SampleDataset(reader, len(self.attributes), self.fields, self.cfg.data, self.cfg.run.seed, train=train)
+
+    def make_loader(self, ds, plan: BatchPlan):
+        return make_loader(ds, plan, self.cfg.data.num_workers, pin_memory=self.rt.device == "cuda")
 
     def eval_dataset(self, split: str):
         reader = self.train_reader if split == "__overfit__" else ShardReader(self.manifest, split)
@@ -363,7 +367,7 @@ class Trainer:
             plan = BatchPlan(self.n_train, B, acc.num_processes, acc.process_index, cfg.run.seed, st.epoch,
                              shuffle=not cfg.run.overfit_batches, drop_last=True, start=st.batch)
             plan_batches = (self.batches_per_epoch // ga) * ga  # whole optimizer steps only
-            loader = make_loader(self.train_ds, plan, cfg.data.num_workers, pin_memory=self.rt.device == "cuda")
+            loader = self.make_loader(self.train_ds, plan)
             self.model.train()
             t_epoch = time.perf_counter()
             t_step = time.perf_counter()

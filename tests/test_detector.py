@@ -30,7 +30,7 @@ PROMPTS = ["a satellite image of a ship", "a satellite image of an airplane", "a
 @pytest.fixture(scope="module")
 def rn50():
     torch.manual_seed(0)
-    return build_detector(DetectorConfig(min_size=160, max_size=160), PROMPTS)  # image size: no effect on counts
+    return build_detector(DetectorConfig(min_size=160, max_size=160), PROMPTS, clip="RN50")  # image size: no effect on counts
 
 
 def test_full_size_rn50_parameters_and_frozen_text_tower(rn50):
@@ -107,7 +107,7 @@ def coco_gt(targets: list[dict], size: int, names: list[str]) -> dict:
 def test_tiny_detector_trains_and_detects_squares():
     torch.manual_seed(0)
     images, targets = squares(0, 16)
-    model = build_detector(DetectorConfig.tiny(min_size=96, max_size=96), ["a red square", "a blue square"])
+    model = build_detector(DetectorConfig.tiny(min_size=96, max_size=96), ["a red square", "a blue square"], clip="tiny")
     params = [p for p in model.parameters() if p.requires_grad]
     steps, batch = 60, 8
     opt = torch.optim.AdamW(params, 3e-3, weight_decay=1e-4)
@@ -283,13 +283,13 @@ def test_remoteclip_format_checkpoint_reloads_into_the_towers(tmp_path):
     from safetensors.torch import save_file
 
     torch.manual_seed(1)
-    source, _ = build_clip(DetectorConfig.tiny())
+    source, _ = build_clip("tiny")
     state = {k: v.clone() for k, v in source.state_dict().items()}
     pt, st = tmp_path / "RemoteCLIP-tiny.pt", tmp_path / "tiny.safetensors"
     torch.save({"state_dict": state, "epoch": 10}, pt)  # nested, as training scripts save it
     save_file(state, str(st))
     for path in (pt, st):
-        model = build_detector(DetectorConfig.tiny(checkpoint=str(path)), PROMPTS)
+        model = build_detector(DetectorConfig.tiny(), PROMPTS, clip="tiny", checkpoint=str(path))
         own = model.state_dict()
         for k, v in state.items():
             target = f"backbone.body.{k[len('visual.'):]}" if k.startswith("visual.") else f"text.{k}"
@@ -307,14 +307,14 @@ def test_remoteclip_format_checkpoint_reloads_into_the_towers(tmp_path):
 
 
 def test_mismatched_or_foreign_checkpoints_are_reported(tmp_path, caplog):
-    clip, _ = build_clip(DetectorConfig.tiny())
+    clip, _ = build_clip("tiny")
     state = clip.state_dict()
     state["token_embedding.weight"] = state["token_embedding.weight"][:100]
     del state["visual.layer1.0.conv1.weight"]
     state["module.bogus.weight"] = torch.zeros(2)  # DDP prefix stripped, then unexpected
     path = tmp_path / "partial.pt"
     torch.save(state, path)
-    fresh, _ = build_clip(DetectorConfig.tiny())
+    fresh, _ = build_clip("tiny")
     with caplog.at_level(logging.WARNING, logger="attrdist"):
         report = load_clip_checkpoint(fresh, path)
     assert report.missing == ["visual.layer1.0.conv1.weight"]
@@ -325,12 +325,12 @@ def test_mismatched_or_foreign_checkpoints_are_reported(tmp_path, caplog):
     assert "visual.layer1.0.conv1.weight" in table and "bogus.weight" in table
     torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "foreign.pt")
     with pytest.raises(AttrdistError, match="foreign.pt: no tensor matches"):
-        build_detector(DetectorConfig.tiny(checkpoint=str(tmp_path / "foreign.pt")), PROMPTS)
+        build_detector(DetectorConfig.tiny(), PROMPTS, clip="tiny", checkpoint=str(tmp_path / "foreign.pt"))
     (tmp_path / "garbage.pt").write_bytes(b"\x00garbage")
     with pytest.raises(AttrdistError, match="garbage.pt"):
-        build_detector(DetectorConfig.tiny(checkpoint=str(tmp_path / "garbage.pt")), PROMPTS)
-    with pytest.raises(AttrdistError, match="freeze_bn=true needs model.checkpoint"):
-        build_detector(DetectorConfig.tiny(freeze_bn=True), PROMPTS)
+        build_detector(DetectorConfig.tiny(), PROMPTS, clip="tiny", checkpoint=str(tmp_path / "garbage.pt"))
+    with pytest.raises(AttrdistError, match="freeze_bn=true needs model.pretrained"):
+        build_detector(DetectorConfig.tiny(freeze_bn=True), PROMPTS, clip="tiny")
 
 
 def test_real_dior_shards_round_trip_through_dataset_and_eval(tmp_path):

@@ -14,11 +14,19 @@ def build_model(cfg: ModelConfig, num_attributes: int, names: list[str] | None =
         from attrdist.models.cross_modal import CrossModalAttributes
 
         return CrossModalAttributes(cfg, num_attributes, names)
+    if cfg.name == "open_vocab_detector":
+        from attrdist.dior import prompt
+        from attrdist.models.detector import build_detector
+
+        if not names:
+            raise AttrdistError("model.name=open_vocab_detector needs the class names (from the shards' manifest)")
+        return build_detector(cfg.detector, [prompt(n) for n in names], clip=cfg.backbone, checkpoint=cfg.pretrained,
+                              frozen_stages=cfg.frozen_stages)
     if cfg.name == "classifier":
         from attrdist.models.classifier import build_classifier
 
         return build_classifier(cfg, num_attributes)
-    raise AttrdistError(f"model.name={cfg.name!r}: unknown model (available: cross_modal, classifier)")
+    raise AttrdistError(f"model.name={cfg.name!r}: unknown model (available: cross_modal, classifier, open_vocab_detector)")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -2,9 +2,9 @@
 classified by cosine similarity against the frozen CLIP text embeddings of class prompts.
 
     from attrdist.dior import PROMPTS                        # "a satellite image of an airplane", ...
-    cfg = DetectorConfig(checkpoint="/models/RemoteCLIP-RN50.pt")     # full size: RN50, 800 px
-    cfg = DetectorConfig.tiny()                                        # CPU demo: tiny CLIP, 128 px
-    model = build_detector(cfg, [PROMPTS[i] for i in base])            # train on the base classes
+    model = build_detector(DetectorConfig(), base_prompts, clip="RN50",             # full size, 800 px
+                           checkpoint="/models/RemoteCLIP-RN50.pt")
+    model = build_detector(DetectorConfig.tiny(), base_prompts, clip="tiny")      # CPU demo, 128 px
     losses = model(images, targets)          # train(): list of [3, H, W] in 0..1 + torchvision targets
     model.set_classes(PROMPTS)               # all classes, novel ones included (only their prompts)
     model.eval(); detections = model(images) # [{"boxes" xyxy, "labels" 1..C, "scores"}] per image
@@ -23,10 +23,10 @@ Architecture (torchvision `FasterRCNN`, so its forward contract, losses and post
 The text embeddings are a non-persistent buffer filled by `set_classes(prompts)` with the frozen
 text tower (requires_grad False, always in eval mode), so class lists can change between training
 (base classes) and evaluation (all classes) and are not part of checkpoints. Labels 1..C index the
-current prompt list; 0 is background. The image tower trains (cfg.frozen_stages freezes the stem
+current prompt list; 0 is background. The image tower trains (frozen_stages freezes the stem
 and the first stages); the projection, background embedding and logit scale are learned.
 
-Weights never come from the network. `cfg.checkpoint` is a local open_clip state dict such as
+Weights never come from the network. `checkpoint` is a local open_clip state dict such as
 RemoteCLIP-RN50.pt (`.pt`/`.pth` loaded with weights_only=True, or `.safetensors`; possibly nested
 under "state_dict"); `load_clip_checkpoint` logs a table of missing / unexpected / shape-mismatched
 keys and refuses a file of which nothing matches. BatchNorm in the trunk is frozen (torchvision's
@@ -50,6 +50,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from attrdist.config import DetectorConfig
 from attrdist.errors import AttrdistError
 
 log = logging.getLogger("attrdist")
@@ -61,40 +62,6 @@ TINY_CLIP = {"embed_dim": 64,
              "vision_cfg": {"layers": [1, 1, 1, 1], "width": 16, "head_width": 32, "image_size": 128},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 STEM = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """Every knob of the detector; defaults are the full-size model for 800 px DIOR images (torchvision's
-    Faster R-CNN layout: FPN over stages 1-4, anchors 32-512). The tiny preset is measured for 2 CPU cores."""
-
-    clip: str = "RN50"  # open_clip model name with a ModifiedResNet image tower, or "tiny"
-    checkpoint: str = ""  # local RemoteCLIP/open_clip weights file; '' = random init (logged)
-    min_size: int = 800  # GeneralizedRCNNTransform resizing
-    max_size: int = 800
-    fpn_layers: tuple[int, ...] = (1, 2, 3, 4)  # ModifiedResNet stages fed to the FPN (strides 4, 8, 16, 32)
-    fpn_channels: int = 256
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per FPN level, the extra max-pool level last
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    box_head_dim: int = 1024  # TwoMLPHead width
-    rpn_batch_size: int = 256  # anchors sampled per image for the RPN loss
-    roi_batch_size: int = 512  # proposals sampled per image for the box-head loss
-    proposals_train: int = 2000  # RPN proposals kept after NMS
-    proposals_test: int = 1000
-    frozen_stages: int = 0  # k > 0 freezes the stem and layer1..k
-    freeze_bn: bool | None = None  # None: frozen iff a checkpoint was loaded
-    temperature: float = 0.07  # initial softmax temperature (learned as logit_scale = log(1/T))
-    score_thresh: float = 0.01  # keep low for mAP
-    detections_per_img: int = 100
-
-    @classmethod
-    def tiny(cls, **overrides) -> DetectorConfig:
-        """The CPU demo: a tiny CLIP (64-d embeddings), 128 px images, objects of ~10-50 px."""
-        base = cls(clip=TINY, min_size=128, max_size=128, fpn_layers=(2, 3, 4), fpn_channels=64,
-                   anchor_sizes=(12, 24, 48, 96),
-                   box_head_dim=128, rpn_batch_size=128, roi_batch_size=64, proposals_train=300,
-                   proposals_test=200)
-        return replace(base, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,27 +114,32 @@ def load_clip_checkpoint(clip: nn.Module, path: str | Path) -> LoadReport:
     return report
 
 
-def build_clip(cfg: DetectorConfig) -> tuple[nn.Module, LoadReport | None]:
-    """(open_clip CLIP model, load report or None): built offline, weights from cfg.checkpoint if set."""
+def build_clip(arch: str, checkpoint: str = "") -> tuple[nn.Module, LoadReport | None]:
+    """(open_clip CLIP model, load report or None): `arch` built offline ("tiny" or an open_clip ResNet
+    CLIP such as RN50), weights from the local file `checkpoint` if given ('auto': the local HF cache)."""
     import open_clip
     from open_clip.modified_resnet import ModifiedResNet
 
-    if cfg.clip == TINY:
+    if checkpoint == "auto":
+        from attrdist.models.text import cached_open_clip_file
+
+        checkpoint = "" if arch == TINY else (cached_open_clip_file(arch) or "")
+    if arch == TINY:
         c = TINY_CLIP
         clip = open_clip.model.CLIP(c["embed_dim"], open_clip.model.CLIPVisionCfg(**c["vision_cfg"]),
                                     open_clip.model.CLIPTextCfg(**c["text_cfg"]))
     else:
         try:
-            clip = open_clip.create_model(cfg.clip, pretrained=None)
+            clip = open_clip.create_model(arch, pretrained=None)
         except RuntimeError as e:
-            raise AttrdistError(f"model.clip={cfg.clip!r}: {e}") from None
+            raise AttrdistError(f"model.backbone={arch!r}: {e}") from None
     if not isinstance(clip.visual, ModifiedResNet):
-        raise AttrdistError(f"model.clip={cfg.clip!r}: its image tower is not a CLIP ResNet (use RN50, RN101, ... or tiny)")
-    if not cfg.checkpoint:
-        log.warning("detector: CLIP %s with random weights (set model.checkpoint=PATH to a local RemoteCLIP/"
-                    "open_clip file; nothing is downloaded)", cfg.clip)
+        raise AttrdistError(f"model.backbone={arch!r}: its image tower is not a CLIP ResNet (use RN50, RN101, ... or tiny)")
+    if not checkpoint:
+        log.warning("detector: CLIP %s with random weights (set model.pretrained=PATH to a local RemoteCLIP/"
+                    "open_clip file; nothing is downloaded)", arch)
         return clip, None
-    return clip, load_clip_checkpoint(clip, cfg.checkpoint)
+    return clip, load_clip_checkpoint(clip, checkpoint)
 
 
 def clip_trunk_channels(visual: nn.Module) -> list[int]:
@@ -219,7 +191,8 @@ class OpenVocabDetector(FasterRCNN):
     rest becomes the frozen `text` tower (the image tower's attention pool is dropped).
     """
 
-    def __init__(self, clip: nn.Module, cfg: DetectorConfig, prompts: list[str], frozen_bn: bool = False):
+    def __init__(self, clip: nn.Module, cfg: DetectorConfig, prompts: list[str], frozen_bn: bool = False,
+                 frozen_stages: int = 0):
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         from open_clip.utils import freeze_batch_norm_2d
 
@@ -236,7 +209,7 @@ class OpenVocabDetector(FasterRCNN):
                                    [channels[i - 1] for i in cfg.fpn_layers], cfg.fpn_channels)
         if frozen_bn:
             freeze_batch_norm_2d(backbone.body)
-        freeze_trunk(backbone.body, cfg.frozen_stages)
+        freeze_trunk(backbone.body, frozen_stages)
         anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), (tuple(cfg.aspect_ratios),) * levels)
         roi_pool = MultiScaleRoIAlign([str(k) for k in range(len(cfg.fpn_layers))], output_size=7, sampling_ratio=2)
         box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_dim)
@@ -288,16 +261,19 @@ class OpenVocabDetector(FasterRCNN):
                 "image": count(self.backbone), "heads": count(self.rpn) + count(self.roi_heads)}
 
 
-def build_detector(cfg: DetectorConfig, prompts: list[str]) -> OpenVocabDetector:
-    """The detector for `prompts` (labels 1..len(prompts)); logs its parameter counts."""
-    clip, report = build_clip(cfg)
+def build_detector(cfg: DetectorConfig, prompts: list[str], *, clip: str = "RN50", checkpoint: str = "",
+                   frozen_stages: int = 0) -> OpenVocabDetector:
+    """The detector for `prompts` (labels 1..len(prompts)) over the CLIP `clip` (weights from the local
+    file `checkpoint`; stem + layer1..frozen_stages frozen); logs its parameter counts."""
+    arch = clip
+    clip, report = build_clip(arch, checkpoint)
     frozen_bn = report is not None if cfg.freeze_bn is None else cfg.freeze_bn
     if frozen_bn and report is None:
-        raise AttrdistError("model.freeze_bn=true needs model.checkpoint: BatchNorm frozen at random init "
-                            "zeroes every residual branch; set model.checkpoint or model.freeze_bn=null")
-    model = OpenVocabDetector(clip, cfg, prompts, frozen_bn=frozen_bn)
+        raise AttrdistError("model.detector.freeze_bn=true needs model.pretrained: BatchNorm frozen at random init "
+                            "zeroes every residual branch; set model.pretrained or model.detector.freeze_bn=null")
+    model = OpenVocabDetector(clip, cfg, prompts, frozen_bn=frozen_bn, frozen_stages=frozen_stages)
     counts = model.param_counts()
     log.info("detector: CLIP %s, %d classes, %.1fM parameters (%.1fM trainable; frozen text tower %.1fM), "
-             "BatchNorm %s", cfg.clip, model.num_classes, counts["total"] / 1e6, counts["trainable"] / 1e6,
+             "BatchNorm %s", arch, model.num_classes, counts["total"] / 1e6, counts["trainable"] / 1e6,
              counts["text"] / 1e6, "frozen" if frozen_bn else "trained")
     return model

@@ -1,0 +1,58 @@
+"""dior_remoteclip: open-vocabulary object detection on remote-sensing images (experiment 4, DIOR).
+
+What the experiment's report listed as missing is here: a real detector (torchvision Faster R-CNN
+over the RemoteCLIP RN50 image tower, FPN, RPN, RoI box head with box-regression losses) whose
+region features are projected into the CLIP embedding space and classified by cosine similarity
+against the *frozen* text-tower embeddings of the class prompts ("a satellite image of a ship"),
+with a learned background embedding and temperature; trained end to end (AdamW, cosine LR);
+evaluated with pycocotools (mAP, mAP@50, mAP@75, per-class AP). Open-vocabulary protocol:
+`data.novel_classes` never have a training box and are detected at test time only through their
+prompts; base and novel AP are reported separately, beside a shuffled-label baseline.
+
+    python recipes/dior_remoteclip.py                      # demo: procedural aerial scenes, tiny CLIP
+    python shards/dior.py --root /data/DIOR --out /data/dior-shards
+    python recipes/dior_remoteclip.py data.shards=/data/dior-shards model.pretrained=/models/RemoteCLIP-RN50.pt
+    attrdist predict runs/dior_remoteclip-... scene.jpg --out scene-detections.png
+"""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from attrdist.config import (Config, DataConfig, DetectorConfig, ModelConfig, OptimConfig, RunConfig,  # noqa: E402
+                             ScheduleConfig)
+from attrdist.recipe import aerial_demo_data, main  # noqa: E402
+
+
+def full() -> Config:
+    """DIOR at 800 px, RemoteCLIP RN50 (model.pretrained=PATH), batch 8, 10 epochs, checkpoints every 5."""
+    return Config(
+        data=DataConfig(task="detection", batch_size=8, num_workers=4, test_split="test",
+                        novel_classes=("airport", "basketball_court", "ground_track_field", "windmill")),
+        model=ModelConfig(name="open_vocab_detector", backbone="RN50", pretrained="", frozen_stages=1,
+                          channels_last=False, detector=DetectorConfig()),
+        optim=OptimConfig(name="adamw", lr=1e-4, weight_decay=1e-4, clip_grad_norm=10.0),
+        schedule=ScheduleConfig(name="cosine", warmup_epochs=0.5),
+        run=RunConfig(name="dior_remoteclip", epochs=10, patience=0, monitor="val/mAP50", ckpt_every_epochs=5),
+    )
+
+
+def demo() -> Config:
+    """Procedural aerial scenes (12 DIOR classes, 3 of them novel) at 128 px with the tiny CLIP."""
+    cfg = full()
+    return replace(
+        cfg,
+        data=replace(cfg.data, batch_size=16, num_workers=1,
+                     novel_classes=("basketball_court", "ground_track_field", "windmill")),
+        model=replace(cfg.model, backbone="tiny", pretrained="", frozen_stages=0, detector=DetectorConfig.tiny()),
+        optim=replace(cfg.optim, lr=2e-3, weight_decay=1e-4),
+        schedule=replace(cfg.schedule, warmup_epochs=1.0),
+        run=replace(cfg.run, name="dior_remoteclip-demo", epochs=8, eval_every=2, ckpt_every_epochs=0, curves_every=2,
+                    precision="fp32"),  # bf16 autocast runs this detector ~8x slower on CPU (measured)
+    )
+
+
+if __name__ == "__main__":
+    main("dior_remoteclip", full, demo, demo_data=aerial_demo_data)
