@@ -12,15 +12,28 @@ One pair per box: a square crop around the box with context margin and jitter (s
 flips, 90-degree turns: aerial images have no up), resized to the CLIP's image size, and a caption
 from `TEMPLATES` over the readable class name (ground_track_field -> "ground track field").
 
-    python -m attrdist.clip_pretrain --shards DIR --out clip.safetensors    # prints zero-shot accuracy
+    python -m attrdist.demo_aerial --out /tmp/aerial && python shards/dior.py --root /tmp/aerial --out /tmp/aerial-shards
+    python -m attrdist.clip_pretrain --shards /tmp/aerial-shards --out /tmp/clip.safetensors   # prints zero-shot accuracy
+    # then: build_detector(DetectorConfig.tiny(), prompts, clip="tiny", checkpoint="/tmp/clip.safetensors")
 
-`demo_clip_checkpoint(shards)` does this once per (shards, spec, version) into the cache dir.
+`demo_clip_checkpoint(shards)` does this once per (shards manifest, spec, version) into the cache
+dir (ATTRDIST_CACHE or ~/.cache/attrdist), under a file lock, with a JSON summary beside it.
+
+Measured on the default aerial demo (4149 train boxes, 716 val boxes, 12 classes), 2 idle CPU
+cores, default spec (3 epochs of 32 steps, batch 128, AdamW 2e-3, cosine): 41.5 s (data 0.5 s),
+zero-shot val accuracy 0.997 (seeds 1, 2 with the same spec: 0.986, 0.987; 2 epochs: 0.95-0.985
+in 25 s; 1 epoch: 0.20). Plain `ClipLoss` suffices although a batch of 128 holds ~10 boxes per
+class (same-class pairs count as negatives): the loss floor rises, the ranking is still learnt.
+Cost is the image tower at 128 px (~3.5 ms per crop forward + backward); each distinct caption of
+a batch is encoded once. On cores shared with another busy process, torch's 2 threads can run
+10x slower (measured: ~500 s for the same run); one thread (OMP_NUM_THREADS=1) took 43 s there.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import sys
@@ -50,7 +63,7 @@ class ClipPretrainSpec:
     arch: str = "tiny"  # detector.build_clip architecture; crops are resized to its image size
     epochs: int = 3
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_epochs: float = 0.3
     margin: tuple[float, float] = (1.15, 1.6)  # crop side / longest box side
@@ -88,16 +101,15 @@ def load_boxes(shards: Path, split: str, classes: list[str]) -> Crops:
         images.append(_decode(sample["jpg"]))
         for box, label in zip(meta["boxes"], meta["box_labels"]):
             if label in position:
-                owner.append(i), boxes.append(box), labels.append(position[label])
+                owner.append(i)
+                boxes.append(box)
+                labels.append(position[label])
     return Crops(images, np.asarray(owner, np.int64), np.asarray(boxes, np.float64).reshape(-1, 4),
                  np.asarray(labels, np.int64))
 
 
 def _decode(data: bytes) -> Image.Image:
-    import io
-
-    im = Image.open(io.BytesIO(data))
-    return im.convert("RGB")
+    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def train_classes(shards: Path) -> list[str]:
@@ -182,12 +194,6 @@ def _optimizer(clip: nn.Module, spec: ClipPretrainSpec) -> torch.optim.Optimizer
                               {"params": rest, "weight_decay": 0.0}], lr=spec.lr)
 
 
-def _lr(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def _batch(data: Crops, idx: np.ndarray, size: int, spec: ClipPretrainSpec, epoch: int, tokens: torch.Tensor):
     """(images [B, 3, S, S], caption row of `tokens` per sample [B]) for the samples `idx`."""
     imgs, rows = [], []
@@ -223,7 +229,9 @@ def pretrain_clip(shards: Path, out: Path, spec: ClipPretrainSpec = ClipPretrain
     from open_clip.loss import ClipLoss
     from tqdm import tqdm
 
+    from attrdist.config import ScheduleConfig
     from attrdist.models.detector import build_clip
+    from attrdist.schedules import lr_factor
 
     t0 = time.perf_counter()
     _check_out(out)
@@ -240,7 +248,7 @@ def pretrain_clip(shards: Path, out: Path, spec: ClipPretrainSpec = ClipPretrain
     if steps_per_epoch == 0:
         raise AttrdistError(f"{shards}: {len(train)} train boxes, fewer than batch_size={spec.batch_size}; "
                             "lower the batch size")
-    total, warmup = spec.epochs * steps_per_epoch, max(1, round(spec.warmup_epochs * steps_per_epoch))
+    total, schedule = spec.epochs * steps_per_epoch, ScheduleConfig("cosine", warmup_epochs=spec.warmup_epochs)
     t_data = time.perf_counter() - t0
     losses, step = [], 0
     clip.train()
@@ -249,7 +257,7 @@ def pretrain_clip(shards: Path, out: Path, spec: ClipPretrainSpec = ClipPretrain
         order = rng.generator(spec.seed, rng.ORDER, epoch).permutation(len(train))
         for b in range(steps_per_epoch):
             for group in opt.param_groups:
-                group["lr"] = _lr(step, total, warmup, spec.lr)
+                group["lr"] = spec.lr * lr_factor(step, schedule, steps_per_epoch, total)
             images, rows = _batch(train, order[b * spec.batch_size:(b + 1) * spec.batch_size], size, spec, epoch, tokens)
             losses.append(_train_step(clip, loss_fn, opt, images, rows, tokens))
             step += 1

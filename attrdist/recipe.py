@@ -96,8 +96,20 @@ def aerial_demo_data() -> Path:
     return aerial_demo_shards()
 
 
+def demo_clip(cfg: Config) -> Config:
+    """model.pretrained=demo-clip: the tiny CLIP pretrained (once, cached) on the demo shards' box crops
+    and their class captions, standing in for RemoteCLIP's weights offline (attrdist.clip_pretrain)."""
+    if cfg.model.pretrained != "demo-clip":
+        return cfg
+    from attrdist.clip_pretrain import demo_clip_checkpoint
+
+    path = demo_clip_checkpoint(Path(cfg.data.shards))
+    return replace(cfg, model=replace(cfg.model, pretrained=str(path)))
+
+
 def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, demo_data: Callable[[], Path],
-         argv: list[str] | None = None) -> None:
+         prepare: Callable[[Config], Config] = lambda cfg: cfg, argv: list[str] | None = None) -> None:
+    """`prepare` runs on the resolved config once the data is known (e.g. demo_clip)."""
     ap = argparse.ArgumentParser(prog=f"recipes/{name}.py", add_help=False,
                                  description=f"attrdist recipe {name!r}. Arguments are key=value config overrides.")
     ap.add_argument("-h", "--help", action="store_true", help="list every config key with its default")
@@ -127,6 +139,7 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
                 raise AttrdistError("data.shards is empty: pack your data (python shards/coco.py --help) and pass "
                                     "data.shards=DIR, or run the demo profile")
             cfg = replace(cfg, data=replace(cfg.data, shards=str(demo_data())))
+        cfg = prepare(cfg)
         if cfg.data.task == "detection":
             from attrdist.detection_trainer import DetectionTrainer as Trainer
         else:
