@@ -60,8 +60,11 @@ def run(name: str, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("recipes", nargs="*", default=RECIPES, choices=RECIPES)
+    ap.add_argument("recipes", nargs="*", default=RECIPES, help=f"any of {', '.join(RECIPES)} (default: all)")
     args = ap.parse_args(argv)
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        ap.error(f"unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.recipes:
