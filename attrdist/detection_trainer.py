@@ -149,23 +149,10 @@ class DetectionTrainer(Trainer):
         split = self.cfg.data.train_split if val_split == "__overfit__" else val_split
         return [f"{split}/mAP50"] + [f"{split}/{g}/mAP50" for g in ("base", "novel") if g != "novel" or self.novel]
 
-    @torch.no_grad()
-    def measure_inference(self, split: str, batches: int = 5, warmup: int = 2) -> dict:
+    def inference_input(self, split: str):
         ds, n = self.eval_dataset(self.cfg.data.train_split if split == "__overfit__" else split)
         b = max(1, min(self.eval_batch // self.acc.num_processes, n))
-        images = [ds[(i, 0)]["image"].to(self.acc.device) for i in range(b)]
-        model = self.detector.eval()
-        sync = torch.cuda.synchronize if self.rt.device == "cuda" else (lambda: None)
-        for i in range(warmup + batches):
-            if i == warmup:
-                sync()
-                t0 = time.perf_counter()
-            with self.acc.autocast():
-                model(images)
-        sync()
-        model.train()
-        return {"images_per_s": b * batches / (time.perf_counter() - t0), "batch": b, "batches": batches,
-                "warmup": warmup}
+        return [ds[(i, 0)]["image"].to(self.acc.device) for i in range(b)], b
 
     def finish(self, val_split: str) -> Path:
         from attrdist import report

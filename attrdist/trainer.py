@@ -476,15 +476,20 @@ class Trainer:
         self.timings["wall_s"] = time.perf_counter() - t_start
         return self.finish(val_split)
 
-    @torch.no_grad()
-    def measure_inference(self, split: str, batches: int = 10, warmup: int = 3) -> dict:
-        """Model forward images/s on one real eval batch after `warmup` batches (decode excluded)."""
-        model = self.acc.unwrap_model(self.model).eval()
+    def inference_input(self, split: str):
+        """(one real eval batch as the model takes it, its size): what measure_inference times."""
         ds, n = self.eval_dataset(split)
         b = max(1, min(self.eval_batch // self.acc.num_processes, n))
         x = torch.stack([ds[(i, 0)]["image"] for i in range(b)]).to(self.acc.device)
         if self.cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        return x, b
+
+    @torch.no_grad()
+    def measure_inference(self, split: str, batches: int = 10, warmup: int = 3) -> dict:
+        """Model forward images/s on one real eval batch after `warmup` batches (decode excluded)."""
+        model = self.acc.unwrap_model(self.model).eval()
+        x, b = self.inference_input(split)
         sync = torch.cuda.synchronize if self.rt.device == "cuda" else (lambda: None)
         for i in range(warmup + batches):
             if i == warmup:
