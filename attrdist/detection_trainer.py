@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from attrdist import checkpoint
 from attrdist.data import BatchPlan
 from attrdist.detection_data import DetectionDataset, make_loader
 from attrdist.detection_eval import coco_evaluate, to_coco_detections
@@ -47,9 +46,9 @@ class DetectionTrainer(Trainer):
                  "background in training and they are detected at test time through their prompts only",
                  len(self.base), len(self.novel), ", ".join(self.novel) or "none")
 
-    def maybe_resume(self) -> None:
-        super().maybe_resume()
-        self.detector.set_classes(self.base_prompts)
+    def load_weights(self, ckpt_dir: Path) -> None:
+        super().load_weights(ckpt_dir)
+        self.detector.set_classes(self.base_prompts)  # the class embeddings follow the loaded text tower
 
     @property
     def detector(self):
@@ -154,33 +153,14 @@ class DetectionTrainer(Trainer):
         b = max(1, min(self.eval_batch // self.acc.num_processes, n))
         return [ds[(i, 0)]["image"].to(self.acc.device) for i in range(b)], b
 
-    def finish(self, val_split: str) -> Path:
+    def write_report(self, results: dict, best: Path, val_split: str) -> tuple[Path, str]:
         from attrdist import report
 
-        best = checkpoint.resolve(self.ckpt_root, "best")
-        self.detector.load_state_dict(checkpoint.load_model_state(best))
-        self.detector.set_classes(self.base_prompts)  # the text tower is frozen: same embeddings as before
-        results = {"val": self.evaluate(val_split, per_attribute=True)}
-        test = self.cfg.data.test_split
-        if test and self.manifest.has_split(test) and val_split != "__overfit__":
-            results["test"] = self.evaluate(test, per_attribute=True)
-        if self.main:
-            self.timings["inference"] = self.measure_inference(val_split)
-            from attrdist.tracking import plot_curves
-
-            plot_curves(self.run_dir, self._headline_keys(val_split))
-            path = report.write_detection(self.run_dir, recipe=self.recipe, cfg=self.cfg, rt=self.rt,
-                                          results=results, state=self.state, timings=self.timings,
-                                          best_dir=best, manifest=self.manifest, novel=self.novel,
-                                          n_train=self.n_train)
-            log.info("report: %s", path)
-            log.info("headline: %s", report.detection_headline(results))
-        self.tracker.close()
-        self.acc.wait_for_everyone()
-        self.acc.end_training()
-        return self.run_dir
+        path = report.write_detection(self.run_dir, recipe=self.recipe, cfg=self.cfg, rt=self.rt, results=results,
+                                      state=self.state, timings=self.timings, best_dir=best, manifest=self.manifest,
+                                      novel=self.novel, n_train=self.n_train)
+        return path, report.detection_headline(results)
 
 
 def _num(v) -> float:
     return float("nan") if v is None else float(v)
-

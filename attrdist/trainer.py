@@ -233,7 +233,7 @@ class Trainer:
             log.info("run.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_root)
             return
         path, meta = found
-        self.acc.unwrap_model(self.model).load_state_dict(checkpoint.load_model_state(path))
+        self.load_weights(path)
         st = checkpoint.load_train_state(path)
         self.optimizer.load_state_dict(st["optimizer"])
         self.state = LoopState(**st["loop"])
@@ -506,12 +506,23 @@ class Trainer:
         name = "train" if val_split == "__overfit__" else val_split
         return [f"{name}/{f}/{self.task.headline}" for f in self.cfg.data.eval_labels]
 
-    def finish(self, val_split: str) -> Path:
-        """Reload the best checkpoint, evaluate val (tuning thresholds) and test, write the report."""
+    def load_weights(self, ckpt_dir: Path) -> None:
+        self.acc.unwrap_model(self.model).load_state_dict(checkpoint.load_model_state(ckpt_dir))
+
+    def write_report(self, results: dict, best: Path, val_split: str) -> tuple[Path, str]:
+        """(report.md path, headline line) for the final results."""
         from attrdist import report
 
+        path = report.write(self.run_dir, task=self.task, recipe=self.recipe, cfg=self.cfg, rt=self.rt, results=results,
+                            state=self.state, timings=self.timings, fields=list(self.cfg.data.eval_labels),
+                            attributes=list(self.attributes), best_dir=best, manifest=self.manifest,
+                            thresholds=self.thresholds, n_train=self.n_train)
+        return path, report.headline(self.task, results, list(self.cfg.data.eval_labels))
+
+    def finish(self, val_split: str) -> Path:
+        """Reload the best checkpoint, evaluate val (tuning thresholds) and test, write the report."""
         best = checkpoint.resolve(self.ckpt_root, "best")
-        self.acc.unwrap_model(self.model).load_state_dict(checkpoint.load_model_state(best))
+        self.load_weights(best)
         results = {"val": self.evaluate(val_split, tune=True, per_attribute=True)}
         test = self.cfg.data.test_split
         if test and self.manifest.has_split(test) and val_split != "__overfit__":
@@ -519,12 +530,9 @@ class Trainer:
         if self.main:
             self.timings["inference"] = self.measure_inference(val_split)
             plot_curves(self.run_dir, self._headline_keys(val_split))
-            path = report.write(self.run_dir, task=self.task, recipe=self.recipe, cfg=self.cfg, rt=self.rt, results=results,
-                                state=self.state, timings=self.timings, fields=list(self.cfg.data.eval_labels),
-                                attributes=list(self.attributes), best_dir=best, manifest=self.manifest,
-                                thresholds=self.thresholds, n_train=self.n_train)
+            path, headline = self.write_report(results, best, val_split)
             log.info("report: %s", path)
-            log.info("headline: %s", report.headline(self.task, results, list(self.cfg.data.eval_labels)))
+            log.info("headline: %s", headline)
         self.tracker.close()
         self.acc.wait_for_everyone()
         self.acc.end_training()
