@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                 classes = [c.strip() for c in args.classes.split(",") if c.strip()] or None
                 print(f"# checkpoint {ckpt} ({len(classes or attributes)} classes)")
                 for png, found in detect_images(model, attributes, args.images, args.out, threshold=args.threshold,
-                                                classes=classes):
+                                                classes=classes, novel=cfg.data.novel_classes):
                     print(f"{png}: " + (", ".join(f"{n} {s:.2f} {b}" for n, s, b in found) or "nothing above threshold"))
                 return
             print(f"# checkpoint {ckpt} ({len(attributes)} attributes)")

@@ -95,13 +95,18 @@ class DetectorConfig:
     temperature: float = _f(0.07, "initial region/text softmax temperature (learned)")
     score_thresh: float = _f(0.01, "detections below this score are dropped (keep low for mAP)")
     detections_per_img: int = _f(100, "detections kept per image")
+    clip_crops: bool | None = _f(None, "score detections also with a frozen copy of the CLIP image tower on square crops around them (ViLD ensemble; empty/null: iff pretrained weights were loaded)")
+    crop_weight_base: float = _f(0.35, "clip_crops: weight w of the CLIP crop probability for base classes, score = det^(1-w) * clip^w")
+    crop_weight_novel: float = _f(0.65, "clip_crops: the same for novel classes (never trained: the crop score matters more)")
+    crop_margin: float = _f(1.375, "clip_crops: side of the square crop / longest side of the box")
+    crop_topk: int = _f(300, "clip_crops: the RPN's highest-scoring proposals per image that are classified (the rest are dropped); CLIP cost grows with it")
 
     @classmethod
     def tiny(cls, **overrides) -> "DetectorConfig":
         """The CPU demo (with model.backbone=tiny): 128 px images, objects of ~10-50 px."""
         return replace(cls(min_size=128, max_size=128, fpn_layers=(2, 3, 4), fpn_channels=64,
                            anchor_sizes=(12, 24, 48, 96), box_head_dim=128, rpn_batch_size=128, roi_batch_size=64,
-                           proposals_train=300, proposals_test=200), **overrides)
+                           proposals_train=300, proposals_test=200, crop_topk=50), **overrides)
 
 
 @dataclass(frozen=True)

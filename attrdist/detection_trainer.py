@@ -41,6 +41,7 @@ class DetectionTrainer(Trainer):
         self.base = [i for i, n in enumerate(self.attributes) if n not in self.novel]
         self.all_prompts = [prompt(n) for n in self.attributes]
         self.base_prompts = [self.all_prompts[i] for i in self.base]
+        self.novel_prompts = [prompt(n) for n in self.novel]
         self.detector.set_classes(self.base_prompts)
         log.info("open-vocabulary split: %d base classes trained; %d novel classes held out (%s): their boxes are "
                  "background in training and they are detected at test time through their prompts only",
@@ -90,7 +91,7 @@ class DetectionTrainer(Trainer):
                          shuffle=False, drop_last=False)
         model = self.model
         model.eval()
-        self.detector.set_classes(self.all_prompts)
+        self.detector.set_classes(self.all_prompts, novel=self.novel_prompts)
         dets, corrupt, t0 = [], 0, time.perf_counter()
         try:
             for batch in self.make_loader(ds, plan):
@@ -158,8 +159,16 @@ class DetectionTrainer(Trainer):
 
         path = report.write_detection(self.run_dir, recipe=self.recipe, cfg=self.cfg, rt=self.rt, results=results,
                                       state=self.state, timings=self.timings, best_dir=best, manifest=self.manifest,
-                                      novel=self.novel, n_train=self.n_train)
+                                      novel=self.novel, n_train=self.n_train, scoring=self.scoring())
         return path, report.detection_headline(results)
+
+
+    def scoring(self) -> str:
+        d = self.cfg.model.detector
+        if self.detector.crop_scorer is None:
+            return "the region classifier alone (no CLIP crop scores: no pretrained CLIP, or model.detector.clip_crops=false)"
+        return (f"ViLD ensemble of the region classifier and the frozen CLIP on crops of the {d.crop_topk} best proposals "
+                f"per image, det^(1-w) * clip^w with w = {d.crop_weight_base} (base), {d.crop_weight_novel} (novel)")
 
 
 def _num(v) -> float:

@@ -31,15 +31,16 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     quiet = logging.getLogger("attrdist")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "random init" notes are moot: the weights come next, from the checkpoint
+    state = checkpoint.load_model_state(ckpt)
     try:
-        model = build_model(model_cfg, len(meta["attributes"]), list(meta["attributes"]))
+        model = build_model(model_cfg, len(meta["attributes"]), list(meta["attributes"]), state=state)
     finally:
         quiet.setLevel(level)
-    model.load_state_dict(checkpoint.load_model_state(ckpt))
+    model.load_state_dict(state)
     if hasattr(model, "set_classes"):  # detector: class embeddings from the (now loaded) frozen text tower
         from attrdist.dior import prompt
 
-        model.set_classes([prompt(n) for n in meta["attributes"]])
+        model.set_classes([prompt(n) for n in meta["attributes"]], novel=[prompt(n) for n in cfg.data.novel_classes])
     model.eval().to(device)
     return model, cfg, meta["attributes"], ckpt
 
@@ -66,9 +67,10 @@ def predict_images(model, cfg: Config, attributes: list[str], images: list[str],
 
 @torch.no_grad()
 def detect_images(model, attributes: list[str], images: list[str], out_dir: str | Path, *, threshold: float = 0.3,
-                  classes: list[str] | None = None, device: str = "cpu") -> list[tuple[Path, list[tuple[str, float, list]]]]:
+                  classes: list[str] | None = None, novel: tuple[str, ...] = (), device: str = "cpu") -> list[tuple[Path, list[tuple[str, float, list]]]]:
     """Detect in each image (optionally against other class names: open vocabulary), draw the boxes
-    above `threshold` and write <out_dir>/<stem>-detections.png. Returns (png, [(class, score, xyxy)])."""
+    above `threshold` and write <out_dir>/<stem>-detections.png. `novel`: the classes held out of training
+    (data.novel_classes). Returns (png, [(class, score, xyxy)])."""
     from PIL import Image, ImageDraw
 
     from attrdist import atomic
@@ -76,8 +78,9 @@ def detect_images(model, attributes: list[str], images: list[str], out_dir: str 
     from attrdist.inspect import _font
 
     names = list(classes) if classes else list(attributes)
-    if classes:
-        model.set_classes([prompt(n) for n in names])
+    if classes:  # a name that had no training box is novel (its CLIP crop score weighs more)
+        trained = set(attributes) - set(novel)
+        model.set_classes([prompt(n) for n in names], novel=[prompt(n) for n in names if n not in trained])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     font, results = _font(13), []

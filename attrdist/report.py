@@ -150,7 +150,7 @@ def detection_headline(results: dict) -> str:
 
 
 def write_detection(run_dir: Path, *, recipe, cfg, rt, results, state, timings, best_dir, manifest, novel,
-                    n_train) -> Path:
+                    n_train, scoring: str) -> Path:
     """report.md / report.json of a detector: COCO mAP (pycocotools), base vs novel classes, per-class AP,
     each beside the shuffled-label baseline."""
     val = results["val"]["_details"]
@@ -159,6 +159,7 @@ def write_detection(run_dir: Path, *, recipe, cfg, rt, results, state, timings, 
          f"- data: `{manifest.root}` (dataset `{manifest.data['dataset']}`, {len(manifest.attributes)} classes, "
          f"{n_train} training images)  ",
          f"- novel classes (no training boxes; detected through their prompts only): {', '.join(novel) or 'none'}  ",
+         f"- scores: {scoring}  ",
          f"- runtime: {rt.describe()}  ",
          f"- best checkpoint: `{best_dir}` (monitor `{cfg.run.monitor}` = {_fmt(abs(state.best))} at step {state.best_step})  ",
          f"- epochs run: {state.epoch} of {cfg.run.epochs}{' (early stop)' if state.stopped_early else ''}, "

@@ -35,8 +35,13 @@ def machine_info() -> dict:
     except ImportError:
         pass
     try:
+        here = Path(__file__).parent
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent).stdout.strip()
+                                        cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "attrdist", "recipes",
+                                "launch", "shards", "bench"], capture_output=True, text=True, cwd=here.parent).stdout
+        if dirty.strip():
+            info["commit"] += "+changes"  # measured on uncommitted code: the next commit holds it
     except OSError:
         pass
     return info

@@ -7,7 +7,9 @@ against the *frozen* text-tower embeddings of the class prompts ("a satellite im
 with a learned background embedding and temperature; trained end to end (AdamW, cosine LR);
 evaluated with pycocotools (mAP, mAP@50, mAP@75, per-class AP). Open-vocabulary protocol:
 `data.novel_classes` never have a training box and are detected at test time only through their
-prompts; base and novel AP are reported separately, beside a shuffled-label baseline.
+prompts; base and novel AP are reported separately, beside a shuffled-label baseline. At test time
+each proposal's score is ViLD's ensemble with the frozen CLIP's classification of a crop around it
+(model.detector.crop_*), since the trained region classifier has learnt novel objects as background.
 
     python recipes/dior_remoteclip.py                      # demo: procedural aerial scenes, tiny CLIP pretrained on them
     python shards/dior.py --root /data/DIOR --out /data/dior-shards
@@ -52,7 +54,7 @@ def demo() -> Config:
         model=replace(cfg.model, backbone="tiny", pretrained="demo-clip", frozen_stages=0, detector=DetectorConfig.tiny()),
         optim=replace(cfg.optim, lr=2e-3, weight_decay=1e-4),
         schedule=replace(cfg.schedule, warmup_epochs=1.0),
-        run=replace(cfg.run, name="dior_remoteclip-demo", epochs=8, eval_every=2, ckpt_every_epochs=0, curves_every=2,
+        run=replace(cfg.run, name="dior_remoteclip-demo", epochs=8, eval_every=4, ckpt_every_epochs=0, curves_every=2,
                     precision="fp32"),  # bf16 autocast runs this detector ~8x slower on CPU (measured)
     )
 

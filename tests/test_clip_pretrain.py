@@ -61,6 +61,33 @@ def test_checkpoint_loads_into_a_fresh_clip(run, shards, tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in again.state_dict().items())
 
 
+def test_the_detectors_crop_scorer_sees_what_pretraining_saw(run, shards):
+    """The detector's CLIP crop scores (roi_align crops of the whole normalised image, the frozen copy
+    of the pretrained tower) classify the val boxes as well as the pretraining's own PIL crops did."""
+    from attrdist.models.detector import CropScorer
+
+    result, out = run
+    clip, _ = build_clip("tiny")
+    load_clip_checkpoint(clip, out)
+    clip.eval()
+    scorer = CropScorer(clip.visual, margin=float(np.mean(SPEC.margin)))
+    val = cp.load_boxes(shards, "val", result["classes"])
+    text = cp.class_embeddings(clip, open_clip.get_tokenizer("RN50"), result["classes"])
+    hits = 0
+    for i, image in enumerate(val.images):
+        mine = np.flatnonzero(val.image_index == i)
+        if not len(mine):
+            continue
+        xywh = torch.as_tensor(val.boxes[mine], dtype=torch.float32)
+        probs = scorer(cp.to_tensor([np.asarray(image)]), [image.size[::-1]], [torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)],
+                       text, clip.logit_scale)
+        assert probs.shape == (len(mine), 12) and torch.allclose(probs.sum(1), torch.ones(len(mine)), atol=1e-5)
+        hits += int((probs.argmax(1) == torch.from_numpy(val.labels[mine])).sum())
+    accuracy = hits / len(val)
+    print(f"crop scorer accuracy {accuracy:.3f}, pretraining's zero-shot {result['zero_shot_val']:.3f}")
+    assert abs(accuracy - result["zero_shot_val"]) < 0.1 and accuracy > 3 / 12
+
+
 def test_same_seed_same_weights_and_the_demo_cache(shards, tmp_path, monkeypatch):
     monkeypatch.setenv("ATTRDIST_CACHE", str(tmp_path / "cache"))
     cp.pretrain_clip(shards, tmp_path / "clip.safetensors", SHORT, progress=False)

@@ -16,7 +16,8 @@ from PIL import Image
 from attrdist.detection_data import DetectionDataset, augment, collate
 from attrdist.detection_eval import coco_evaluate, shuffled_labels, to_coco_detections
 from attrdist.errors import AttrdistError
-from attrdist.models.detector import DetectorConfig, build_clip, build_detector, load_clip_checkpoint
+from attrdist.models.detector import (CropScorer, DetectorConfig, build_clip, build_detector, ensemble, layout_of,
+                                      load_clip_checkpoint)
 
 pytestmark = pytest.mark.recipes
 PROMPTS = ["a satellite image of a ship", "a satellite image of an airplane", "a satellite image of a vehicle"]
@@ -298,12 +299,81 @@ def test_remoteclip_format_checkpoint_reloads_into_the_towers(tmp_path):
                 continue
             assert torch.equal(own[target], v), k
         assert type(model.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"  # weights loaded -> frozen BN
+        for k, v in state.items():  # ... and a frozen copy of the whole image tower scores crops
+            if k.startswith("visual.") and not k.endswith("num_batches_tracked"):
+                assert torch.equal(own[f"crop_scorer.{k}"], v), k
         with torch.no_grad():
             source.eval()
             import open_clip
 
             expected = source.encode_text(open_clip.get_tokenizer("RN50")(PROMPTS), normalize=True)
         assert torch.allclose(model.roi_heads.box_predictor.class_embeddings, expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP crop scores (ViLD ensemble) and the checkpoint layout
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ensemble_hand_computed():
+    det = torch.tensor([[0.5, 0.4, 0.1],  # background, base class, novel class
+                        [0.0, 0.9, 0.1]])
+    clip = torch.tensor([[0.2, 0.8], [0.1, 0.9]])
+    out = ensemble(det, clip, torch.tensor([0.35, 0.65])).exp()
+    # 0.4^0.65 * 0.2^0.35 = 0.3138, 0.1^0.35 * 0.8^0.65 = 0.3864, background keeps 1 - 0.7002
+    assert torch.allclose(out[0], torch.tensor([0.2998, 0.3138, 0.3864]), atol=1e-4)
+    assert out[0, 2] > out[0, 1]  # the detector's background-ish novel class is ranked up by a confident CLIP
+    # more than all the mass: renormalised, background 0
+    assert torch.allclose(ensemble(det[1:], clip[1:], torch.tensor([0.0, 1.0])).exp(), torch.tensor([[0.0, 0.5, 0.5]]),
+                          atol=1e-5)
+    # weight 0: the detector's own probabilities
+    assert torch.allclose(ensemble(det, clip, torch.zeros(2)).exp(), det.clamp_min(1e-12), atol=1e-6)
+
+
+def test_crops_are_squares_inside_the_image_as_pretraining_cut_them():
+    """The scorer's crops (roi_align on the normalised tensor) match clip_pretrain.crop (PIL, the pairs
+    the demo CLIP learnt from) for the same box, also where the square must shift inside the image."""
+    from attrdist import clip_pretrain as cp
+
+    yy, xx = np.mgrid[0:96, 0:128]
+    pixels = np.stack([xx * 2, yy * 2, (xx + yy) % 256], -1).astype(np.uint8)  # smooth, asymmetric
+    image = Image.fromarray(pixels)
+    clip, _ = build_clip("tiny")
+    scorer = CropScorer(clip.visual, margin=1.375)
+    tensor = cp.to_tensor([pixels])  # CLIP-normalised [1, 3, 96, 128]
+    for x, y, w, h in [(40, 30, 20, 12), (2, 3, 30, 20), (100, 70, 26, 24)]:  # centre, top-left and bottom-right corners
+        ours = scorer.crops(tensor, [(96, 128)], [torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32)])
+        theirs = cp.to_tensor([cp.crop(image, np.array([x, y, w, h], float), scorer.size, None, cp.ClipPretrainSpec())])
+        assert ours.shape == theirs.shape == (1, 3, 128, 128)
+        assert (ours - theirs).abs().mean() < 0.05, (x, y, w, h)
+
+
+def test_checkpoint_layout_rebuilds_the_same_detector(tmp_path):
+    """A checkpoint of a detector with frozen BatchNorm and the crop scorer rebuilds without any CLIP
+    file (as `attrdist predict` does) and detects identically; its eval path runs the ensemble."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    source, _ = build_clip("tiny")
+    path = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    cfg = DetectorConfig.tiny(min_size=96, max_size=96, score_thresh=0.0)
+    model = build_detector(cfg, PROMPTS, clip="tiny", checkpoint=str(path)).eval()
+    model.set_classes(PROMPTS, novel=PROMPTS[2:])
+    assert model.crop_weight.tolist() == pytest.approx([0.35, 0.35, 0.65])
+    state = model.state_dict()
+    assert layout_of(state) == {"frozen_bn": True, "clip_crops": True}
+    again = build_detector(cfg, PROMPTS, clip="tiny", state=state)
+    again.load_state_dict(state)  # strict: same keys, same shapes
+    again.eval().set_classes(PROMPTS, novel=PROMPTS[2:])
+    images = [torch.rand(3, 96, 96), torch.rand(3, 80, 96)]
+    with torch.no_grad():
+        a, b = model(images), again(images)
+    for x, y in zip(a, b):
+        assert len(x["boxes"]) > 0 and torch.equal(x["labels"], y["labels"])
+        assert torch.allclose(x["boxes"], y["boxes"]) and torch.allclose(x["scores"], y["scores"])
+    plain = build_detector(cfg, PROMPTS, clip="tiny")  # random CLIP: no crop scorer, BatchNorm trained
+    assert plain.crop_scorer is None and layout_of(plain.state_dict()) == {"frozen_bn": False, "clip_crops": False}
 
 
 def test_mismatched_or_foreign_checkpoints_are_reported(tmp_path, caplog):

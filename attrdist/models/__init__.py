@@ -8,8 +8,10 @@ from attrdist.config import ModelConfig
 from attrdist.errors import AttrdistError
 
 
-def build_model(cfg: ModelConfig, num_attributes: int, names: list[str] | None = None) -> nn.Module:
-    """`names` (the attribute/class names, from the manifest) are needed by model.attr_init=text."""
+def build_model(cfg: ModelConfig, num_attributes: int, names: list[str] | None = None, *,
+                state: dict | None = None) -> nn.Module:
+    """`names` (the attribute/class names, from the manifest) are needed by model.attr_init=text.
+    `state`: the checkpoint state dict the caller loads next; the detector takes its layout from it."""
     if cfg.name == "cross_modal":
         from attrdist.models.cross_modal import CrossModalAttributes
 
@@ -21,7 +23,7 @@ def build_model(cfg: ModelConfig, num_attributes: int, names: list[str] | None =
         if not names:
             raise AttrdistError("model.name=open_vocab_detector needs the class names (from the shards' manifest)")
         return build_detector(cfg.detector, [prompt(n) for n in names], clip=cfg.backbone, checkpoint=cfg.pretrained,
-                              frozen_stages=cfg.frozen_stages)
+                              frozen_stages=cfg.frozen_stages, state=state)
     if cfg.name == "classifier":
         from attrdist.models.classifier import build_classifier
 
