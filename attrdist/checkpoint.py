@@ -29,27 +29,36 @@ from attrdist.shards import sha256_file
 
 log = logging.getLogger("attrdist")
 FILES = ("model.safetensors", "state.pt")
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "engine"  # <step dir>/deepspeed/engine/: the ZeRO partitions of every rank
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
 
 
 def save(ckpt_root: Path, *, step: int, model_state: dict, train_state: dict, meta: dict,
-         pointers: tuple[str, ...] = ("last",), keep: int = 2) -> Path:
-    """Write one checkpoint directory atomically and point `pointers` (last/best) at it."""
+         pointers: tuple[str, ...] = ("last",), keep: int = 2, staged: Path | None = None) -> Path:
+    """Write one checkpoint directory atomically and point `pointers` (last/best) at it. `staged`: a
+    directory other ranks already wrote files into (DeepSpeed partitions); it becomes the checkpoint,
+    every file in it listed with size and sha256 in meta.json."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
+    name = step_dir_name(step)
     final = ckpt_root / name
     if not final.exists():
-        tmp = ckpt_root / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = staged or ckpt_root / f".{name}.tmp-{os.getpid()}"
+        if staged is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
         try:
             state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             torch.save(train_state, tmp / "state.pt")
             files = {}
-            for f in FILES:
-                with open(tmp / f, "rb") as fh:
+            for path in sorted(q for q in tmp.rglob("*") if q.is_file()):
+                f = path.relative_to(tmp).as_posix()
+                with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
-                files[f] = {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
+                files[f] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
             atomic.write_json(tmp / "meta.json", {**meta, "step": step, "files": files})
             os.replace(tmp, final)
             atomic.fsync_dir(ckpt_root)
@@ -139,6 +148,32 @@ def find_resumable(ckpt_root: Path) -> tuple[Path, dict] | None:
 
 def load_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt_dir / "model.safetensors"))
+
+
+def init_model(model: torch.nn.Module, source: str | os.PathLike) -> Path:
+    """run.init_from: load a whole model's weights from a checkpoint (run dir: its best; step dir;
+    model.safetensors) or any .safetensors file of this model; every key must match."""
+    p = Path(source)
+    if p.suffix == ".safetensors" and p.is_file() and not (p.parent / "meta.json").is_file():
+        file = p
+    else:
+        ckpt = resolve(p, "best")
+        verify(ckpt)
+        file = ckpt / "model.safetensors"
+    try:
+        state = load_file(str(file))
+    except Exception as e:  # truncated or not safetensors
+        raise AttrdistError(f"{file}: not a readable safetensors file ({type(e).__name__}); fix run.init_from") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise AttrdistError(f"{file}: not this model's weights ({len(missing)} missing, {len(unexpected)} unexpected, "
+                            f"{len(wrong)} shape-mismatched keys, e.g. {(missing + unexpected + wrong)[:3]}); "
+                            f"run.init_from needs a checkpoint of the same recipe and model config")
+    model.load_state_dict(state)
+    log.info("model initialised from %s (%d tensors); fresh optimizer and schedule", file, len(state))
+    return file
 
 
 def load_train_state(ckpt_dir: Path) -> dict:

@@ -126,6 +126,8 @@ class ModelConfig:
     text_encoder: str = _f("RN50", "attr_init=text: open_clip architecture whose text tower embeds the attribute names")
     text_pretrained: str = _f("auto", "attr_init=text: local open_clip checkpoint for the text tower; 'auto' = the local HF cache if it has one for text_encoder; '' or nothing cached = random text tower (said in the log). OpenAI weights need text_encoder=RN50-quickgelu")
     channels_last: bool = _f(True, "channels_last memory format (faster convs on CPU and GPU)")
+    sync_bn: bool = _f(False, "with N > 1 processes, convert BatchNorm to torch.nn.SyncBatchNorm: statistics over the whole global batch, so N ranks train like 1 process (frozen-stage norms stay as they are). GPU only: in torch 2.14 SyncBatchNorm refuses CPU tensors and DDP refuses it in a CPU module ('SyncBatchNorm layers only work with GPU modules', checked with gloo), so on CPU ranks the run stops; use freeze_bn_stats there. No effect with 1 process")
+    freeze_bn_stats: bool = _f(False, "BatchNorm normalises with its running statistics in training too (eval mode: statistics never update, affine weights still train), so nothing depends on how the batch is split over ranks; the CPU stand-in for sync_bn. From scratch the statistics stay at init (mean 0, var 1): BatchNorm is then a learned per-channel scale and shift")
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
@@ -176,6 +178,13 @@ class RunConfig:
     world_size: int = _f(0, "expected number of processes; the run fails if it got another (0 = any)")
     threads: int = _f(0, "torch intra-op threads per process (0 = cores / local processes)")
     curves_every: int = _f(10, "refresh curves.png every N epochs (and at the end)")
+    log_samples: bool = _f(False, "every train record in metrics.jsonl also lists the sample indices of the step's whole global batch (all ranks, all grad_accum micro-batches, in global order): checks that 1 and N processes, or a resumed run, see the same data")
+    deepspeed: Literal["", "zero1", "zero2", "zero3"] = _f("", "DeepSpeed ZeRO stage through accelerate ('' = DDP); template attrdist/deepspeed_configs/<stage>.json; launch with `python -m launch local SCRIPT --nproc N --deepspeed zero2`")
+    deepspeed_config: str = _f("", "a DeepSpeed JSON merged over the stage's template (its values win; batch sizes, accumulation and clipping always follow data/optim)")
+    offload: Literal["none", "cpu", "nvme"] = _f("none", "DeepSpeed: offload optimizer states (and zero3 parameters) to CPU memory or NVMe; GPU runs only")
+    offload_dir: str = _f("", "offload=nvme: a directory on a local NVMe disk")
+    dist_timeout_s: int = _f(1800, "seconds a rank waits in a collective (all-reduce, barrier) for the others before the run fails: a crashed or stuck rank never hangs the job forever")
+    init_from: str = _f("", "initialise the whole model from a checkpoint (run dir, checkpoints/step-* dir or model.safetensors, e.g. a DeepSpeed run's consolidated weights); fresh optimizer and schedule")
 
 
 @dataclass(frozen=True)
@@ -312,12 +321,17 @@ def validate(cfg: Config) -> None:
         (r.eval_every >= 1, "run.eval_every must be >= 1"),
         (r.patience >= 0, "run.patience must be >= 0"),
         (r.world_size >= 0, "run.world_size must be >= 0"),
+        (r.dist_timeout_s >= 10, "run.dist_timeout_s must be >= 10 seconds"),
         (m.dim % m.heads == 0, f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})"),
         (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
         (m.frozen_stages >= 0, "model.frozen_stages must be >= 0"),
         (m.fusion_layers >= 1, "model.fusion_layers must be >= 1"),
         (all(h >= 1 for h in m.head_dims), "model.head_dims are layer widths: each must be >= 1"),
         (r.ckpt_every_epochs >= 0, "run.ckpt_every_epochs must be >= 0 (0 = off)"),
+        (not (m.sync_bn and m.freeze_bn_stats), "model.sync_bn and model.freeze_bn_stats exclude each other: synced batch statistics, or none"),
+        (r.offload == "none" or r.deepspeed, "run.offload needs run.deepspeed=zero1|zero2|zero3"),
+        (r.offload != "nvme" or r.offload_dir, "run.offload=nvme needs run.offload_dir (a directory on a local NVMe disk)"),
+        (not r.deepspeed_config or r.deepspeed, "run.deepspeed_config needs run.deepspeed=zero1|zero2|zero3"),
     ]
     for f_name in ("hflip", "vflip", "blur", "erase"):
         p = getattr(d.augment, f_name)

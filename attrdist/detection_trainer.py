@@ -47,8 +47,7 @@ class DetectionTrainer(Trainer):
                  "background in training and they are detected at test time through their prompts only",
                  len(self.base), len(self.novel), ", ".join(self.novel) or "none")
 
-    def load_weights(self, ckpt_dir: Path) -> None:
-        super().load_weights(ckpt_dir)
+    def after_weights_loaded(self) -> None:
         self.detector.set_classes(self.base_prompts)  # the class embeddings follow the loaded text tower
 
     @property

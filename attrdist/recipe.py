@@ -117,7 +117,7 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
     ap.add_argument("--resume", action="store_true", help="same as run.resume=auto")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value on either side of --resume
     with user_errors():
         overrides = list(args.overrides) + (["run.resume=auto"] if args.resume else [])
         wants_data = any(o.startswith("data.shards=") and o.split("=", 1)[1] for o in overrides)
@@ -144,7 +144,14 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
             from attrdist.detection_trainer import DetectionTrainer as Trainer
         else:
             from attrdist.trainer import Trainer
-        Trainer(cfg, name).train()
+        try:
+            Trainer(cfg, name).train()
+        except RuntimeError as e:  # gloo/NCCL: "Timed out waiting 1800000ms for recv operation to complete"
+            if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+                raise
+            raise AttrdistError(f"a collective timed out after run.dist_timeout_s={cfg.run.dist_timeout_s} s: another "
+                                f"rank is stuck or died (its log says why); resume with --resume once it is fixed "
+                                f"({str(e).splitlines()[0][:160]})") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

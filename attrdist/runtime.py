@@ -9,9 +9,11 @@ launcher (or run.world_size) asked for.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -57,6 +59,19 @@ def resolve_precision(pref: str, device: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[pref]
 
 
+def _single_process_env(env_world: int) -> None:
+    """DeepSpeed always forms a process group; `python recipes/X.py run.deepspeed=...` (no launcher) gets
+    the environment of a 1-rank group on a free local port."""
+    if env_world == 1 and "MASTER_ADDR" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          LOCAL_WORLD_SIZE="1")
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -75,11 +90,12 @@ class RuntimeInfo:
     mixed_precision: str
     threads: int
     launcher: str
+    engine: str = "ddp"  # or deepspeed-zero1/2/3
 
     def describe(self) -> str:
         return (f"world_size={self.world_size} rank={self.rank} local_rank={self.local_rank} device={self.device} "
-                f"distributed={self.distributed_type} backend={self.backend} mixed_precision={self.mixed_precision} "
-                f"threads={self.threads} launcher={self.launcher}")
+                f"distributed={self.distributed_type} engine={self.engine} backend={self.backend} "
+                f"mixed_precision={self.mixed_precision} threads={self.threads} launcher={self.launcher}")
 
 
 def _launcher_num_processes() -> int:
@@ -113,8 +129,26 @@ def _expected_world_size(cfg_world_size: int) -> tuple[int, str]:
     return n, "accelerate launch --num_processes"
 
 
-def make_accelerator(run_cfg, grad_accum: int):
-    """Create the Accelerator for this process and verify what it got. Returns (accelerator, RuntimeInfo)."""
+def _deepspeed_plugin(run_cfg, optim_cfg, global_batch: int, world: int, mp: str, device: str):
+    """accelerate's DeepSpeedPlugin for run.deepspeed, checked against the traps in the module docstring."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    from attrdist import zero
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        raise AttrdistError("run.deepspeed is set but ACCELERATE_USE_CPU=1 is in the environment: accelerate would "
+                            "silently train with DDP instead; unset it (python -m launch local ... --deepspeed zeroN "
+                            "starts DeepSpeed correctly)")
+    if global_batch % world:
+        raise AttrdistError(f"data.batch_size={global_batch} is not divisible by the {world} processes")
+    ds = zero.build(run_cfg, optim_cfg, global_batch=global_batch, world=world, precision=mp, device=device)
+    log.info("DeepSpeed config: %s", json.dumps(ds, sort_keys=True))
+    return DeepSpeedPlugin(hf_ds_config=ds)
+
+
+def make_accelerator(run_cfg, optim_cfg, global_batch: int):
+    """Create the Accelerator for this process and verify what it got. Returns (accelerator, RuntimeInfo).
+    `global_batch`: data.batch_size (samples per micro-step over all ranks; DeepSpeed's config needs it)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -125,17 +159,31 @@ def make_accelerator(run_cfg, grad_accum: int):
     threads = run_cfg.threads or max(1, available_cores() // max(1, local_world))
     torch.set_num_threads(threads)
     handlers = []
-    if device == "cpu" and env_world > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    acc = Accelerator(cpu=(device == "cpu"), mixed_precision=mp, gradient_accumulation_steps=grad_accum,
-                      kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+    if env_world > 1 or run_cfg.deepspeed:
+        group = {"timeout": timedelta(seconds=run_cfg.dist_timeout_s)}
+        if device == "cpu":
+            group["backend"] = "gloo"  # DeepSpeed on CPU needs it even for 1 rank
+        handlers.append(InitProcessGroupKwargs(**group))
+    if run_cfg.deepspeed:
+        _single_process_env(env_world)
+        plugin = _deepspeed_plugin(run_cfg, optim_cfg, global_batch, env_world, mp, device)
+        # precision lives in the DeepSpeed config (torch_autocast / fp16): accelerate must not add its own
+        acc = Accelerator(deepspeed_plugin=plugin, mixed_precision="no", gradient_accumulation_steps=optim_cfg.grad_accum,
+                          kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+    else:
+        acc = Accelerator(cpu=(device == "cpu"), mixed_precision=mp, gradient_accumulation_steps=optim_cfg.grad_accum,
+                          kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
     state = acc.state
     backend = getattr(state, "backend", None)
     launcher = "torchrun/accelerate" if "TORCHELASTIC_RUN_ID" in os.environ else (
         "slurm" if "SLURM_JOB_ID" in os.environ else "python")
     info = RuntimeInfo(device=device, distributed_type=str(state.distributed_type).split(".")[-1], backend=backend,
                        world_size=acc.num_processes, rank=acc.process_index, local_rank=acc.local_process_index,
-                       mixed_precision=str(acc.mixed_precision), threads=threads, launcher=launcher)
+                       mixed_precision=mp if run_cfg.deepspeed else str(acc.mixed_precision), threads=threads,
+                       launcher=launcher, engine=f"deepspeed-{run_cfg.deepspeed}" if run_cfg.deepspeed else "ddp")
+    if run_cfg.deepspeed and info.distributed_type != "DEEPSPEED":
+        raise AttrdistError(f"run.deepspeed={run_cfg.deepspeed} but accelerate set up {info.distributed_type}; launch with "
+                            f"`python -m launch local SCRIPT --nproc N --deepspeed {run_cfg.deepspeed}`")
     expected, source = _expected_world_size(run_cfg.world_size)
     if expected and expected != acc.num_processes:
         raise AttrdistError(f"asked for {expected} processes ({source}) but this process sees world size "

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from attrdist import rng as rnglib
 from attrdist.config import Config, to_dict, to_json
 from attrdist.data import BatchPlan, SampleDataset, make_loader
 from attrdist.errors import AttrdistError
-from attrdist.models import build_model, count_parameters
+from attrdist.models import build_model, convert_sync_batchnorm, count_parameters, freeze_batchnorm_stats
 from attrdist.runtime import make_accelerator
 from attrdist.schedules import lr_factor
 from attrdist.tasks import make_task
@@ -132,7 +132,7 @@ class Trainer:
         if cfg.run.debug:
             cfg = debug_config(cfg)
         self.cfg, self.recipe = cfg, recipe
-        self.acc, self.rt = make_accelerator(cfg.run, cfg.optim.grad_accum)
+        self.acc, self.rt = make_accelerator(cfg.run, cfg.optim, cfg.data.batch_size)
         setup_logging(None, self.acc.process_index)
         self.run_dir = resolve_run_dir(cfg, self.acc)
         setup_logging(self.run_dir, self.acc.process_index)
@@ -166,12 +166,19 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model, len(self.attributes), list(self.attributes))
+        if cfg.run.init_from:
+            checkpoint.init_model(model, cfg.run.init_from)
+        self.apply_norm_options(model)
         total, trainable = count_parameters(model)
         log.info("model %s/%s: %.2fM parameters, %.2fM trainable; backbone weights: %s", cfg.model.name,
                  cfg.model.backbone, total / 1e6, trainable / 1e6, getattr(model, "weights_source", "?"))
         if hasattr(model, "attr_source"):
             log.info("attribute queries: %s", model.attr_source)
-        if cfg.model.channels_last:
+        if cfg.model.channels_last and self.deepspeed:
+            # DeepSpeed flattens/broadcasts parameters as contiguous bytes: channels_last weights fail in
+            # deepspeed.initialize ("stride(-1) must be 1"); the weights stay contiguous, inputs are still converted
+            log.info("model.channels_last: weights kept contiguous under DeepSpeed (it needs them flat)")
+        elif cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.raw_model = model
         optimizer = build_optimizer(cfg.optim, model)
@@ -206,24 +213,77 @@ class Trainer:
         self.timings = {"train_s": 0.0, "train_samples": 0, "step_img_s": []}
         self.thresholds: dict[str, np.ndarray] = {}
 
+    def apply_norm_options(self, model: torch.nn.Module) -> None:
+        """model.freeze_bn_stats / model.sync_bn: BatchNorm that does not depend on how the global batch is
+        split over ranks. Before acc.prepare (DDP checks SyncBatchNorm when it wraps the model)."""
+        m, W, dev = self.cfg.model, self.acc.num_processes, self.acc.device.type
+        if m.freeze_bn_stats:
+            n = freeze_batchnorm_stats(model)
+            log.info("model.freeze_bn_stats: %d BatchNorm layers normalise with their running statistics in training "
+                     "(eval mode; weights still train)", n)
+        if not m.sync_bn:
+            return
+        if W == 1:
+            log.info("model.sync_bn: 1 process, BatchNorm already sees the whole global batch (nothing converted)")
+            return
+        if dev not in ("cuda", "xpu", "hpu"):
+            raise AttrdistError(f"model.sync_bn=true with {W} {dev} processes: torch's SyncBatchNorm works on GPUs only "
+                                f"(DDP refuses it in a {dev} module); on CPU ranks use model.freeze_bn_stats=true (no "
+                                f"batch statistics) or one process")
+        n = convert_sync_batchnorm(model)
+        log.info("model.sync_bn: %d BatchNorm layers -> SyncBatchNorm (statistics over the global batch of %d ranks)",
+                 n, W)
+
     # ---------------------------------------------------------------- checkpoints
     def _meta(self, metric: float | None = None) -> dict:
         return {"epoch": self.state.epoch, "batch": self.state.batch, "samples": self.state.samples,
                 "recipe": self.recipe, "attributes": list(self.attributes), "config": to_dict(self.cfg),
                 "monitor": self.cfg.run.monitor, "metric": metric, "world_size": self.acc.num_processes,
-                "attrdist_version": _version()}
+                "engine": self.rt.engine, "attrdist_version": _version()}
+
+    @property
+    def deepspeed(self) -> bool:
+        return bool(self.cfg.run.deepspeed)
+
+    def autocast(self):
+        """Mixed precision for a forward outside the engine (the unwrapped model): under DeepSpeed the
+        engine autocasts its own forward and accelerate's autocast is off."""
+        if self.deepspeed and self.rt.mixed_precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.rt.mixed_precision == "bf16" else torch.float16
+            return torch.autocast(device_type=self.acc.device.type, dtype=dtype)
+        return self.acc.autocast()
 
     def save(self, pointers=("last",), metric: float | None = None) -> None:
-        self.acc.wait_for_everyone()
+        """Collective: every rank calls it. DDP: rank 0 writes. DeepSpeed: every rank writes its ZeRO
+        partitions into the staging directory, the full weights are gathered (zero3), then rank 0 writes
+        model.safetensors (consolidated: `attrdist predict` and non-DeepSpeed runs load it) and renames."""
+        acc = self.acc
+        acc.wait_for_everyone()
+        name = checkpoint.step_dir_name(self.state.step)
+        write = not (self.ckpt_root / name).exists()  # agreed: nobody renames before the barriers below
+        staged = None
+        if self.deepspeed and write:
+            staged = self.ckpt_root / f".{name}.staging"
+            if self.main:
+                shutil.rmtree(staged, ignore_errors=True)
+                staged.mkdir(parents=True)
+            acc.wait_for_everyone()
+            self.model.save_checkpoint(str(staged / checkpoint.DEEPSPEED_DIR), tag=checkpoint.DEEPSPEED_TAG)
+        if self.deepspeed:
+            model_state = acc.get_state_dict(self.model) if write else {}  # collective under zero3
+        else:
+            model_state = acc.unwrap_model(self.model).state_dict() if self.main else {}
+        acc.wait_for_everyone()
         if self.main:
-            train_state = {"optimizer": self.optimizer.state_dict(), "loop": asdict(self.state),
+            train_state = {"loop": asdict(self.state),
                            "thresholds": {k: torch.from_numpy(v) for k, v in self.thresholds.items()}}
-            path = checkpoint.save(self.ckpt_root, step=self.state.step,
-                                   model_state=self.acc.unwrap_model(self.model).state_dict(),
+            if not self.deepspeed:  # DeepSpeed's optimizer partitions are in deepspeed/
+                train_state["optimizer"] = self.optimizer.state_dict()
+            path = checkpoint.save(self.ckpt_root, step=self.state.step, model_state=model_state,
                                    train_state=train_state, meta=self._meta(metric), pointers=pointers,
-                                   keep=self.cfg.run.keep_checkpoints)
+                                   keep=self.cfg.run.keep_checkpoints, staged=staged)
             log.info("checkpoint %s -> %s", "+".join(pointers), path.name)
-        self.acc.wait_for_everyone()
+        acc.wait_for_everyone()
 
     def maybe_resume(self) -> None:
         if self.cfg.run.resume != "auto":
@@ -233,13 +293,28 @@ class Trainer:
             log.info("run.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_root)
             return
         path, meta = found
-        self.load_weights(path)
-        st = checkpoint.load_train_state(path)
-        self.optimizer.load_state_dict(st["optimizer"])
+        saved_engine, saved_world, world = meta.get("engine", "ddp"), meta.get("world_size"), self.acc.num_processes
+        # DDP state is whole on every rank: any world size. DeepSpeed's is partitioned by rank.
+        if not (saved_engine == self.rt.engine == "ddp" or (saved_engine == self.rt.engine and saved_world == world)):
+            raise AttrdistError(
+                f"{path}: saved by {saved_engine} with {saved_world} processes; this run is {self.rt.engine} with "
+                f"{world}. DeepSpeed's partitioned optimizer state resumes only on the same engine and world "
+                f"size: relaunch that way, or start a new run from its consolidated weights with "
+                f"run.init_from={path} (fresh optimizer and schedule)")
+        if self.deepspeed:
+            self.model.load_checkpoint(str(path / checkpoint.DEEPSPEED_DIR), tag=checkpoint.DEEPSPEED_TAG)
+            self.after_weights_loaded()
+            st = checkpoint.load_train_state(path)
+        else:
+            self.load_weights(path)
+            st = checkpoint.load_train_state(path)
+            self.optimizer.load_state_dict(st["optimizer"])
         self.state = LoopState(**st["loop"])
         self.thresholds = {k: v.numpy() for k, v in st.get("thresholds", {}).items()}
-        log.info("resumed from %s: epoch %d, batch %d of the epoch, step %d (saved with world size %s)",
-                 path, self.state.epoch, self.state.batch, self.state.step, meta.get("world_size"))
+        log.info("resumed from %s: epoch %d, batch %d of the epoch, step %d, %s samples (saved by %s with world "
+                 "size %s%s)", path, self.state.epoch, self.state.batch, self.state.step, self.state.samples,
+                 saved_engine, saved_world, "" if saved_world == world else
+                 f"; now {world}: the same global batches continue, {self.cfg.data.batch_size // world} per rank")
 
     # ---------------------------------------------------------------- signals
     def _on_signal(self, signum, _frame):
@@ -362,7 +437,8 @@ class Trainer:
         B, ga = cfg.data.batch_size, cfg.optim.grad_accum
         t_start = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        stop = False
+        stop = bool(cfg.run.max_steps and st.step >= cfg.run.max_steps)  # resumed at the end: nothing left to train
+        step_samples: list[torch.Tensor] = []  # run.log_samples: the global batch indices of this step
         while st.epoch < cfg.run.epochs and not stop:
             plan = BatchPlan(self.n_train, B, acc.num_processes, acc.process_index, cfg.run.seed, st.epoch,
                              shuffle=not cfg.run.overfit_batches, drop_last=True, start=st.batch)
@@ -376,12 +452,19 @@ class Trainer:
                     break
                 micro = st.batch % ga
                 sync = micro == ga - 1
+                # set before backward: DeepSpeed's engine takes its optimizer step inside acc.backward
+                lr = cfg.optim.lr * lr_factor(st.step, cfg.schedule, self.steps_per_epoch, self.total_steps)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
                 # dropout & co. draw from torch's global RNG: key it by position, so resume needs no RNG state
                 torch.manual_seed(rnglib.fold(cfg.run.seed, rnglib.DROPOUT, st.epoch, st.batch, acc.process_index))
-                ctx = acc.no_sync(self.model) if (not sync and acc.num_processes > 1) else nullcontext()
-                with ctx:
+                with acc.accumulate(self.model):  # DDP: no_sync on all but the last micro-batch of a step
+                    if acc.sync_gradients != sync:
+                        raise RuntimeError(f"accumulation out of step: batch {st.batch}, accelerate step {acc.step}")
                     loss, parts = self.forward_loss(batch)
-                    acc.backward(loss / ga)
+                    acc.backward(loss)  # divided by optim.grad_accum inside (accelerate; DeepSpeed's engine)
+                if cfg.run.log_samples:  # collective, every micro-batch: rank r holds slice r of the global batch
+                    step_samples.append(acc.gather(batch["index"].to(acc.device)).cpu())
                 if hooks:
                     for h in hooks:
                         h.remove()
@@ -392,9 +475,6 @@ class Trainer:
                 st.samples += B
                 if not sync:
                     continue
-                lr = cfg.optim.lr * lr_factor(st.step, cfg.schedule, self.steps_per_epoch, self.total_steps)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
                 grad_norm = None
                 if cfg.optim.clip_grad_norm:
                     grad_norm = acc.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
@@ -417,6 +497,9 @@ class Trainer:
                     rec[k] = red[1 + i].item() / W
                 if grad_norm is not None:
                     rec["grad_norm"] = float(grad_norm)
+                if cfg.run.log_samples:
+                    rec["samples"] = torch.cat(step_samples).tolist()
+                    step_samples = []
                 self.tracker.log(rec)
                 if st.step % cfg.run.log_every == 0 or st.step == 1:
                     log.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s", st.epoch, st.step,
@@ -469,8 +552,16 @@ class Trainer:
                     stop = True
             elif keep:
                 self.save(pointers=("last", *keep))
-            elif not epoch_done and not stop:
-                break  # loader ended early (should not happen)
+            elif not epoch_done and not stop:  # a rank leaving the loop alone would hang the others
+                raise RuntimeError(f"epoch {st.epoch}: the train loader ended after global batch {st.batch} of "
+                                   f"{plan_batches} (its batch plan yields every batch: a bug)")
+        # every rank must have taken the same steps (the plan makes it so): say it, and check it
+        done = torch.tensor([[st.step, st.samples]], dtype=torch.int64, device=acc.device)
+        per_rank = (acc.gather(done) if acc.num_processes > 1 else done).tolist()
+        log.info("train loop done: optimizer steps per rank %s (global samples seen, per rank: %s)",
+                 [r[0] for r in per_rank], [r[1] for r in per_rank])
+        if any(r != per_rank[0] for r in per_rank):
+            raise RuntimeError(f"ranks disagree on (steps, samples) at the end of training: {per_rank}")
         for s, h in old_handlers.items():
             signal.signal(s, h)
         self.timings["wall_s"] = time.perf_counter() - t_start
@@ -495,7 +586,7 @@ class Trainer:
             if i == warmup:
                 sync()
                 t0 = time.perf_counter()
-            with self.acc.autocast():
+            with self.autocast():
                 model(x)
         sync()
         seconds = time.perf_counter() - t0
@@ -507,7 +598,16 @@ class Trainer:
         return [f"{name}/{f}/{self.task.headline}" for f in self.cfg.data.eval_labels]
 
     def load_weights(self, ckpt_dir: Path) -> None:
-        self.acc.unwrap_model(self.model).load_state_dict(checkpoint.load_model_state(ckpt_dir))
+        """The model weights of a checkpoint (not the optimizer); collective under DeepSpeed."""
+        if self.deepspeed:  # zero3 parameters are partitioned: the engine loads its own files
+            self.model.load_checkpoint(str(ckpt_dir / checkpoint.DEEPSPEED_DIR), tag=checkpoint.DEEPSPEED_TAG,
+                                       load_module_only=True)
+        else:
+            self.acc.unwrap_model(self.model).load_state_dict(checkpoint.load_model_state(ckpt_dir))
+        self.after_weights_loaded()
+
+    def after_weights_loaded(self) -> None:
+        """Hook for state derived from the weights (the detector re-encodes its class prompts)."""
 
     def write_report(self, results: dict, best: Path, val_split: str) -> tuple[Path, str]:
         """(report.md path, headline line) for the final results."""
@@ -527,8 +627,9 @@ class Trainer:
         test = self.cfg.data.test_split
         if test and self.manifest.has_split(test) and val_split != "__overfit__":
             results["test"] = self.evaluate(test, per_attribute=True)
-        if self.main:
+        if self.main or self.cfg.run.deepspeed == "zero3":  # zero3: a forward gathers parameters from every rank
             self.timings["inference"] = self.measure_inference(val_split)
+        if self.main:
             plot_curves(self.run_dir, self._headline_keys(val_split))
             path, headline = self.write_report(results, best, val_split)
             log.info("report: %s", path)

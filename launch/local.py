@@ -1,5 +1,8 @@
 """Start a recipe on this machine with N processes, choosing the invocation that really gives N.
 
+    python -m launch local recipes/coconut.py --nproc 2                       # DDP (gloo on CPU, NCCL on GPUs)
+    python -m launch local recipes/coconut.py --nproc 2 --deepspeed zero2     # DeepSpeed ZeRO-2 (torchrun)
+
 On CPU, `accelerate launch --cpu --num_processes 2` silently runs ONE process, and `--multi_gpu`
 without CPU mode runs N independent single processes. What works (measured):
 `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1`.
@@ -31,10 +34,26 @@ def has_cuda() -> int:
 
 
 def build_command(script: str, nproc: int, overrides: list[str], *, device: str = "auto",
-                  mixed_precision: str | None = None) -> tuple[list[str], dict[str, str]]:
+                  mixed_precision: str | None = None, deepspeed: str = "") -> tuple[list[str], dict[str, str]]:
     """(argv, extra environment) for `nproc` processes of `script` on this machine."""
     env = {"ATTRDIST_EXPECT_WORLD_SIZE": str(nproc)}
     gpus = has_cuda() if device in ("auto", "cuda") else 0
+    if gpus and nproc > gpus:
+        raise SystemExit(f"launch: asked for {nproc} processes but this machine has {gpus} GPUs")
+    if deepspeed:
+        # torchrun: accelerate's own DeepSpeed launcher wants a hostfile/pdsh; ACCELERATE_USE_CPU must stay
+        # unset (it silently turns DeepSpeed into DDP); the first run JIT-builds a comm op: cache it.
+        overrides = [*overrides, f"run.deepspeed={deepspeed}"]
+        env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+            os.path.expanduser("~"), ".cache", "attrdist", "torch_extensions")
+        if device == "cpu":
+            overrides.append("run.device=cpu")
+        if not gpus:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        if nproc == 1:
+            return [sys.executable, script, *overrides], env
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                "--master_port", str(free_port()), script, *overrides], env
     if nproc == 1:
         return [sys.executable, script, *overrides], env
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -42,8 +61,6 @@ def build_command(script: str, nproc: int, overrides: list[str], *, device: str 
     if mixed_precision:
         base += ["--mixed_precision", mixed_precision]
     if gpus:
-        if nproc > gpus:
-            raise SystemExit(f"launch: asked for {nproc} processes but this machine has {gpus} GPUs")
         return [*accelerate, "--multi_gpu", *base, script, *overrides], env
     env["ACCELERATE_USE_CPU"] = "1"
     # 1 thread per rank by default on CPU: ranks share the cores

@@ -145,7 +145,7 @@ def test_run_dir_in_use_needs_resume(trained_run, small_shards):
     assert p.returncode == 2 and "already holds a run; pass --resume" in p.stderr
 
 
-@pytest.mark.dist
+@pytest.mark.distributed
 def test_two_cpu_processes_really_train_as_two_ranks(small_shards, tmp_path):
     run_dir = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "launch", "local", "recipes/coconut.py", "--nproc", "2",
