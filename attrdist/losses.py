@@ -6,20 +6,27 @@ import torch
 import torch.nn.functional as F
 
 
-def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean BCE-with-logits over labelled entries only (mask True); 0 if none."""
+def _divide(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return total / count.clamp_min(1e-6)  # a zero count has a zero total: 0, never NaN
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+               count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean BCE-with-logits over labelled entries only (mask True); 0 if none. `count`: the divisor
+    instead of this batch's number of labelled entries (see `attribute_loss`)."""
     per = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
     m = mask.float()
-    return (per * m).sum() / m.sum().clamp_min(1.0)
+    return _divide((per * m).sum(), m.sum() if count is None else count)
 
 
 def multi_positive_contrastive(img: torch.Tensor, attr: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                               temperature: float) -> torch.Tensor:
+                               temperature: float, count: torch.Tensor | None = None) -> torch.Tensor:
     """Image-to-attribute InfoNCE with several positives.
 
     img [B, D] and attr [A, D] are L2-normalised embeddings. For each image with at least one
     positive, the loss is the mean over its positives of -log softmax_a(sim / T); ignored
     (unlabelled) attributes are left out of the softmax. Images without positives contribute 0.
+    The mean is over images with a positive, or `count` (see `attribute_loss`).
     """
     sim = (img.float() @ attr.float().t()) / temperature
     sim = sim.masked_fill(~mask, -1e4)  # finite: rows with no labelled entry must not give NaN grads
@@ -27,21 +34,34 @@ def multi_positive_contrastive(img: torch.Tensor, attr: torch.Tensor, labels: to
     pos = labels.float() * mask.float()
     npos = pos.sum(1)
     has = npos > 0
-    if not has.any():
-        return sim.new_zeros(())
     per_img = -(torch.where(pos > 0, logp, torch.zeros_like(logp)) * pos).sum(1) / npos.clamp_min(1.0)
-    return per_img[has].mean()
+    return _divide(torch.where(has, per_img, torch.zeros_like(per_img)).sum(), has.float().sum() if count is None else count)
+
+
+def loss_counts(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[labelled entries, images with a positive]: the denominators of `attribute_loss`'s two means."""
+    m = mask.float()
+    return torch.stack([m.sum(), ((labels.float() * m).sum(1) > 0).float().sum()])
 
 
 def attribute_loss(out: dict, labels: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, *,
-                   bce_weight: float, contrastive_weight: float, temperature: float) -> tuple[torch.Tensor, dict]:
-    """Total loss of the cross-modal attribute model and its parts (for logging)."""
+                   bce_weight: float, contrastive_weight: float, temperature: float,
+                   mean_counts=None) -> tuple[torch.Tensor, dict]:
+    """Total loss of the cross-modal attribute model and its parts (for logging).
+
+    `mean_counts` (data-parallel training): maps this rank's `loss_counts` to their mean over the
+    ranks. Each rank then divides its sums by (global count / ranks), so the average DDP takes of the
+    ranks' gradients is exactly the gradient of the global batch's mean, however the labelled entries
+    and positives fall between ranks. Without it (one process) the divisors are this batch's counts."""
     mask = mask & valid[:, None]
-    bce = masked_bce(out["logits"], labels, mask)
+    counts = loss_counts(labels, mask)
+    if mean_counts is not None:
+        counts = mean_counts(counts)  # collective: every rank calls it once per micro-batch
+    bce = masked_bce(out["logits"], labels, mask, counts[0])
     total = bce_weight * bce
     parts = {"bce": bce.detach()}
     if contrastive_weight and "img_emb" in out:
-        con = multi_positive_contrastive(out["img_emb"], out["attr_emb"], labels, mask, temperature)
+        con = multi_positive_contrastive(out["img_emb"], out["attr_emb"], labels, mask, temperature, counts[1])
         total = total + contrastive_weight * con
         parts["contrastive"] = con.detach()
     return total, parts

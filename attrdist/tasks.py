@@ -29,9 +29,9 @@ class MultiLabel:
                ("macro_f1@tuned", "macro F1 @ val-tuned thresholds"),
                ("micro_f1@tuned", "micro F1 @ val-tuned thresholds"), ("accuracy@0.5", "element-wise accuracy @0.5")]
 
-    def loss(self, out, y, m, valid, optim) -> tuple[torch.Tensor, dict]:
-        return attribute_loss(out, y, m, valid, bce_weight=optim.bce_weight,
-                              contrastive_weight=optim.contrastive_weight, temperature=optim.temperature)
+    def loss(self, out, y, m, valid, optim, mean_counts=None) -> tuple[torch.Tensor, dict]:
+        return attribute_loss(out, y, m, valid, bce_weight=optim.bce_weight, contrastive_weight=optim.contrastive_weight,
+                              temperature=optim.temperature, mean_counts=mean_counts)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.float())
@@ -50,12 +50,16 @@ class MultiClass:
     scalars = [("accuracy", "accuracy"), ("top5_accuracy", "top-5 accuracy"),
                ("balanced_accuracy", "balanced accuracy (mean per-class recall)"), ("macro_f1", "macro F1")]
 
-    def loss(self, out, y, m, valid, optim) -> tuple[torch.Tensor, dict]:
+    def loss(self, out, y, m, valid, optim, mean_counts=None) -> tuple[torch.Tensor, dict]:
+        """Mean cross-entropy over valid one-label samples (`mean_counts`: as in losses.attribute_loss)."""
         logits = out["logits"].float()
         target = y.argmax(1)
         keep = valid & (m.all(1)) & (y.sum(1) == 1)
         per = F.cross_entropy(logits, target, reduction="none")
-        ce = (per * keep.float()).sum() / keep.float().sum().clamp_min(1.0)
+        count = keep.float().sum()
+        if mean_counts is not None:
+            count = mean_counts(count[None])[0]
+        ce = (per * keep.float()).sum() / count.clamp_min(1e-6)
         return ce, {"ce": ce.detach()}
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:

@@ -416,8 +416,10 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with acc.autocast():
             out = self.model(x)
+        # several ranks: divide by the global counts (labelled entries, positives), not this rank's
+        mean_counts = (lambda c: acc.reduce(c, "mean")) if acc.num_processes > 1 else None
         return self.task.loss(out, batch[f"labels/{f}"].to(acc.device), batch[f"mask/{f}"].to(acc.device),
-                              batch["valid"].to(acc.device), self.cfg.optim)
+                              batch["valid"].to(acc.device), self.cfg.optim, mean_counts=mean_counts)
 
     def train(self) -> Path:
         self.maybe_resume()  # replaces self.state: bind `st` after it

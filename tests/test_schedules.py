@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from attrdist.config import ScheduleConfig
 from attrdist.losses import masked_bce, multi_positive_contrastive
@@ -44,3 +45,38 @@ def test_losses_respect_the_ignore_mask():
     attr = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
     none = multi_positive_contrastive(img, attr, torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), 0.1)
     assert float(none) == 0.0  # images without positives contribute nothing (no default labels)
+
+
+def test_rank_split_with_global_counts_equals_the_global_batch_mean():
+    """Two 'ranks' holding unequal numbers of labelled entries and positives: with mean_counts (the
+    all-reduce mean of their counts) the average of their losses and gradients is exactly the loss
+    and gradient of the whole batch in one process; with per-rank counts it is not."""
+    from attrdist.losses import attribute_loss, loss_counts
+
+    g = torch.Generator().manual_seed(0)
+    B, A, D = 6, 5, 8
+    logits = torch.randn(B, A, generator=g, requires_grad=True)
+    img = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1).requires_grad_(True)
+    attr = torch.nn.functional.normalize(torch.randn(A, D, generator=g), dim=1)
+    labels = (torch.rand(B, A, generator=g) < 0.4).float()
+    labels[:2] = 0  # rank 0's first images have no positive
+    mask = torch.rand(B, A, generator=g) < 0.8
+    mask[3:, :3] = False  # and rank 1 has fewer labelled entries
+    valid = torch.ones(B, dtype=torch.bool)
+    kw = dict(bce_weight=1.0, contrastive_weight=0.5, temperature=0.1)
+
+    def run(parts, mean_counts):
+        logits.grad = img.grad = None
+        losses = [attribute_loss({"logits": logits[s], "img_emb": img[s], "attr_emb": attr}, labels[s], mask[s],
+                                 valid[s], mean_counts=mean_counts, **kw)[0] for s in parts]
+        (sum(losses) / len(losses)).backward()  # DDP averages the ranks' gradients
+        return float(sum(losses) / len(losses)), logits.grad.clone(), img.grad.clone()
+
+    whole = run([slice(0, B)], None)
+    halves = [slice(0, 3), slice(3, B)]
+    mean = torch.stack([loss_counts(labels[s], mask[s]) for s in halves]).mean(0)
+    split = run(halves, lambda c: mean)
+    assert split[0] == pytest.approx(whole[0], rel=1e-6)
+    assert torch.allclose(split[1], whole[1], atol=1e-7) and torch.allclose(split[2], whole[2], atol=1e-7)
+    naive = run(halves, None)  # each rank's own denominators: not the global mean here
+    assert abs(naive[0] - whole[0]) > 1e-3
