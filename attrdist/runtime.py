@@ -181,6 +181,10 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
                        world_size=acc.num_processes, rank=acc.process_index, local_rank=acc.local_process_index,
                        mixed_precision=mp if run_cfg.deepspeed else str(acc.mixed_precision), threads=threads,
                        launcher=launcher, engine=f"deepspeed-{run_cfg.deepspeed}" if run_cfg.deepspeed else "ddp")
+    if not run_cfg.deepspeed and info.distributed_type == "DEEPSPEED":
+        raise AttrdistError("accelerate's config turned DeepSpeed on but run.deepspeed is empty: set run.deepspeed=zero1|"
+                            "zero2|zero3 (attrdist then builds the DeepSpeed config from the run's and checkpoints "
+                            "every rank's partitions), or turn DeepSpeed off in `accelerate config`")
     if run_cfg.deepspeed and info.distributed_type != "DEEPSPEED":
         raise AttrdistError(f"run.deepspeed={run_cfg.deepspeed} but accelerate set up {info.distributed_type}; launch with "
                             f"`python -m launch local SCRIPT --nproc N --deepspeed {run_cfg.deepspeed}`")

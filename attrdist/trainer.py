@@ -183,6 +183,10 @@ class Trainer:
         self.raw_model = model
         optimizer = build_optimizer(cfg.optim, model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        if self.deepspeed:
+            from attrdist import zero
+
+            zero.use_weights_only_loads(self.model)  # DeepSpeed's own reader unpickles with weights_only=False
 
         train_split = cfg.data.train_split
         self.train_reader = ShardReader(self.manifest, train_split)
@@ -277,8 +281,10 @@ class Trainer:
         if self.main:
             train_state = {"loop": asdict(self.state),
                            "thresholds": {k: torch.from_numpy(v) for k, v in self.thresholds.items()}}
-            if not self.deepspeed:  # DeepSpeed's optimizer partitions are in deepspeed/
+            if not self.deepspeed:  # DeepSpeed's optimizer partitions (and loss scale) are in deepspeed/
                 train_state["optimizer"] = self.optimizer.state_dict()
+                if self.acc.scaler is not None:  # fp16 on CUDA: the dynamic loss scale and its growth tracker
+                    train_state["grad_scaler"] = self.acc.scaler.state_dict()
             path = checkpoint.save(self.ckpt_root, step=self.state.step, model_state=model_state,
                                    train_state=train_state, meta=self._meta(metric), pointers=pointers,
                                    keep=self.cfg.run.keep_checkpoints, staged=staged)
@@ -309,6 +315,8 @@ class Trainer:
             self.load_weights(path)
             st = checkpoint.load_train_state(path)
             self.optimizer.load_state_dict(st["optimizer"])
+            if self.acc.scaler is not None and "grad_scaler" in st:
+                self.acc.scaler.load_state_dict(st["grad_scaler"])
         self.state = LoopState(**st["loop"])
         self.thresholds = {k: v.numpy() for k, v in st.get("thresholds", {}).items()}
         log.info("resumed from %s: epoch %d, batch %d of the epoch, step %d, %s samples (saved by %s with world "

@@ -84,3 +84,21 @@ def build(run, optim, *, global_batch: int, world: int, precision: str, device: 
         if run.deepspeed == "zero3":
             cfg["zero_optimization"]["offload_param"] = dict(target)
     return cfg
+
+
+def weights_only_load(path, map_location=None):
+    """DeepSpeed's checkpoint reader, with torch.load(weights_only=True): its own loader unpickles
+    arbitrary objects (weights_only=False). The partitions hold tensors, containers and three
+    DeepSpeed types, allowed here by name; anything else is refused."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def use_weights_only_loads(engine) -> None:
+    """Route a prepared DeepSpeedEngine's checkpoint reads through `weights_only_load`."""
+    engine.checkpoint_engine.load = weights_only_load
