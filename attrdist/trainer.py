@@ -79,18 +79,37 @@ def resolve_run_dir(cfg: Config, acc) -> Path:
             chosen = str(existing[-1])
         else:
             chosen = str(base / f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    obj = [chosen]
+    obj = [chosen, _lock_run_dir(Path(chosen)) if acc.is_main_process else None]
     if acc.num_processes > 1:
-        broadcast_object_list(obj, from_process=0)
+        broadcast_object_list(obj, from_process=0)  # rank 0's verdict on the lock reaches every rank
     run_dir = Path(obj[0])
+    if obj[1]:
+        raise AttrdistError(obj[1])
     has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
     if has_ckpt and r.resume != "auto":
         raise AttrdistError(f"{run_dir}: already holds a run; pass --resume (run.resume=auto) to continue it, "
                             f"or choose another run.run_dir")
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     return run_dir
+
+
+_RUN_LOCKS: list = []  # held for the life of the process
+
+
+def _lock_run_dir(run_dir: Path) -> str | None:
+    """Rank 0 holds <run_dir>/.run.lock while it runs (an fcntl lock: the kernel drops it when the
+    process dies, SIGKILL included). Returns the error when another live run holds it."""
+    from filelock import FileLock, Timeout
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return (f"{run_dir}: another run is writing to this directory right now (it holds {run_dir}/.run.lock); "
+                f"wait for it to end or stop it, or choose another run.run_dir")
+    _RUN_LOCKS.append(lock)
+    return None
 
 
 def debug_config(cfg: Config) -> Config:

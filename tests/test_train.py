@@ -237,3 +237,23 @@ def test_characters_multiclass_recipe_trains_and_reports(tmp_path):
     assert "Confusion matrix" in report and "| A |" in report and (run_dir / "confusion.png").stat().st_size > 1000
     evals = _records(run_dir, "eval")
     assert "val/labels/accuracy:majority" in evals[0] and 0 <= evals[-1]["val/labels/accuracy"] <= 1
+
+
+def test_a_run_directory_takes_one_writer_at_a_time(small_shards, tmp_path):
+    """A second run (here a --resume) into a directory a live run is writing to is refused; once that
+    run is SIGKILLed the kernel drops its lock and the resume goes ahead."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "recipes" / "coconut.py"), *demo_args(small_shards, run_dir, "run.epochs=50",
+                                                                          "run.ckpt_every_steps=1")]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / "checkpoints" / "last.json").is_file():
+            time.sleep(0.05)
+        p = run_recipe(demo_args(small_shards, run_dir, "run.epochs=1") + ["--resume"], check=False)
+        assert p.returncode == 2 and "another run is writing to this directory right now" in p.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    p = run_recipe(demo_args(small_shards, run_dir, "run.epochs=1", "run.max_steps=1") + ["--resume"])
+    assert "resumed from" in p.stdout
