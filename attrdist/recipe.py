@@ -147,11 +147,17 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
         try:
             Trainer(cfg, name).train()
         except RuntimeError as e:  # gloo/NCCL: "Timed out waiting 1800000ms for recv operation to complete"
-            if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
-                raise
+            if not (_in_process_group() and ("timed out" in str(e).lower() or "timeout" in str(e).lower())):
+                raise  # not a collective's timeout (e.g. a DataLoader's): the original error, untouched
             raise AttrdistError(f"a collective timed out after run.dist_timeout_s={cfg.run.dist_timeout_s} s: another "
                                 f"rank is stuck or died (its log says why); resume with --resume once it is fixed "
                                 f"({str(e).splitlines()[0][:160]})") from None
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 if __name__ == "__main__":  # pragma: no cover
