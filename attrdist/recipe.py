@@ -107,9 +107,7 @@ def demo_clip(cfg: Config) -> Config:
     return replace(cfg, model=replace(cfg.model, pretrained=str(path)))
 
 
-def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, demo_data: Callable[[], Path],
-         prepare: Callable[[Config], Config] = lambda cfg: cfg, argv: list[str] | None = None) -> None:
-    """`prepare` runs on the resolved config once the data is known (e.g. demo_clip)."""
+def parser(name: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"recipes/{name}.py", add_help=False,
                                  description=f"attrdist recipe {name!r}. Arguments are key=value config overrides.")
     ap.add_argument("-h", "--help", action="store_true", help="list every config key with its default")
@@ -117,13 +115,25 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
     ap.add_argument("--resume", action="store_true", help="same as run.resume=auto")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
+    return ap
+
+
+def resolve(args: argparse.Namespace, full: Callable[[], Config], demo: Callable[[], Config]) -> tuple[Config, str]:
+    """(config with the overrides applied, profile name) for parsed recipe arguments."""
+    overrides = list(args.overrides) + (["run.resume=auto"] if args.resume else [])
+    wants_data = any(o.startswith("data.shards=") and o.split("=", 1)[1] for o in overrides)
+    profile = args.profile or ("full" if wants_data else "demo")
+    base = full() if profile == "full" else demo()
+    return apply_overrides(base, overrides), profile
+
+
+def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, demo_data: Callable[[], Path],
+         prepare: Callable[[Config], Config] = lambda cfg: cfg, argv: list[str] | None = None) -> None:
+    """`prepare` runs on the resolved config once the data is known (e.g. demo_clip)."""
+    ap = parser(name)
     args = ap.parse_intermixed_args(argv)  # key=value on either side of --resume
     with user_errors():
-        overrides = list(args.overrides) + (["run.resume=auto"] if args.resume else [])
-        wants_data = any(o.startswith("data.shards=") and o.split("=", 1)[1] for o in overrides)
-        profile = args.profile or ("full" if wants_data else "demo")
-        base = full() if profile == "full" else demo()
-        cfg = apply_overrides(base, overrides)
+        cfg, profile = resolve(args, full, demo)
         if args.help:
             ap.print_help()
             print(f"\nProfile shown: {profile}. Config keys (key=default):")

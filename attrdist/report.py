@@ -77,7 +77,8 @@ def write(run_dir: Path, *, task, recipe, cfg, rt, results, state, timings, fiel
     md = "\n".join(L) + "\n"
     atomic.write_text(run_dir / "report.md", md)
     clean = {s: {k: v for k, v in r.items() if k != "_details"} | {"details": r["_details"]} for s, r in results.items()}
-    atomic.write_json(run_dir / "report.json", {"recipe": recipe, "task": task.kind, "config": to_dict(cfg),
+    atomic.write_json(run_dir / "report.json", {"recipe": recipe, "task": task.kind,
+                                               "headline": headline(task, results, fields), "config": to_dict(cfg),
                                                "results": clean,
                                                "thresholds": {k: v.tolist() for k, v in thresholds.items()},
                                                "best_checkpoint": str(best_dir), "timings": timings,
@@ -188,7 +189,8 @@ def write_detection(run_dir: Path, *, recipe, cfg, rt, results, state, timings, 
     L += _throughput(results, split, state, timings)
     atomic.write_text(run_dir / "report.md", "\n".join(L) + "\n")
     clean = {s: {k: v for k, v in r.items() if k != "_details"} | {"details": r["_details"]} for s, r in results.items()}
-    atomic.write_json(run_dir / "report.json", {"recipe": recipe, "task": "detection", "config": to_dict(cfg),
+    atomic.write_json(run_dir / "report.json", {"recipe": recipe, "task": "detection",
+                                               "headline": detection_headline(results), "config": to_dict(cfg),
                                                "results": clean, "best_checkpoint": str(best_dir), "timings": timings,
                                                "runtime": rt.describe(), "novel_classes": list(novel)})
     return run_dir / "report.md"

@@ -156,7 +156,8 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
     mp = resolve_precision(run_cfg.precision, device)
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", env_world)))
-    threads = run_cfg.threads or max(1, available_cores() // max(1, local_world))
+    slurm_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)  # SLURM's share when it set one
+    threads = run_cfg.threads or slurm_cpus or max(1, available_cores() // max(1, local_world))
     torch.set_num_threads(threads)
     handlers = []
     if env_world > 1 or run_cfg.deepspeed:
@@ -175,7 +176,8 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
                           kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
     state = acc.state
     backend = getattr(state, "backend", None)
-    launcher = "torchrun/accelerate" if "TORCHELASTIC_RUN_ID" in os.environ else (
+    launcher = os.environ.get("ATTRDIST_LAUNCHER") or (  # attrdist.slurm: job, nodes x tasks, master
+        "torchrun/accelerate" if "TORCHELASTIC_RUN_ID" in os.environ else
         "slurm" if "SLURM_JOB_ID" in os.environ else "python")
     info = RuntimeInfo(device=device, distributed_type=str(state.distributed_type).split(".")[-1], backend=backend,
                        world_size=acc.num_processes, rank=acc.process_index, local_rank=acc.local_process_index,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attrdist import checkpoint
+from attrdist import checkpoint, interrupt
 from attrdist import rng as rnglib
 from attrdist.config import Config, to_dict, to_json
 from attrdist.data import BatchPlan, SampleDataset, make_loader
@@ -232,7 +231,6 @@ class Trainer:
         self.state = LoopState()
         self.tracker = Tracker(self.run_dir, enabled=self.main)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self._stop_signal = 0
         self.timings = {"train_s": 0.0, "train_samples": 0, "step_img_s": []}
         self.thresholds: dict[str, np.ndarray] = {}
 
@@ -343,10 +341,6 @@ class Trainer:
                  saved_engine, saved_world, "" if saved_world == world else
                  f"; now {world}: the same global batches continue, {self.cfg.data.batch_size // world} per rank")
 
-    # ---------------------------------------------------------------- signals
-    def _on_signal(self, signum, _frame):
-        self._stop_signal = signum
-        log.warning("received signal %d: will checkpoint at the end of this step and exit", signum)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -451,8 +445,7 @@ class Trainer:
     def train(self) -> Path:
         self.maybe_resume()  # replaces self.state: bind `st` after it
         cfg, st, acc = self.cfg, self.state, self.acc
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR2)} \
-            if _is_main_thread() else {}
+        old_handlers = interrupt.install()  # SIGTERM/SIGUSR2: checkpoint at the end of the step, then stop
         if cfg.run.debug:
             torch.autograd.set_detect_anomaly(True)
             hooks = log_shapes_once(self.acc.unwrap_model(self.model))
@@ -512,7 +505,7 @@ class Trainer:
                 st.step += 1
                 # one small all-reduce per step: loss for the log, corrupt count and stop signal agreed by all ranks
                 flags = torch.tensor([loss.detach().float().item(), *(float(v) for v in parts.values()),
-                                      float(len(batch["errors"])), float(self._stop_signal)], device=acc.device)
+                                      float(len(batch["errors"])), float(interrupt.requested())], device=acc.device)
                 red = acc.reduce(flags, "sum") if acc.num_processes > 1 else flags
                 W = acc.num_processes
                 st.corrupt += int(red[-2].item())
@@ -536,11 +529,13 @@ class Trainer:
                 if st.corrupt > cfg.data.max_corrupt:
                     raise AttrdistError(f"{self.manifest.root}: {st.corrupt} samples failed to decode, more than "
                                         f"data.max_corrupt={cfg.data.max_corrupt}; check the shards (warnings above name them)")
-                if red[-1].item():
+                if red[-1].item():  # a rank was asked to stop: every rank saves this step, then stops
+                    signum = interrupt.requested() or int(red[-1].item())  # else: another rank's
                     self.save()
-                    log.warning("stopped by signal after step %d; resume with --resume (run.run_dir=%s)",
-                                st.step, self.run_dir)
-                    raise SystemExit(128 + int(red[-1].item() / W))
+                    log.warning("stopped by signal %d after step %d (checkpoint saved); resume with --resume "
+                                "(run.run_dir=%s)", signum, st.step, self.run_dir)
+                    interrupt.restore(old_handlers)
+                    raise interrupt.Interrupted(signum, st.step, self.run_dir)
                 if cfg.run.ckpt_every_steps and st.step % cfg.run.ckpt_every_steps == 0:
                     self.save()
                 if cfg.run.max_steps and st.step >= cfg.run.max_steps:
@@ -591,8 +586,7 @@ class Trainer:
                  [r[0] for r in per_rank], [r[1] for r in per_rank])
         if any(r != per_rank[0] for r in per_rank):
             raise RuntimeError(f"ranks disagree on (steps, samples) at the end of training: {per_rank}")
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        interrupt.restore(old_handlers)
         self.timings["wall_s"] = time.perf_counter() - t_start
         return self.finish(val_split)
 
@@ -673,10 +667,3 @@ def _version() -> str:
     from attrdist import __version__
 
     return __version__
-
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-

@@ -45,6 +45,7 @@ stop() {
             rm -f "$f"
         fi
     done
+    if [ -f "$dir/run/munge-dir" ]; then rm -rf "$(cat "$dir/run/munge-dir")" "$dir/run/munge-dir"; fi
     log "stopped ($dir)"
 }
 
@@ -56,6 +57,8 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! co
     log "installing slurmctld slurmd slurm-client munge slurmdbd mariadb-server"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         slurmctld slurmd slurm-client munge slurmdbd mariadb-server >"$dir/apt.log" 2>&1 \
+        || { apt-get update -q >>"$dir/apt.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+             --no-install-recommends slurmctld slurmd slurm-client munge slurmdbd mariadb-server >>"$dir/apt.log" 2>&1; } \
         || { log "apt-get failed: see $dir/apt.log"; exit 4; }
 fi
 
@@ -63,19 +66,21 @@ host=$(hostname -s)
 if ! getent hosts "$host" >/dev/null; then
     echo "127.0.0.1 $host" >>/etc/hosts  # torch.distributed hangs on an unresolvable master address
 fi
-mkdir -p "$dir"/{run,log,state,spool,munge,db}
-chown munge:munge "$dir/munge"
-chmod 700 "$dir/munge"
+mkdir -p "$dir"/{run,log,state,spool,db}
+# munged runs as user munge, which may not traverse $dir (pytest's tmp dirs are mode 700): its key,
+# pid and log live under /run/munge, one directory per cluster
+mdir=/run/munge/attrdist-$(echo "$dir" | md5sum | cut -c1-10)
+mkdir -p /run/munge "$mdir" && chown munge:munge /run/munge "$mdir" && chmod 755 /run/munge && chmod 700 "$mdir"
+echo "$mdir" >"$dir/run/munge-dir"
 
 # --- munge
-key="$dir/munge/munge.key"
+key="$mdir/munge.key"
 [ -f "$key" ] || { dd if=/dev/urandom of="$key" bs=1024 count=1 status=none; }
 chown munge:munge "$key"; chmod 600 "$key"
 sock=/run/munge/munge.socket.2  # the default: Slurm's clients (sacctmgr) do not all honour AuthInfo=socket=
-mkdir -p /run/munge && chown munge:munge /run/munge && chmod 755 /run/munge
-runuser -u munge -- /usr/sbin/munged --key-file="$key" --socket="$sock" --pid-file="$dir/munge/munged.pid" \
-    --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed" --force
-cp "$dir/munge/munged.pid" "$dir/run/munged.pid"
+runuser -u munge -- /usr/sbin/munged --key-file="$key" --socket="$sock" --pid-file="$mdir/munged.pid" \
+    --log-file="$mdir/munged.log" --seed-file="$mdir/munged.seed" --force
+cp "$mdir/munged.pid" "$dir/run/munged.pid"
 
 # --- MariaDB + slurmdbd (accounting: sacct, and submitit needs it to see jobs that died)
 dbport=$((33060 + RANDOM % 1000))
