@@ -202,8 +202,13 @@ def submit(script: str, recipe_args: list[str], flags: dict, *, profile: str | N
     shape = (f"{opts['nodes']} node{'s' * (opts['nodes'] > 1)} x {opts['tasks_per_node']} task"
              f"{'s' * (opts['tasks_per_node'] > 1)} = {ntasks} rank{'s' * (ntasks > 1)}"
              + (f", {opts['gpus_per_node']} GPUs per node" if opts["gpus_per_node"] else " on CPU"))
+    if cfg.data.shards and not Path(cfg.data.shards).exists():
+        print(f"launch: warning: data.shards={cfg.data.shards} does not exist here; the job fails unless the compute "
+              f"nodes see it", file=sys.stderr)
     if dry_run:
-        print(f"launch: would submit {len(jobs)} job{'s' * (len(jobs) > 1)} of {script} ({shape}), "
+        array = (f" as one job array (--array=0-{len(jobs) - 1}%{min(len(jobs), int(opts['array_parallelism']))})"
+                 if len(jobs) > 1 else "")
+        print(f"launch: would submit {len(jobs)} job{'s' * (len(jobs) > 1)}{array} of {script} ({shape}), "
               f"time {opts['time']}, at most {opts['max_requeues']} requeues")
         for job, run_dir, combo in jobs:
             print(f"  task argv: {shlex.join([Path(script).name, *job.args])}")

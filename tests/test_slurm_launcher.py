@@ -1,0 +1,136 @@
+"""The SLURM launcher's parts that need no cluster: option resolution, dry runs, SLURM's environment
+turned into torch.distributed's, the stop reason, and a signal stopping a real training run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from attrdist import interrupt
+from attrdist.slurm import distributed_env, master_port, parse_duration, stop_reason
+from tests.conftest import FAST, ROOT, run_env
+from tests.test_slurm import assert_same_weights, train_steps, wait_for
+
+
+def launch(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env or run_env(SLURM_CONF="/nonexistent"))
+
+
+def test_dry_run_prints_the_resolved_submission_from_profile_and_flags(tmp_path):
+    p = launch("slurm", "recipes/coconut.py", "--profile", "example", "--nodes", "2", "--time", "2-00:00:00",
+               "--qos", "high", "--dry-run", f"data.shards={tmp_path}", f"run.out_dir={tmp_path}",
+               "--sweep", "optim.lr=1e-4,3e-4", "--sweep", "run.seed=0,1")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "would submit 4 jobs as one job array (--array=0-3%4)" in out
+    assert "(2 nodes x 8 tasks = 16 ranks, 8 GPUs per node), time 2-00:00:00, at most 5 requeues" in out
+    for line in ("#SBATCH --account=my-project", "#SBATCH --qos=high", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --ntasks-per-node=8", "#SBATCH --nodes=2", "#SBATCH --time=2-00:00:00",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --open-mode=append", "module load cuda/12.4",
+                 "export ATTRDIST_SIGNAL_DELAY_S=120", "--kill-on-bad-exit=1"):
+        assert line in out, line
+    runs = [ln.split("run.run_dir=")[1] for ln in out.splitlines() if "task argv:" in ln]
+    assert len(runs) == 4 and len(set(runs)) == 4 and all(r.startswith(str(tmp_path)) for r in runs)
+    assert any(r.endswith("optim.lr=3e-4_run.seed=1") for r in runs)
+    assert "submitted job" not in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--time", "soon"], "--time 'soon': use HH:MM:SS"),
+    (["--profile", "no-such-cluster"], "no-such-cluster: no such profile"),
+    (["--gpus-per-node", "4", "--tasks-per-node", "2"], "attrdist runs one rank per GPU"),
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean optim.lr?"),
+])
+def test_bad_submissions_are_refused_in_one_line(argv, message):
+    p = launch("slurm", "recipes/coconut.py", "--dry-run", *argv)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_profile_with_an_unknown_key_names_the_file(tmp_path):
+    prof = tmp_path / "cluster.yaml"
+    prof.write_text("partition: gpu\ngpu_per_node: 8\n")
+    p = launch("slurm", "recipes/coconut.py", "--dry-run", "--profile", str(prof))
+    assert p.returncode == 2 and f"{prof}: unknown option(s) gpu_per_node" in p.stderr
+
+
+def test_task_outside_a_slurm_job_says_so():
+    env = {k: v for k, v in run_env().items() if not k.startswith("SLURM_")}
+    p = launch("task", "recipes/coconut.py", "run.run_dir=/tmp/x", env=env)
+    assert p.returncode == 2 and "not inside a SLURM job (no SLURM_JOB_ID)" in p.stderr
+
+
+def test_distributed_env_from_slurm_variables(monkeypatch):
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
+             "SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_JOB_NODELIST": "gpu[007-008]",
+             "SLURM_RESTART_COUNT": "2", "SLURM_CPUS_PER_TASK": "6"}
+    for k in list(os.environ):
+        if k.startswith("SLURM_") or k == "OMP_NUM_THREADS":
+            monkeypatch.delenv(k)
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    e = distributed_env()
+    assert (e["RANK"], e["WORLD_SIZE"], e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"], e["NODE_RANK"]) == ("11", "16", "3", "8", "1")
+    assert e["MASTER_ADDR"] == "gpu007" and e["MASTER_PORT"] == str(master_port("4242", 2))
+    assert e["ATTRDIST_EXPECT_WORLD_SIZE"] == "16" and e["OMP_NUM_THREADS"] == "6"
+    assert e["ATTRDIST_LAUNCHER"].startswith("slurm(job 4242, 2 nodes x 8 tasks, node 1, master gpu007:")
+    monkeypatch.setenv("SLURM_NTASKS", "15")
+    with pytest.raises(Exception, match="15 tasks on 2 nodes is uneven"):
+        distributed_env()
+
+
+def test_master_port_is_shared_by_an_attempt_and_moves_between_attempts():
+    assert master_port("123", 0) == master_port("123", 0)
+    assert len({master_port("123", r) for r in range(4)}) == 4
+    assert all(20000 <= master_port(str(j), r) < 40000 for j in (1, 99999, 1234567) for r in range(3))
+
+
+def test_stop_reason_from_the_time_left():
+    assert parse_duration("1-02:03:04") == 93784 and parse_duration("05:30") == 330 and parse_duration("7") == 420
+    assert parse_duration("UNLIMITED") is None and parse_duration("INVALID") is None
+    assert stop_reason(signal.SIGUSR2, 50, 90).startswith("time limit (SIGUSR2 with 50 s left)")
+    assert stop_reason(signal.SIGUSR2, 3000, 90).startswith("preemption (SIGUSR2, 3000 s before")
+    assert stop_reason(signal.SIGTERM, None, 90).startswith("preemption (SIGTERM, no time limit")
+
+
+def test_a_signal_before_training_is_kept_for_the_first_step():
+    old = interrupt.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert interrupt.requested() == signal.SIGUSR2
+    finally:
+        interrupt.restore(old)
+        interrupt.clear()
+
+
+def test_sigusr2_checkpoints_stops_with_status_140_and_resume_matches_uninterrupted(small_shards, tmp_path):
+    """Outside SLURM too: USR2 -> checkpoint at the end of the step -> exit 128+12; --resume finishes with
+    exactly the weights of a run that was never stopped."""
+    cfg = ["--profile", "demo", f"data.shards={small_shards}", *FAST, "data.batch_size=8", "run.epochs=6",
+           "run.eval_every=3"]
+    script = str(ROOT / "recipes" / "coconut.py")
+    ref, rd = tmp_path / "ref", tmp_path / "stopped"
+    subprocess.run([sys.executable, script, *cfg, f"run.run_dir={ref}"], cwd=ROOT, env=run_env(), check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen([sys.executable, script, *cfg, f"run.run_dir={rd}"], cwd=ROOT, env=run_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: len(train_steps(rd)) >= 5 or proc.poll() is not None, 120, "5 steps")
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR2, out[-3000:]
+    stopped = max(train_steps(rd))
+    assert stopped < 72 and f"stopped by signal {int(signal.SIGUSR2)} after step {stopped} (checkpoint saved)" in out
+    last = json.loads((rd / "checkpoints" / "last.json").read_text())["dir"]
+    assert last.endswith(f"{stopped:08d}")
+    subprocess.run([sys.executable, script, *cfg, f"run.run_dir={rd}", "--resume"], cwd=ROOT, env=run_env(),
+                   check=True, capture_output=True, timeout=300)
+    assert max(train_steps(rd)) == 72
+    assert_same_weights(rd, ref)
