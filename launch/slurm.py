@@ -307,8 +307,12 @@ def status(job_id: str, *, wait: bool = False, poll_s: float = 2.0) -> int:
     info = lookup(job_id)
     state, rows = slurm_state(job_id)
     outcome = submitit_outcome(info)
+    t0 = time.time()
     while wait and (state not in TERMINAL or (state == "COMPLETED" and info.get("kind") == "submitit"
                                                and outcome is None and _recent(rows))):
+        if state == "UNKNOWN" and time.time() - t0 > 60:
+            raise fail(f"job {job_id}: neither sacct nor squeue knows it (check the id; SLURM_CONF="
+                       f"{os.environ.get('SLURM_CONF', 'unset')})")
         time.sleep(poll_s)
         state, rows = slurm_state(job_id)
         info = lookup(job_id) if info["kind"] == "unknown" else info  # an sbatch job records itself when it starts
