@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     sl.add_argument("--signal-delay-s", type=int,
                     help="SLURM signals USR2 this long before the time limit (default 90): time to checkpoint")
     sl.add_argument("--array-parallelism", type=int, help="sweeps: at most this many array jobs at once")
+    sl.add_argument("--deepspeed", choices=("zero1", "zero2", "zero3"), default="",
+                    help="DeepSpeed ZeRO stage (sets run.deepspeed)")
     sl.add_argument("--profile", help="cluster defaults: a YAML file, or a name in slurm/profiles/ "
                                       "(--profile full|demo is passed on to the recipe)")
     sl.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
@@ -84,6 +86,8 @@ def main(argv=None) -> int:
         flags = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem",
                                                "partition", "time", "account", "qos", "constraint", "name", "logs",
                                                "max_requeues", "signal_delay_s", "array_parallelism")}
+        if args.deepspeed:
+            recipe_args = [*recipe_args, f"run.deepspeed={args.deepspeed}"]
         return slurm.submit(args.script, recipe_args, flags, profile=args.profile, sweeps=args.sweep,
                             dry_run=args.dry_run, wait=args.wait)
     if args.where == "task":

@@ -152,7 +152,9 @@ def make_executor(opts: dict, name: str):
     params = dict(job_name=name, nodes=opts["nodes"], ntasks_per_node=opts["tasks_per_node"], time=opts["minutes"],
                   signal_delay_s=int(opts["signal_delay_s"]), additional_parameters=extra,
                   srun_args=["--kill-on-bad-exit=1", *opts["srun_args"]],  # one rank dies: the step ends now
-                  setup=[f"export ATTRDIST_SIGNAL_DELAY_S={int(opts['signal_delay_s'])}", *opts["setup"]],
+                  setup=[f"export ATTRDIST_SIGNAL_DELAY_S={int(opts['signal_delay_s'])}",
+                         "export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/attrdist/torch_extensions}",
+                         *opts["setup"]],
                   array_parallelism=opts["array_parallelism"])
     for key in ("partition", "account", "qos", "constraint", "mem", "cpus_per_task"):
         if opts[key] not in (None, ""):

@@ -196,6 +196,27 @@ def test_time_limit_requeues_through_the_timeout_path_and_finishes(work, small_s
     assert max(train_steps(rd)) == 12 * 40
 
 
+def test_past_the_requeue_limit_a_job_ends_failed_with_its_checkpoint_and_continues_with_resume(work, small_shards):
+    p = submit(work, small_shards, "--partition", "debug", "--time", "00:10:00", "--max-requeues", "0", wait=False,
+               extra=[f"run.epochs={EPOCHS}"])
+    jid, rd = job_id(p.stdout), run_dir(p.stdout)
+    wait_for(lambda: len(train_steps(rd)) >= 3, 120, "3 steps")
+    subprocess.run(["scancel", "--signal=USR2", jid], check=True, timeout=30)
+    st = launch(work, "status", jid, "--wait", timeout=300, check=False)
+    assert st.returncode == 1 and "FAILED" in st.stdout, st.stdout
+    assert "NOT requeued: it has been restarted 0 times, the limit (max_requeues=0)" in st.stdout, st.stdout
+    assert [s for _, s in sacct(jid)] == ["FAILED"]
+    stopped = json.loads((rd / "restarts.jsonl").read_text().splitlines()[0])["step"]
+    assert json.loads((rd / "checkpoints" / "last.json").read_text())["dir"].endswith(f"{stopped:08d}")
+    # what the error line says to do
+    again = launch(work, "slurm", str(ROOT / "recipes" / "coconut.py"), "--logs", str(work / "logs"), "--partition",
+                   "debug", "--time", "00:10:00", "--wait", "--resume", "--profile", "demo", f"data.shards={small_shards}",
+                   *CFG, f"run.epochs={EPOCHS}", f"run.run_dir={rd}", timeout=300, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert max(train_steps(rd)) == 12 * EPOCHS
+    assert re.search(rf"resumed from \S*/step-0*{stopped}: ", (rd / "train.log").read_text())
+
+
 def test_bad_input_fails_fast_with_the_error_shown_and_is_not_requeued(work, small_shards):
     missing = work / "no-such-shards"
     t = time.time()
@@ -241,3 +262,22 @@ def test_sweep_is_a_job_array_with_one_run_per_combination(work, small_shards):
     dirs = re.findall(r"run dir: (\S+)", p.stdout)
     lrs = [json.loads((Path(d) / "report.json").read_text())["config"]["optim"]["lr"] for d in dirs]
     assert sorted(lrs) == [1e-3, 3e-3]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_job_stopped_by_usr2_resumes_bitwise(work, small_shards):
+    """ZeRO-2 through `launch slurm --deepspeed zero2`: `scancel --signal=USR2` (what a preemption or the
+    time-limit warning delivers) -> every rank saves its partitions -> requeue -> same weights as uninterrupted."""
+    opts = ("--tasks-per-node", "2", "--partition", "debug", "--time", "00:10:00", "--deepspeed", "zero2")
+    ref = submit(work, small_shards, *opts, extra=["run.epochs=8"], timeout=600)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    p = submit(work, small_shards, *opts, wait=False, extra=["run.epochs=8"])
+    jid, rd = job_id(p.stdout), run_dir(p.stdout)
+    wait_for(lambda: len(train_steps(rd)) >= 3, 300, "3 steps")
+    subprocess.run(["scancel", "--signal=USR2", jid], check=True, timeout=30)
+    st = launch(work, "status", jid, "--wait", timeout=600, check=False)
+    assert st.returncode == 0, st.stdout + st.stderr
+    restarts = [json.loads(x) for x in (rd / "restarts.jsonl").read_text().splitlines()]
+    assert len(restarts) == 1 and restarts[0]["reason"].startswith("preemption (SIGUSR2"), restarts
+    assert "engine=deepspeed-zero2" in json.loads((rd / "report.json").read_text())["runtime"]
+    assert_same_weights(rd, run_dir(ref.stdout))
