@@ -35,15 +35,19 @@ stop() {
         SLURM_CONF="$dir/slurm.conf" scancel --full --quiet --user=root 2>/dev/null || true  # slurmd does not kill jobs
         sleep 0.5
     fi
-    for name in slurmd slurmctld slurmdbd mariadbd munged; do
-        f="$dir/run/$name.pid"
-        if [ -f "$f" ]; then
-            pid=$(cat "$f")
-            kill "$pid" 2>/dev/null || true
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    # two waves (each daemon takes ~2 s to exit): Slurm's daemons, then accounting and munge under them
+    for wave in "slurmd slurmctld" "slurmdbd mariadbd munged"; do
+        pids=()
+        for name in $wave; do
+            f="$dir/run/$name.pid"
+            [ -f "$f" ] || continue
+            pid=$(cat "$f"); rm -f "$f"
+            kill "$pid" 2>/dev/null && pids+=("$pid")
+        done
+        for pid in "${pids[@]}"; do
+            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
             kill -9 "$pid" 2>/dev/null || true
-            rm -f "$f"
-        fi
+        done
     done
     if [ -f "$dir/run/munge-dir" ]; then rm -rf "$(cat "$dir/run/munge-dir")" "$dir/run/munge-dir"; fi
     log "stopped ($dir)"
