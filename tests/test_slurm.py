@@ -236,21 +236,30 @@ def test_bad_input_fails_fast_with_the_error_shown_and_is_not_requeued(work, sma
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
 
 
-def test_sbatch_template_runs_the_demo_to_completion(work, small_shards):
+def test_sbatch_template_runs_the_demo_to_completion_through_a_requeue(two_ranks, work, small_shards):
+    """slurm/train.sbatch as a user submits it (flags override its GPU #SBATCH lines); USR2 mid-run: the batch
+    script runs again, `launch task` resumes, and the run ends with the uninterrupted run's weights."""
+    assert two_ranks.returncode == 0
     rd = work / "sbatch-run"
     e = env(work) | {"ATTRDIST_PYTHON": sys.executable, "ATTRDIST_RUN_DIR": str(rd)}
     jid = subprocess.run(
         ["sbatch", "--parsable", "--gpus-per-node", "0", "--ntasks-per-node", "2", "--cpus-per-task", "1",
          "--partition", "debug", "--time", "00:10:00", "-o", str(work / "sb-%j.out"), "-e", str(work / "sb-%j.err"),
          str(ROOT / "slurm" / "train.sbatch"), "recipes/coconut.py", "--profile", "demo", f"data.shards={small_shards}",
-         *CFG, "run.epochs=2"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+         *CFG, f"run.epochs={EPOCHS}"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=30,
+        check=True).stdout.strip()
+    wait_for(lambda: len(train_steps(rd)) >= 3, 120, "the sbatch job to train 3 steps")
+    subprocess.run(["scancel", "--signal=USR2", jid], check=True, timeout=30)
     st = launch(work, "status", jid, "--wait", timeout=300, check=False)
     assert st.returncode == 0, st.stdout + st.stderr + (work / f"sb-{jid}.err").read_text()
     assert "COMPLETED" in st.stdout and "result:   val mAP vs true_labels" in st.stdout
+    assert "restart:  1 preemption (SIGUSR2" in st.stdout, st.stdout
     report = json.loads((rd / "report.json").read_text())
     assert "world_size=2" in report["runtime"] and f"launcher=slurm(job {jid}, 1 node x 2 tasks" in report["runtime"]
+    assert "restart 1)" in report["runtime"]
     tl = launch(work, "tail", jid, "-n", "2000")
-    assert "attrdist.slurm: done: val mAP" in tl.stdout
+    assert f"attrdist: job {jid} restart 1 on" in tl.stdout and "attrdist.slurm: done: val mAP" in tl.stdout
+    assert_same_weights(rd, run_dir(two_ranks.stdout))
 
 
 def test_sweep_is_a_job_array_with_one_run_per_combination(work, small_shards):
