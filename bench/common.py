@@ -76,3 +76,31 @@ def write_csv(name: str, rows: list[dict]) -> Path:
         for r in rows:
             w.writerow({**info, **r})
     return path
+
+
+def ratio_stats(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the per-round ratios a[i]/b[i] (rounds alternate, so pairs are neighbours)."""
+    rs = [x / y for x, y in zip(a, b)]
+    return statistics.median(rs), min(rs), max(rs)
+
+
+def verdict(value: float, op: str, threshold: float) -> str:
+    ok = value >= threshold if op == ">=" else value <= threshold
+    return "PASS" if ok else "FALLS SHORT"
+
+
+def target_row(benchmark: str, what: str, value: float, lo: float, hi: float, op: str, threshold: float,
+               unit: str = "x", note: str = "") -> dict:
+    """One line of a BENCHMARKS.md target table: the measured median (and spread) against its target."""
+    return {"benchmark": benchmark, "what": what, "target": f"{op} {threshold:g}{unit}", "median": round(value, 3),
+            "spread": f"{lo:.3f}-{hi:.3f}", "verdict": verdict(value, op, threshold), "note": note}
+
+
+def markdown_targets(rows: list[dict]) -> str:
+    lines = ["| what | target | measured (median) | spread (min-max over rounds) | verdict |",
+             "| --- | --- | ---: | ---: | --- |"]
+    for r in rows:
+        unit = r["target"].split()[-1].lstrip("0123456789.e-+") if r["target"] else ""
+        lines.append(f"| {r['what']} | {r['target']} | {r['median']:g}{unit} | {r['spread']} | "
+                     f"**{r['verdict']}**{' - ' + r['note'] if r.get('note') else ''} |")
+    return "\n".join(lines)
