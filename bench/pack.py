@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import alternate, summarize, write_csv  # noqa: E402
+from bench.common import alternate, markdown_targets, ratio_stats, summarize, target_row, write_csv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT.parent / "shared" / "data" / "coco" / "images"
@@ -117,7 +117,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 120 images, 1 round")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.rounds = 120, 1
     from attrdist.packing import default_workers
 
     workers = default_workers()
@@ -133,17 +136,24 @@ def main(argv=None) -> None:
             "pack_resize": lambda: pack_resize(root, Path(tmp) / "resize", workers),
         }, args.rounds))
     rows = [{"benchmark": "pack", "what": k, "n": args.n, "workers": workers, **summarize(v, args.n)} for k, v in t.items()]
-    med = {r["what"]: r["median_s"] for r in rows}
-    rows.append({"benchmark": "pack", "what": "ratio pack_copy/raw_read (target <= 2)",
-                 "ratio": round(med["pack_copy"] / med["raw_read"], 2)})
-    rows.append({"benchmark": "pack", "what": "ratio pack_copy/verify_only",
-                 "ratio": round(med["pack_copy"] / med["verify_only"], 2)})
-    rows.append({"benchmark": "pack", "what": "ratio pack_resize/decode_encode (target <= 1.5)",
-                 "ratio": round(med["pack_resize"] / med["decode_encode"], 2)})
-    path = write_csv("pack", rows)
+    targets = [
+        target_row("pack", "copy-through pack / raw read", *ratio_stats(t["pack_copy"], t["raw_read"]), "<=", 2),
+        target_row("pack", "resize pack / decode+resize+encode", *ratio_stats(t["pack_resize"], t["decode_encode"]),
+                   "<=", 1.5),
+    ]
+    m, lo, hi = ratio_stats(t["pack_copy"], t["verify_only"])
+    rows += targets + [{"benchmark": "pack", "what": "copy-through pack / verify pass alone", "median": round(m, 3),
+                        "spread": f"{lo:.3f}-{hi:.3f}"}]
+    path = write_csv("pack-quick" if args.quick else "pack", rows)
+    print("| what | median | images/s |\n| --- | ---: | ---: |")
     for r in rows:
-        print({k: v for k, v in r.items() if k in ("what", "median_s", "min_s", "max_s", "items_per_s", "ratio")})
+        if "median_s" in r:
+            print(f"| {r['what']} | {r['median_s']:.3f} s ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['items_per_s']:,.0f} |")
+    print()
+    print(markdown_targets(targets))
+    print(f"copy-through pack / verify pass alone: {m:.2f}x ({lo:.2f}-{hi:.2f})")
     print(f"wrote {path}")
+    return targets
 
 
 if __name__ == "__main__":
