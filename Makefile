@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attrdist-installed
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/attrdist/torch_extensions
 
-.PHONY: setup demo test test-slow clean-runs
+.PHONY: setup demo test test-slow bench clean-runs
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test: setup
 
 test-slow: setup
 	$(VENV)/bin/pytest -q -m slow
+
+# every benchmark in bench/, one after the other (~30 min here); results in bench/results/, see BENCHMARKS.md
+bench: setup
+	$(PY) -m bench
 
 clean-runs:
 	rm -rf runs

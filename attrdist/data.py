@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from attrdist import rng as rnglib
 from attrdist.config import DataConfig
@@ -133,7 +133,8 @@ class SampleDataset(Dataset):
 
 def collate(samples: list[dict]) -> dict:
     """Stack tensors; keep the decode errors of this batch as a list of strings."""
-    out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if isinstance(samples[0][k], torch.Tensor)}
+    # default_collate stacks straight into shared memory inside a worker (torch.stack then a copy made two)
+    out = {k: default_collate([s[k] for s in samples]) for k in samples[0] if isinstance(samples[0][k], torch.Tensor)}
     out["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
     out["valid"] = torch.tensor([s["valid"] for s in samples], dtype=torch.bool)
     out["errors"] = [s["error"] for s in samples if s.get("corrupt")]

@@ -83,3 +83,18 @@ def test_augmentation_identical_across_worker_and_process_counts(small_shards):
     # and a different epoch gives different augmentations of the same samples
     other = _collect(ds, BatchPlan(n, 8, 1, 0, 7, 2, True, True), workers=0)
     assert sum(not torch.equal(ref[i], other[i]) for i in ref) > n // 2
+
+
+def test_rotate_hue_keeps_luma_and_grey_and_turns_full_circle():
+    from attrdist.transforms import rotate_hue
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)
+    assert torch.equal(rotate_hue(x, 0.0), x) and torch.equal(rotate_hue(x, 1.0), x)
+    grey = torch.full((3, 8, 8), 77, dtype=torch.uint8)
+    assert torch.equal(rotate_hue(grey, 0.3), grey)
+    mid = torch.tensor([120, 90, 60], dtype=torch.uint8).view(3, 1, 1).expand(3, 4, 4).contiguous()
+    y = rotate_hue(mid, 0.25).float()
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    assert abs((luma @ y[:, 0, 0]) - (luma @ mid[:, 0, 0].float())) < 1.0  # brightness kept
+    assert not torch.equal(y.to(torch.uint8), mid)  # the colour did turn
