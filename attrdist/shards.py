@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
 from attrdist import __version__, atomic
 from attrdist.errors import AttrdistError
@@ -105,7 +104,7 @@ class PackWriter:
                                           "label_fields": self.label_fields, "max_samples": max_samples,
                                           "max_bytes": max_bytes, "job": job or {}}, default=str))
         self.splits: dict[str, dict[str, Any]] = {}
-        self._open: dict[str, tuple[wds.TarWriter, Path, int, int, dict]] = {}
+        self._open: dict[str, tuple[object, Path, int, int, dict]] = {}  # split -> (wds.TarWriter, ...)
         self._skip: dict[str, int] = {}
         self.committed = False
         self.resumed_samples = 0
@@ -178,6 +177,8 @@ class PackWriter:
     def _new_shard(self, split: str):
         name = f"{split}-{len(self.splits[split]['shards']):06d}.tar"
         path = self.staging / name
+        import webdataset as wds  # imports torch (~2 s, ~600 MB): only when a shard is written
+
         writer = wds.TarWriter(str(path), mtime=0.0)  # fixed mtime: same inputs give the same shard bytes
         self._open[split] = (writer, path, 0, 0, {f: [0] * len(self.attributes) for f in self.label_fields})
         return self._open[split]

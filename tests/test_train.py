@@ -69,6 +69,20 @@ def test_predict_prints_top_attributes(trained_run: Path, small_demo: Path):
     assert len(names) == 3 and len(set(names)) == 3  # three different attributes, with probabilities
 
 
+def test_predict_in_batches_matches_one_image_at_a_time(trained_run: Path, small_demo: Path):
+    from attrdist.predict import load_for_inference, predict_images
+
+    imgs = [str(p) for p in sorted((small_demo / "images" / "val").glob("*.jpg"))[:5]]
+    model, cfg, attrs, _ = load_for_inference(trained_run)
+    batched = predict_images(model, cfg, attrs, imgs, top=4, batch_size=4)  # a full batch and a batch of 1
+    single = [predict_images(model, cfg, attrs, [p], top=4, batch_size=1)[0] for p in imgs]
+    assert len(batched) == 5
+    for b, s in zip(batched, single):  # bf16 autocast where the CPU has it: equal up to rounding
+        db, ds = dict(b), dict(s)
+        common = db.keys() & ds.keys()
+        assert len(common) >= 3 and all(abs(db[n] - ds[n]) < 0.02 for n in common), (b, s)
+
+
 def test_overfit_drives_loss_to_zero(small_shards, tmp_path):
     run_recipe(demo_args(small_shards, tmp_path / "overfit", "run.overfit_batches=1", "run.epochs=80",
                          "run.eval_every=80", "optim.lr=3e-3", "optim.weight_decay=0", "schedule.name=constant",
