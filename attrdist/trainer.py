@@ -118,17 +118,22 @@ def debug_config(cfg: Config) -> Config:
                    run=replace(cfg.run, epochs=1, max_steps=3, eval_every=1, log_every=1))
 
 
-def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg, model: torch.nn.Module, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW / Adam / SGD with no weight decay on biases and norms. `fused`: torch's single-kernel
+    implementation (CPU and CUDA), ~4x faster steps than the default on CPU (ResNet-18: 4.7 vs 20.8 ms,
+    bench/train_step.py); off under DeepSpeed, which steps its own flattened partitions."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = [p for g in groups for p in g["params"]]
+    kw = {"fused": True} if fused and params and all(p.device.type in ("cpu", "cuda") for p in params) else {}
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, **kw)
     if cfg.name == "adam":  # Adam's L2-style weight decay, as in the experiment reports
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.Adam(groups, lr=cfg.lr, **kw)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **kw)
 
 
 def log_shapes_once(model: torch.nn.Module) -> list:
@@ -199,7 +204,7 @@ class Trainer:
         elif cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.raw_model = model
-        optimizer = build_optimizer(cfg.optim, model)
+        optimizer = build_optimizer(cfg.optim, model, fused=not cfg.run.deepspeed)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         if self.deepspeed:
             from attrdist import zero

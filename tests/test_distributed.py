@@ -291,12 +291,13 @@ def test_bf16_under_ddp_on_cpu(runs, small_shards, tmp_path):
      "model.sync_bn=true with 2 cpu processes: torch's SyncBatchNorm works on GPUs only"),
 ], ids=["fp16", "sync_bn"])
 def test_refused_on_cpu_ranks_with_one_line(overrides, message, small_shards, tmp_path):
-    """Through the launcher, each rank stops with the same one-line error (exit 2), no traceback of ours.
+    """Through the launcher, the ranks stop with the same one-line error (exit 2), no traceback of ours.
     (The launcher's own ChildFailedError report from torch elastic follows it on stderr.)"""
     p = launch(2, args(small_shards, tmp_path / "r", *overrides), check=False, timeout=120)
     assert p.returncode != 0
     errors = [x for x in p.stderr.splitlines() if x.startswith("attrdist: error: ")]
-    assert len(errors) == 2 and len(set(errors)) == 1 and message in errors[0], p.stderr[-3000:]
+    # usually both ranks print it; torch elastic may kill the second before it does (seen once in ~20 runs)
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1 and message in errors[0], p.stderr[-3000:]
     assert f'File "{ROOT / "attrdist"}' not in p.stderr and f'File "{ROOT / "recipes"}' not in p.stderr
 
 
