@@ -2,8 +2,9 @@
 
 Every random choice is drawn from `rng.generator(key)`; there is no hidden state, so
 `train_transform(img, key, ...)` returns the same tensor for the same inputs in any process
-or worker. The ops are torchvision's (`transforms.v2.functional`) on uint8 CHW tensors, except the
-hue shift (a YIQ rotation, `rotate_hue`); only the parameter sampling lives here.
+or worker. Geometry (crop, flips, rotation), blur and erasing are torchvision's
+(`transforms.v2.functional`); the colour jitter is one affine colour map (`colour_jitter`: brightness,
+contrast, saturation and a YIQ hue rotation composed, clipped once); only the parameter sampling lives here.
 """
 
 from __future__ import annotations
@@ -46,6 +47,41 @@ def decode_image(data: bytes, min_side: int | None = None) -> torch.Tensor:
 # 224 px (0.12 vs 2.1 ms, bench/input.py found adjust_hue ~60 % of the augmentation time).
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
 _YIQ_INV = torch.linalg.inv(_YIQ)
+
+
+_LUMA = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+
+
+def colour_matrix(brightness: float, contrast: float, saturation: float, hue: float) -> tuple[torch.Tensor, float]:
+    """(M, c): brightness, contrast, saturation and hue jitter composed into one affine colour map
+    x -> M @ x + c * luma_mean(x) (RGB, any scale). The steps are torchvision's ColorJitter steps in
+    this fixed order (brightness scales, contrast blends towards the mean grey, saturation towards each
+    pixel's grey, hue turns chroma about the grey axis), without clipping in between."""
+    eye = torch.eye(3, dtype=torch.float64)
+    grey = torch.ones(3, 1, dtype=torch.float64) @ _LUMA.view(1, 3)  # x -> its grey, in all 3 channels
+    t = 2 * math.pi * hue
+    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, math.cos(t), -math.sin(t)], [0.0, math.sin(t), math.cos(t)]],
+                       dtype=torch.float64)
+    m = (_YIQ_INV @ rot @ _YIQ) @ (saturation * eye + (1 - saturation) * grey) * (contrast * brightness)
+    # contrast's pull towards the mean grey of the brightened image: a grey offset, which saturation and
+    # hue leave as it is (they keep grey)
+    return m, (1 - contrast) * brightness
+
+
+def colour_jitter(img_u8: torch.Tensor, brightness: float = 1.0, contrast: float = 1.0, saturation: float = 1.0,
+                  hue: float = 0.0) -> torch.Tensor:
+    """uint8 [3, H, W] -> float [0, 1] with the jitter applied as one affine map (`colour_matrix`) and
+    clamped once: one pass over the pixels instead of a uint8 -> float -> uint8 round trip per step
+    (bench/input.py: the per-step version cost more than the decode)."""
+    x = img_u8.float()
+    if (brightness, contrast, saturation, hue) == (1.0, 1.0, 1.0, 0.0):
+        return x.div_(255)
+    m, c = colour_matrix(brightness, contrast, saturation, hue)
+    m = m.float() / 255
+    y = torch.einsum("ij,jhw->ihw", m, x)
+    if c:
+        y += c * float((_LUMA.float() @ x.mean(dim=(1, 2)))) / 255
+    return y.clamp_(0, 1)
 
 
 def rotate_hue(img_u8: torch.Tensor, shift: float) -> torch.Tensor:
@@ -112,19 +148,13 @@ def train_transform(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfi
         x = F.vertical_flip(x)
     if angle:
         x = F.rotate(x, angle)
-    if aug.brightness:
-        x = F.adjust_brightness(x, 1.0 + aug.brightness * float(jitter[0]))
-    if aug.contrast:
-        x = F.adjust_contrast(x, 1.0 + aug.contrast * float(jitter[1]))
-    if aug.saturation:
-        x = F.adjust_saturation(x, 1.0 + aug.saturation * float(jitter[2]))
-    if aug.hue:
-        x = rotate_hue(x, aug.hue * float(jitter[3]))
+    x = colour_jitter(x, 1.0 + aug.brightness * float(jitter[0]), 1.0 + aug.contrast * float(jitter[1]),
+                      1.0 + aug.saturation * float(jitter[2]), aug.hue * float(jitter[3]))  # float [0, 1]
     if u[2] < aug.blur:
         sigma = float(g.uniform(0.1, 2.0))
         k = max(3, int(2 * round(3 * sigma) + 1))
         x = F.gaussian_blur(x, [k, k], [sigma, sigma])
-    x = normalize(x)
+    x = F.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
     if u[3] < aug.erase:
         x = _erase(x, g, aug.erase_scale)
     return x

@@ -26,8 +26,6 @@ each over the same N = K x eval-batch images:
   eval               Trainer.predict_split on a dataset serving the same decoded samples from memory:
                      the evaluation loop as the product runs it (DataLoader collate, channels_last,
                      forward, loss, probabilities, gather) minus decoding
-  predict_forward    diagnostic, not product code: the model as load_for_inference returns it, called
-                     the way predict_images calls it (one image per forward, no autocast, no_grad)
 And end to end on JPEG files (decode included), alternating:
   predict            attrdist.predict.predict_images (what `attrdist predict` runs) with the model
                      load_for_inference loaded from a checkpoint the Trainer saved
@@ -203,15 +201,6 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     def t_eval() -> float:
         return tr.predict_split(mem, n)["seconds"]
 
-    def t_predict_forward() -> float:  # diagnostic replica of predict_images' forward line
-        sync()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for x in singles:
-                tr.task.probs(pmodel(x)["logits"])[0].topk(min(5, len(names)))
-        sync()
-        return time.perf_counter() - t0
-
     str_files = [str(p) for p in files]
     size, resize = cfg.data.image_size, cfg.data.eval_resize
 
@@ -226,7 +215,7 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
                 tr.task.probs(bare(x)["logits"]).topk(min(5, len(names)), dim=1)
         sync()
 
-    mem_fns = {"bare": t_bare, "measure_inference": t_measure, "eval": t_eval, "predict_forward": t_predict_forward}
+    mem_fns = {"bare": t_bare, "measure_inference": t_measure, "eval": t_eval}
     e2e_fns = {"bare_e2e": t_bare_e2e, "predict": t_predict}
     for fn in (*mem_fns.values(), *e2e_fns.values()):  # warm-up: allocator, oneDNN kernels for these shapes
         fn()
@@ -246,7 +235,7 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     common = {"model": key, "device": dev.type, "precision": mp, "channels_last": cfg.model.channels_last,
               "threads": torch.get_num_threads(), "eval_batch": b, "attributes": len(names),
               "image_size": cfg.data.image_size}
-    as_predict = {"precision": "fp32 (predict: no autocast)", "channels_last": False}  # what predict_images runs
+    as_predict = {}  # predict_images runs the run's precision and memory format, batched (attrdist/predict.py)
     rows = [{"benchmark": "inference", "what": name, "images": counts[name], **common,
              **(as_predict if name.startswith("predict") else {}), **summarize(v, counts[name])}
             for name, v in t.items()]
@@ -273,11 +262,8 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
                    *per_round_ratio(t["eval"], n, t["bare"], n), ">=", 0.9),
         target_row("inference", f"{label}: predict_images (attrdist predict, incl. decode) / bare loop incl. decode",
                    *per_round_ratio(t["predict"], len(files), t["bare_e2e"], len(files)), ">=", 0.9,
-                   note="predict_images runs one image per forward in fp32 without channels_last"),
+                   note="decode + eval transform in this process, then batches of 64 (attrdist predict)"),
     ]
-    m, lo, hi = per_round_ratio(t["predict_forward"], n, t["bare"], n)
-    rows.append({"benchmark": "inference", "what": "predict_forward / bare (diagnostic)", **common,
-                 "median": round(m, 3), "spread": f"{lo:.3f}-{hi:.3f}"})
     for r in targets:
         r.update(common)
     tr.tracker.close()

@@ -98,3 +98,16 @@ def test_rotate_hue_keeps_luma_and_grey_and_turns_full_circle():
     luma = torch.tensor([0.299, 0.587, 0.114])
     assert abs((luma @ y[:, 0, 0]) - (luma @ mid[:, 0, 0].float())) < 1.0  # brightness kept
     assert not torch.equal(y.to(torch.uint8), mid)  # the colour did turn
+
+
+def test_colour_jitter_is_torchvisions_steps_in_one_affine_map():
+    from torchvision.transforms.v2 import functional as F
+
+    from attrdist.transforms import colour_jitter
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(3, 32, 32, generator=g) * 180 + 30).to(torch.uint8)  # away from 0/255: no clipping
+    assert torch.equal(colour_jitter(x), x.float() / 255)
+    for b, c, s in [(1.2, 1.0, 1.0), (1.0, 0.7, 1.0), (1.0, 1.0, 0.6), (1.1, 0.9, 1.2)]:
+        ref = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(x.float() / 255, b), c), s)
+        assert (colour_jitter(x, b, c, s) - ref).abs().max() < 1e-4, (b, c, s)  # float rounding only
