@@ -137,6 +137,7 @@ class OptimConfig:
     lr: float = _f(1e-4, "peak learning rate")
     weight_decay: float = _f(1e-4, "weight decay")
     momentum: float = _f(0.9, "SGD momentum")
+    fused: bool = _f(True, "torch's fused (single-kernel) optimizer step, CPU and CUDA; ~5x faster on CPU (off under DeepSpeed)")
     clip_grad_norm: float = _f(1.0, "max gradient norm (0 = no clipping)")
     grad_accum: int = _f(1, "gradient accumulation steps")
     bce_weight: float = _f(1.0, "weight of the multi-label BCE term")

@@ -204,7 +204,7 @@ class Trainer:
         elif cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.raw_model = model
-        optimizer = build_optimizer(cfg.optim, model, fused=not cfg.run.deepspeed)
+        optimizer = build_optimizer(cfg.optim, model, fused=cfg.optim.fused and not cfg.run.deepspeed)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         if self.deepspeed:
             from attrdist import zero

@@ -39,7 +39,7 @@ def machine_info() -> dict:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         cwd=here).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "attrdist", "recipes",
-                                "launch", "shards", "bench"], capture_output=True, text=True, cwd=here.parent).stdout
+                                "launch", "shards", "bench", ":(exclude)bench/results"], capture_output=True, text=True, cwd=here.parent).stdout
         if dirty.strip():
             info["commit"] += "+changes"  # measured on uncommitted code: the next commit holds it
     except OSError:
