@@ -286,22 +286,30 @@ def log_files(info: dict, task: int = 0) -> list[Path]:
 
 
 def submitit_outcome(info: dict) -> tuple[str, object] | None:
-    """("success", result) or ("error", traceback text) from task 0, if it wrote one."""
+    """("success", summary) or ("error", traceback text) of task 0, once submitit has written its result
+    file; None before. Nothing is unpickled: the summary comes from the run directory (report.json,
+    restarts.jsonl) and an error from the traceback submitit prints into task 0's .err log."""
     if info.get("kind") != "submitit":
         return None
-    import pickle
-
-    f = Path(info["folder"]) / f"{info['job_id']}_0_result.pkl"
-    if not f.is_file():
+    folder, jid = Path(info["folder"]), info["job_id"]
+    if not (folder / f"{jid}_0_result.pkl").is_file():
         return None
-    with open(f, "rb") as fh:
-        return pickle.load(fh)  # written by our own job in our own log folder
+    err = folder / f"{jid}_0_log.err"
+    text = err.read_text(errors="replace") if err.is_file() else ""
+    last_start = text.rfind("attrdist.slurm: slurm(job ")  # the last attempt's part of the appended log
+    attempt = text[last_start:] if last_start >= 0 else text
+    if "Submitted job triggered an exception" in attempt:
+        return "error", attempt
+    from attrdist.slurm import summary
+
+    return "success", summary(Path(info["run_dir"])) if info.get("run_dir") else {}
 
 
 def error_line(tb: str) -> str:
-    """The last line of a job's traceback, without the exception's module path."""
-    last = [ln for ln in str(tb).strip().splitlines() if ln.strip()][-1]
-    return re.sub(r"^[\w.]*RecipeFailed: ", "", last)
+    """The error of a job's traceback (RecipeFailed's one line if it is there), without module paths."""
+    lines = [ln for ln in str(tb).strip().splitlines() if ln.strip()]
+    failed = [m.group(1) for ln in lines if (m := re.search(r"RecipeFailed: (.*)$", ln))]
+    return failed[-1] if failed else re.sub(r"^\[rank\d+\]: ", "", lines[-1])
 
 
 def status(job_id: str, *, wait: bool = False, poll_s: float = 2.0) -> int:
