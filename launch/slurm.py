@@ -119,7 +119,7 @@ def check_recipe(script: str, recipe_args: list[str]):
     return cfg, args
 
 
-def run_dir_for(cfg, recipe_args: list[str], stamp: str, suffix: str = "") -> Path:
+def run_dir_for(cfg, stamp: str, suffix: str = "") -> Path:
     if cfg.run.run_dir:
         base = Path(cfg.run.run_dir)
     else:
@@ -191,7 +191,7 @@ def submit(script: str, recipe_args: list[str], flags: dict, *, profile: str | N
     jobs = []
     for combo in grid:
         sub_cfg, _ = check_recipe(script, [*recipe_args, *combo]) if combo else (cfg, args)
-        run_dir = run_dir_for(sub_cfg, recipe_args, stamp, slug(combo) if len(grid) > 1 else "")
+        run_dir = run_dir_for(sub_cfg, stamp, slug(combo) if len(grid) > 1 else "")
         has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
         if has_ckpt and not (args.resume or sub_cfg.run.resume == "auto"):
             raise fail(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another run.run_dir")

@@ -56,3 +56,20 @@ def run_recipe(args: list[str], *, timeout: float = 300, env: dict | None = None
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-6000:]}\nSTDERR:\n{p.stderr[-6000:]}")
     return p
+
+
+def train_steps(metrics: Path) -> list[int]:
+    """The optimizer steps logged in a metrics.jsonl (a torn last line after SIGKILL is skipped)."""
+    import json
+
+    if not metrics.is_file():
+        return []
+    out = []
+    for line in metrics.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("type") == "train":
+            out.append(rec["step"])
+    return out

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tests.conftest import FAST, ROOT, run_env
+from tests.conftest import train_steps as _train_steps
 from tests.test_distributed import last_weights
 
 pytestmark = pytest.mark.slurm
@@ -96,18 +97,7 @@ def sacct(jid: str) -> list[tuple[str, str]]:
 
 
 def train_steps(d: Path) -> list[int]:
-    f = d / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    steps = []
-    for line in f.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("type") == "train":
-            steps.append(rec["step"])
-    return steps
+    return _train_steps(d / "metrics.jsonl")
 
 
 def wait_for(cond, timeout: float, what: str, poll: float = 0.2):

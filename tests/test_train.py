@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import FAST, ROOT, run_env, run_recipe
+from tests.conftest import FAST, ROOT, run_env, run_recipe, train_steps
 
 
 def demo_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -93,20 +93,6 @@ def test_overfit_drives_loss_to_zero(small_shards, tmp_path):
     assert train[-1]["bce"] < 0.02, train[-1]
 
 
-def _steps(path: Path) -> list[int]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("type") == "train":
-            out.append(rec["step"])
-    return out
-
-
 def test_kill_mid_epoch_then_resume_matches_uninterrupted(small_shards, tmp_path):
     """SIGKILL after a mid-epoch checkpoint, resume, and end with the same weights as a run never killed."""
     extra = ("run.epochs=2", "run.ckpt_every_steps=2", "run.eval_every=2", "model.dropout=0.1")
@@ -116,7 +102,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(small_shards, tmp_path
     cmd = [sys.executable, str(ROOT / "recipes" / "coconut.py"), *demo_args(small_shards, run_dir, *extra)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and not (max(_steps(run_dir / "metrics.jsonl"), default=0) >= 5):
+    while time.time() < deadline and not (max(train_steps(run_dir / "metrics.jsonl"), default=0) >= 5):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
