@@ -42,6 +42,17 @@ def restore(previous: dict) -> None:
         signal.signal(s, h)
 
 
+def finish(previous: dict) -> None:
+    """The task's work is over (finished, requeued or failed): restore the handlers, then ignore SIGUSR2.
+    A late time-limit warning or preemption signal must not change the outcome: CPython resets
+    Python-level handlers to SIG_DFL early in interpreter shutdown, and USR2's default action kills the
+    process, which SLURM then records as FAILED with exit 12 (seen in CI); submitit's own handler would
+    requeue a job that has already finished."""
+    restore(previous)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class Interrupted(SystemExit):
     """Raised on every rank once a stop request has been agreed and the checkpoint is written.
     Exit status 128 + the signal, like a process the signal had killed."""

@@ -272,7 +272,7 @@ def run_task(script: str, args: list[str], *, max_requeues: int = 3, signal_dela
                 raise RecipeFailed(_failure(e, script)) from None
         return summary(run_dir)
     finally:
-        interrupt.restore(previous)
+        interrupt.finish(previous)  # from here on a late SIGUSR2 is ignored
 
 
 @dataclass

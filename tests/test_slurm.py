@@ -175,15 +175,27 @@ def test_preempted_by_a_high_priority_job_checkpoints_requeues_and_resumes_exact
 
 def test_time_limit_requeues_through_the_timeout_path_and_finishes(work, small_shards):
     """A 1-minute job whose training needs longer: SLURM's own USR2 (55 s before the limit, so at its first
-    time-limit check) stops it, it requeues, and a later attempt finishes."""
+    time-limit check, which SLURM runs every 30 s) stops it and it requeues. The test then raises the job's
+    limit to 10 minutes, as an admin would, so that the next attempt finishes for certain instead of racing
+    that 30-second cycle again (an attempt that finished before the check got no signal at all)."""
+    epochs = 150  # 1,800 steps: ~75 s of training on one CPU rank (24 steps/s), well past the latest signal (~35 s)
     p = submit(work, small_shards, "--partition", "debug", "--time", "00:01:00", "--signal-delay-s", "55",
-               "--max-requeues", "8", extra=["run.epochs=40", "run.eval_every=20"], timeout=600)
+               "--max-requeues", "3", wait=False, extra=[f"run.epochs={epochs}", "run.eval_every=50"])
     assert p.returncode == 0, p.stdout + p.stderr
-    rd = run_dir(p.stdout)
+    jid, rd = job_id(p.stdout), run_dir(p.stdout)
+    wait_for(lambda: (rd / "restarts.jsonl").is_file(), 150, "SLURM's time-limit signal to stop the first attempt")
+    wait_for(lambda: subprocess.run(["scontrol", "update", f"JobId={jid}", "TimeLimit=00:10:00"],
+                                    capture_output=True, timeout=30).returncode == 0, 30, "scontrol update TimeLimit")
+    st = launch(work, "status", jid, "--wait", timeout=400, check=False)
+    assert st.returncode == 0, st.stdout + st.stderr
     restarts = [json.loads(x) for x in (rd / "restarts.jsonl").read_text().splitlines()]
-    assert restarts and all(r["reason"].startswith("time limit (SIGUSR2 with") for r in restarts), restarts
-    assert [r["restart"] for r in restarts] == list(range(1, len(restarts) + 1))
-    assert max(train_steps(rd)) == 12 * 40
+    assert len(restarts) == 1 and restarts[0]["reason"].startswith("time limit (SIGUSR2 with"), restarts
+    assert restarts[0]["restart"] == 1 and restarts[0]["requeued"] is True
+    assert "restart:  1 time limit (SIGUSR2 with" in st.stdout, st.stdout
+    states = [s for _, s in sacct(jid)]
+    assert states[-1] == "COMPLETED" and len(states) >= 2, states
+    steps = train_steps(rd)
+    assert sorted(set(steps)) == list(range(1, 12 * epochs + 1)) and restarts[0]["step"] < 12 * epochs
 
 
 def test_past_the_requeue_limit_a_job_ends_failed_with_its_checkpoint_and_continues_with_resume(work, small_shards):

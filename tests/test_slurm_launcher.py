@@ -109,6 +109,19 @@ def test_a_signal_before_training_is_kept_for_the_first_step():
         interrupt.clear()
 
 
+def test_a_signal_after_the_task_is_over_cannot_kill_it_or_change_its_outcome():
+    """CPython resets Python-level handlers to SIG_DFL during shutdown; a time-limit USR2 landing then
+    killed a finished job (SLURM: FAILED, exit 12). Once `finish` has run, USR2 is ignored."""
+    code = ("import os, signal; from attrdist import interrupt; {}; os.kill(os.getpid(), signal.SIGUSR2); "
+            "print('alive', interrupt.requested())")
+    before = subprocess.run([sys.executable, "-c", code.format("interrupt.restore(interrupt.install())")],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert before.returncode == -signal.SIGUSR2  # what restoring the default handler alone does
+    after = subprocess.run([sys.executable, "-c", code.format("interrupt.finish(interrupt.install())")],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (after.returncode, after.stdout.strip()) == (0, "alive 0"), after.stderr
+
+
 def test_sigusr2_checkpoints_stops_with_status_140_and_resume_matches_uninterrupted(small_shards, tmp_path):
     """Outside SLURM too: USR2 -> checkpoint at the end of the step -> exit 128+12; --resume finishes with
     exactly the weights of a run that was never stopped."""
