@@ -83,21 +83,70 @@ class AnnSource:
 
 _SHAPE = 'expected a COCO JSON object {"images": [...], "annotations": [...], "categories": [...]}'
 
+# json.load's Python objects take ~5x the bytes of the file (measured on COCO-like instances: 65 MB of JSON,
+# 333 MB more resident), plus the text itself while it is parsed.
+JSON_MEMORY_FACTOR = 6
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory this process may still use: MemAvailable, capped by a cgroup v2 limit (containers)."""
+    avail = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError):
+        cg = Path("/sys/fs/cgroup")
+        limit = (cg / "memory.max").read_text().strip()
+        if limit != "max":
+            room = int(limit) - int((cg / "memory.current").read_text())
+            avail = room if avail is None else min(avail, room)
+    return avail
+
+
+def json_size_problem(path: Path, size: int) -> str:
+    """Why an annotation JSON of `size` bytes is not parsed ("" if it may be): it would not fit in memory
+    (JSON_MEMORY_FACTOR x its size), or it exceeds ATTRDIST_MAX_JSON_BYTES when that is set."""
+    env = os.environ.get("ATTRDIST_MAX_JSON_BYTES", "").strip()
+    if env:
+        if not env.isdigit():
+            return f"ATTRDIST_MAX_JSON_BYTES={env!r} is not a number of bytes; set it to one (or unset it)"
+        return (f"{size / 1e6:.1f} MB of JSON, more than ATTRDIST_MAX_JSON_BYTES={env} allows; raise it to parse this "
+                f"file") if size > int(env) else ""
+    avail = _available_memory()
+    if avail is None or size * JSON_MEMORY_FACTOR <= avail:
+        return ""
+    return (f"{size / 1e9:.2f} GB of JSON needs about {size * JSON_MEMORY_FACTOR / 1e9:.1f} GB of memory to parse, "
+            f"and {avail / 1e9:.1f} GB is available; free memory or use a machine with more (or set "
+            f"ATTRDIST_MAX_JSON_BYTES={size} to try anyway)")
+
 
 def read_coco_json(path: str | os.PathLike, *, need_categories: bool = False) -> dict:
     """Parse and shape-check a COCO-format JSON (captions, instances or panoptic).
 
-    One-line AttrdistError naming the file for: missing file, invalid JSON, wrong shape,
+    One-line AttrdistError naming the file for: missing file, a file too big for the memory (checked
+    before reading: `json_size_problem`; running out anyway is caught too), invalid JSON, wrong shape,
     images without id/file_name, duplicate image ids.
     """
     path = Path(path)
     if not path.is_file():
         raise AttrdistError(f"{path}: annotation file not found; check the path")
+    size = path.stat().st_size
+    problem = json_size_problem(path, size)
+    if problem:
+        raise AttrdistError(f"{path}: {problem}")
     try:
         with open(path, "rb") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AttrdistError(f"{path}: not valid JSON ({str(e)[:120]}); pass a COCO annotation file") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or text encoding, absurd nesting
+        raise AttrdistError(f"{path}: not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]}); pass a COCO annotation "
+                            f"file") from None
+    except MemoryError:
+        raise AttrdistError(f"{path}: ran out of memory parsing {size / 1e6:.1f} MB of JSON; free memory or use a "
+                            f"machine with more") from None
+    except OSError as e:
+        raise AttrdistError(f"{path}: cannot read annotation file ({e.strerror}); check the file and its "
+                            f"permissions") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
         raise AttrdistError(f"{path}: not a COCO annotation file; {_SHAPE}")
@@ -157,9 +206,12 @@ def panoptic_to_instances(data: dict, path: Path) -> dict:
             raise AttrdistError(f"{path}: image id {entry['image_id']} has two panoptic annotations (annotations[{i}]); "
                                 f"fix or regenerate the file")
         seen.add(entry["image_id"])
-        for seg in entry["segments_info"]:
+        for j, seg in enumerate(entry["segments_info"]):
             if not isinstance(seg, dict):
                 raise AttrdistError(f"{path}: annotations[{i}].segments_info holds a non-object; COCO panoptic format expected")
+            if not isinstance(seg.get("id"), int) or isinstance(seg.get("id"), bool):
+                raise AttrdistError(f"{path}: annotations[{i}].segments_info[{j}] has no integer \"id\" (got "
+                                    f"{seg.get('id')!r}); COCO panoptic segment ids are integers: fix the file")
             n += 1
             anns.append({"id": n, "segment_id": seg.get("id"), "image_id": entry["image_id"],
                          "category_id": seg.get("category_id"), "bbox": seg.get("bbox"),
@@ -228,16 +280,21 @@ def load_detections(path: str | os.PathLike) -> Detections:
 def _safe_join(root: Path, name: str, ann_file: Path) -> Path:
     rel = Path(name)
     if rel.is_absolute() or ".." in rel.parts:
-        raise AttrdistError(f"{ann_file}: image file name {name!r} is absolute or contains '..'; refusing to read outside {root}")
+        raise AttrdistError(f"{ann_file}: image file name {name!r} is absolute or contains '..'; refusing to read outside "
+                            f"{root}: fix that entry (file names are relative to the image directory)")
     return root / rel
 
 
 def true_attribute_ids(coco, image_id: int, index: dict[str, int], ann_file: Path) -> list[int] | None:
     """Union of image-level and object-level `attributes` names, as vocabulary indices."""
     img = coco.imgs[image_id]
-    names = list(img.get("attributes", []))
-    for ann in coco.imgToAnns.get(image_id, []):
-        names.extend(ann.get("attributes", []))
+    names = []
+    for where in (img, *coco.imgToAnns.get(image_id, [])):
+        attrs = where.get("attributes", [])
+        if not isinstance(attrs, list) or not all(isinstance(n, str) for n in attrs):
+            raise AttrdistError(f"{ann_file}: \"attributes\" of image {image_id} (or of one of its annotations) is not a "
+                                f"list of attribute names; fix the file")
+        names.extend(attrs)
     if "attributes" not in img and not names:
         return None
     unknown = sorted({n for n in names if n not in index})
@@ -449,6 +506,10 @@ def pack_coco_captions(out_dir: str | os.PathLike, splits: list[SplitSource], vo
     jobs = []
     for split in splits:
         caps = load_coco(split.captions)
+        for i, a in enumerate(caps.dataset["annotations"]):
+            if not isinstance(a.get("caption"), str):
+                raise AttrdistError(f"{split.captions}: annotations[{i}] has no string \"caption\"; pass a COCO captions "
+                                    f"file (captions_*.json) as the captions of split {split.name!r}")
         sources.append(source_entry(split.captions))
         inst = None
         if split.instances:

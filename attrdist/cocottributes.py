@@ -125,7 +125,7 @@ def load_pickle(path: str | os.PathLike):
     except AttrdistError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated / not a pickle
-        raise AttrdistError(f"{path}: not a readable pickle ({type(e).__name__}: {str(e)[:120]}); "
+        raise AttrdistError(f"{path}: not a readable pickle ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
                             f"re-download cocottributes_eccv_version.pkl") from None
 
 
@@ -136,7 +136,7 @@ def load_cocottributes(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise AttrdistError(f"{path}: expected a pickled dict with keys {', '.join(REQUIRED_KEYS)}, got "
                             f"{type(data).__name__}")
-    data = {(k.decode() if isinstance(k, bytes) else k): v for k, v in data.items()}
+    data = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in data.items()}
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise AttrdistError(f"{path}: missing keys {missing} (have {sorted(map(str, data))[:8]}); "
@@ -144,10 +144,16 @@ def load_cocottributes(path: str | os.PathLike) -> dict:
     for k in ("ann_vecs", "patch_id_to_ann_id", "split"):
         if not isinstance(data[k], dict):
             raise AttrdistError(f"{path}: {k!r} is a {type(data[k]).__name__}, expected a dict keyed by patch id")
+        bad = next((p for p in data[k] if not isinstance(p, (int, np.integer, str, bytes)) or isinstance(p, bool)), None)
+        if bad is not None:
+            raise AttrdistError(f"{path}: {k!r} has the key {bad!r} ({type(bad).__name__}); patch ids are integers "
+                                f"(or strings): expected the COCO Attributes ECCV pickle")
     attrs = data["attributes"]
     try:
+        if not isinstance(attrs, (list, tuple)) or not all(isinstance(a, dict) for a in attrs):
+            raise TypeError("not a list of dicts")
         attrs = sorted(({"id": int(a["id"]), "name": str(a["name"])} for a in attrs), key=lambda a: a["id"])
-    except (TypeError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError, OverflowError):
         raise AttrdistError(f"{path}: 'attributes' must be a list of {{'id', 'name'}} entries") from None
     if len({a["name"] for a in attrs}) != len(attrs) or len({a["id"] for a in attrs}) != len(attrs):
         raise AttrdistError(f"{path}: duplicate attribute ids or names in 'attributes'")
@@ -169,7 +175,7 @@ def vote_labels(vec, n: int, threshold: float) -> tuple[list[int], list[int]] | 
 
 
 def output_split(value) -> str | None:
-    v = value.decode() if isinstance(value, bytes) else str(value)
+    v = value.decode("latin1") if isinstance(value, bytes) else str(value)
     for name in ("train", "val"):
         if v.startswith(name):
             return name
@@ -232,7 +238,7 @@ def pack_cocottributes(out_dir: str | os.PathLike, pkl: str | os.PathLike, insta
             continue
         try:
             ann_id = int(data["patch_id_to_ann_id"][pid])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             drops[split]["no_annotation_id"] += 1
             continue
         det = next((d for d in dets if ann_id in d.anns), None)

@@ -140,6 +140,7 @@ class OptimConfig:
     fused: bool = _f(True, "torch's fused (single-kernel) optimizer step, CPU and CUDA; ~5x faster on CPU (off under DeepSpeed)")
     clip_grad_norm: float = _f(1.0, "max gradient norm (0 = no clipping)")
     grad_accum: int = _f(1, "gradient accumulation steps")
+    max_nonfinite: int = _f(10, "an optimizer step whose loss or gradients are NaN/Inf is skipped (weights and optimizer state unchanged, counted in the log and report.json); the run stops when more than this many steps IN A ROW were skipped (a diverged run), naming the last checkpoint (0 = stop at the first). Occasional bad steps never stop a run; fp16 loss-scale overflows are the scaler's and not counted")
     bce_weight: float = _f(1.0, "weight of the multi-label BCE term")
     contrastive_weight: float = _f(0.1, "weight of the image/attribute contrastive term")
     temperature: float = _f(0.1, "contrastive temperature")
@@ -317,13 +318,15 @@ def validate(cfg: Config) -> None:
         (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (o.clip_grad_norm >= 0, "optim.clip_grad_norm must be >= 0 (0 = off)"),
         (o.grad_accum >= 1, "optim.grad_accum must be >= 1"),
+        (o.max_nonfinite >= 0, "optim.max_nonfinite must be >= 0 (0 = stop at the first non-finite step)"),
         (o.temperature > 0, "optim.temperature must be > 0"),
         (r.epochs >= 1, "run.epochs must be >= 1"),
         (r.eval_every >= 1, "run.eval_every must be >= 1"),
         (r.patience >= 0, "run.patience must be >= 0"),
         (r.world_size >= 0, "run.world_size must be >= 0"),
         (r.dist_timeout_s >= 10, "run.dist_timeout_s must be >= 10 seconds"),
-        (m.dim % m.heads == 0, f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})"),
+        (m.heads >= 1, "model.heads must be >= 1"),
+        (m.heads < 1 or m.dim % m.heads == 0, f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})"),
         (0 <= m.dropout < 1, "model.dropout must be in [0, 1)"),
         (m.frozen_stages >= 0, "model.frozen_stages must be >= 0"),
         (m.fusion_layers >= 1, "model.fusion_layers must be >= 1"),
@@ -350,8 +353,13 @@ def to_json(cfg: Any) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
 
 
-def from_dict(cls: type, data: dict) -> Any:
-    """Rebuild a nested config dataclass from `to_dict` output (e.g. a saved config.json)."""
+def from_dict(cls: type, data: dict, where: str = "config", _prefix: str = "") -> Any:
+    """Rebuild a nested config dataclass from `to_dict` output (e.g. a saved config.json). Keys it does not
+    know are ignored (a newer attrdist's); a value of the wrong type is an AttrdistError naming `where`
+    (the file) and the key."""
+    if not isinstance(data, dict):
+        raise AttrdistError(f"{where}: {_prefix.rstrip('.') or 'the config'} is a {type(data).__name__}, expected an "
+                            f"object of config keys; use a config.json written by attrdist")
     hints = _hints(cls)
     kwargs = {}
     for f in fields(cls):
@@ -359,12 +367,44 @@ def from_dict(cls: type, data: dict) -> Any:
             continue
         tp, v = hints[f.name], data[f.name]
         if is_dataclass(tp):
-            kwargs[f.name] = from_dict(tp, v)
-        elif typing.get_origin(tp) is tuple:
-            kwargs[f.name] = tuple(v)
+            kwargs[f.name] = from_dict(tp, v, where, f"{_prefix}{f.name}.")
         else:
-            kwargs[f.name] = v
+            kwargs[f.name] = _from_json(v, tp, f"{_prefix}{f.name}", where)
     return cls(**kwargs)
+
+
+def _from_json(v: Any, tp: Any, key: str, where: str) -> Any:
+    """A JSON value checked against a field's annotated type (the JSON twin of `_parse`)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if isinstance(v, str) and v in typing.get_args(tp):
+            return v
+    elif origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if v is None and len(args) < len(typing.get_args(tp)) else _from_json(v, args[0], key, where)
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(v, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_from_json(x, args[0], key, where) for x in v)
+            if len(v) == len(args):
+                return tuple(_from_json(x, a, key, where) for x, a in zip(v, args))
+    elif tp is bool:
+        if isinstance(v, bool):
+            return v
+    elif tp is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    elif tp is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    elif tp is str:
+        if isinstance(v, str):
+            return v
+    else:
+        return v
+    raise AttrdistError(f"{where}: {key}={v!r:.80} does not fit its type {getattr(tp, '__name__', tp)}; use a config.json "
+                        f"written by attrdist (or fix that value)")
 
 
 def help_text(cfg: Config) -> str:

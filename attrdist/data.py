@@ -6,8 +6,11 @@ global batch. So 1 or N processes see the same samples in the same optimizer ste
 at global batch k of an epoch is just "start the order at k" (no saved RNG state).
 
 DataLoader workers receive whole batches of (index, epoch) pairs (the batch sampler below): each
-worker reads the bytes (wids indexed tar), decodes, augments with key fold(seed, epoch, index)
-and collates, so per-sample tensors never cross a process boundary one by one.
+worker reads the bytes (`ShardReader`: its own tar index, pread), decodes, does the spatial augmentation with key
+fold(seed, epoch, index) on uint8 pixels and collates, so per-sample tensors never cross a process
+boundary one by one and batches cross it as uint8. The pixel-wise augmentation (colour, erasing,
+whose parameters each sample carries) and normalisation run on the batch where it lands
+(`batch_images`, on the training device).
 
 Training drops the last incomplete global batch (logged); evaluation pads the last batch with
 index -1 samples marked `valid=False`, so every rank runs the same number of steps and the
@@ -18,8 +21,10 @@ the batch as a blank image with `valid=False` (and counted): shapes never change
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,10 +32,11 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from attrdist import rng as rnglib
 from attrdist.config import DataConfig
-from attrdist.shards import Manifest, ShardReader
-from attrdist.transforms import decode_image, eval_transform, train_transform
+from attrdist.shards import Manifest, ShardError, ShardReader, check_checksums
+from attrdist.transforms import IDENTITY_COLOUR, NO_ERASE, decode_image, eval_geometry, photometric, train_geometry
 
 IMAGE_KEYS = ("jpg", "jpeg", "png")
+log = logging.getLogger("attrdist")
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -76,6 +82,64 @@ class BatchPlan:
             yield [(int(i), self.epoch) for i in sl]
 
 
+class SampleError(str):
+    """Why one sample was skipped: the line "<key> in <shard file>: <reason>", carrying `.shard` and `.key`
+    too, so the counts per shard survive DataLoader workers and ranks (it pickles as itself)."""
+
+    def __new__(cls, shard: str, key: str, reason: str):
+        self = super().__new__(cls, f"{key} in {shard}: {reason}"[:400])
+        self.shard, self.key, self.reason = shard, key, reason
+        return self
+
+    def __reduce__(self):
+        return SampleError, (self.shard, self.key, self.reason)
+
+
+def sample_error(reader, index: int, raw: dict, e: Exception) -> SampleError:
+    """The SampleError of sample `index` of `reader` that failed with `e` (`raw`: what was read of it)."""
+    shard, key = "?", raw.get("__key__", f"#{index}")
+    if hasattr(reader, "locate"):  # a ShardReader (tests use stand-ins)
+        s, pos = reader.locate(index)
+        shard, key = Path(reader.paths[s]).name, raw.get("__key__", f"#{pos}")
+    if isinstance(e, ShardError):
+        return SampleError(e.shard, e.key, e.reason)
+    if isinstance(e, KeyError) and e.args == ("json",):
+        reason = "the sample has no json member (its labels)"
+    elif isinstance(e, StopIteration):
+        reason = f"the sample has no image member ({'/'.join(IMAGE_KEYS)}; it has: {', '.join(k for k in raw if k != '__key__')})"
+    else:
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    return SampleError(shard, str(key), reason[:300])
+
+
+class CorruptTally:
+    """Samples skipped as corrupt, counted per shard file into `counts` (a dict, updated in place: pass
+    one held by the loop state to keep it in checkpoints). One warning per sample for the first
+    `log_first`, then a single line saying that further ones are only counted."""
+
+    def __init__(self, what: str, counts: dict[str, int] | None = None, log_first: int = 20):
+        self.what, self.counts, self.log_first, self.logged = what, {} if counts is None else counts, log_first, 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, errors: list, log_them: bool = True) -> None:
+        for e in errors:
+            shard = getattr(e, "shard", "?")
+            self.counts[shard] = self.counts.get(shard, 0) + 1
+            if log_them and self.logged < self.log_first:
+                log.warning("%s: skipped undecodable sample %s", self.what, e)
+            elif log_them and self.logged == self.log_first:
+                log.warning("%s: more undecodable samples: from now on only counted per shard (report.md)", self.what)
+            self.logged += 1
+
+    def worst(self, n: int = 8) -> str:
+        """The `n` shards with the most skipped samples, as "file count, file count, ..."."""
+        top = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ", ".join(f"{s} {c}" for s, c in top[:n]) + (f" and {len(top) - n} more shards" if len(top) > n else "")
+
+
 class SampleDataset(Dataset):
     """Map (index, epoch) -> one decoded, transformed sample dict."""
 
@@ -100,7 +164,9 @@ class SampleDataset(Dataset):
 
     def blank(self, index: int) -> dict:
         s = self.cfg.image_size
-        out = {"image": torch.zeros(3, s, s), "index": index, "valid": False, "corrupt": False}
+        out = {"image": torch.zeros(3, s, s, dtype=torch.uint8), "index": index, "valid": False, "corrupt": False}
+        if self.train:
+            out.update(colour=IDENTITY_COLOUR, erase=NO_ERASE)
         for f in self.fields:
             out[f"labels/{f}"] = torch.zeros(self.A)
             out[f"mask/{f}"] = torch.zeros(self.A, dtype=torch.bool)
@@ -110,25 +176,28 @@ class SampleDataset(Dataset):
         index, epoch = item
         if index < 0:
             return self.blank(index)
-        raw = self.reader[index]
+        raw: dict = {}
         try:
+            raw = self.reader[index]  # ShardError: the sample's shard is truncated, damaged or refused
             meta = json.loads(raw["json"])
+            check_checksums(raw, meta)  # ChecksumError: flipped bits since packing
+            labels = self._labels(meta)  # IndexError/TypeError: label indices that do not fit the attributes
             data = next(raw[k] for k in IMAGE_KEYS if k in raw)
             size = self.cfg.image_size
             if self.train:
                 min_side = int(math.ceil(size / math.sqrt(self.cfg.augment.crop_scale[0])))
                 img = decode_image(bytes(data), min_side)
                 key = rnglib.fold(self.seed, rnglib.AUGMENT, epoch, index)
-                x = train_transform(img, key, size, self.cfg.augment)
+                x = train_geometry(img, key, size, self.cfg.augment)  # uint8 image + colour/erase parameters
             else:
                 img = decode_image(bytes(data), int(size * self.cfg.eval_resize))
-                x = eval_transform(img, size, self.cfg.eval_resize)
-        except Exception as e:  # corrupt JPEG, truncated sample, missing field, decompression bomb
+                x = {"image": eval_geometry(img, size, self.cfg.eval_resize)}
+        except Exception as e:  # unreadable sample, corrupt JPEG, missing field, bad labels, decompression bomb
             out = self.blank(index)
             out["corrupt"] = True
-            out["error"] = f"{raw.get('__key__', index)}: {type(e).__name__}: {e}"[:300]
+            out["error"] = sample_error(self.reader, index, raw, e)
             return out
-        return {"image": x, "index": index, "valid": True, "corrupt": False, **self._labels(meta)}
+        return {**x, "index": index, "valid": True, "corrupt": False, **labels}
 
 
 def collate(samples: list[dict]) -> dict:
@@ -139,6 +208,18 @@ def collate(samples: list[dict]) -> dict:
     out["valid"] = torch.tensor([s["valid"] for s in samples], dtype=torch.bool)
     out["errors"] = [s["error"] for s in samples if s.get("corrupt")]
     return out
+
+
+def batch_images(batch: dict, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """A batch's uint8 images -> the model's float input on `device`: the pixel-wise augmentation (train
+    batches carry each sample's colour map and erasing box) and normalisation run there, on the whole
+    batch at once (`transforms.photometric`)."""
+    dev = torch.device(device)
+    if batch["image"].is_floating_point():  # already finished (a benchmark's batches held in memory)
+        return batch["image"].to(dev, non_blocking=True).contiguous(memory_format=memory_format)
+    colour = batch["colour"].to(dev, non_blocking=True) if "colour" in batch else None
+    # the erasing boxes stay on the host: they are read as numbers (no device sync)
+    return photometric(batch["image"].to(dev, non_blocking=True), colour, batch.get("erase"), memory_format)
 
 
 def make_loader(dataset: SampleDataset, plan: BatchPlan, num_workers: int, pin_memory: bool = False) -> DataLoader:

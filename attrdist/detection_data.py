@@ -39,8 +39,8 @@ from torchvision.ops import box_convert, remove_small_boxes
 from torchvision.transforms.v2 import functional as F
 
 from attrdist import rng as rnglib
-from attrdist.data import IMAGE_KEYS, BatchPlan
-from attrdist.shards import ShardReader
+from attrdist.data import IMAGE_KEYS, BatchPlan, sample_error
+from attrdist.shards import ShardReader, check_checksums
 from attrdist.transforms import decode_image
 
 JITTER = 0.2  # brightness, contrast and saturation factors in [1 - JITTER, 1 + JITTER]
@@ -89,6 +89,7 @@ class DetectionDataset(Dataset):
 
     def _load(self, raw: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, float]:
         meta = json.loads(raw["json"])
+        check_checksums(raw, meta)  # ChecksumError: flipped bits since packing
         data = next(raw[k] for k in IMAGE_KEYS if k in raw)
         h, w = meta["height"], meta["width"]
         scale = min(1.0, self.max_side / max(h, w)) if self.max_side else 1.0
@@ -104,16 +105,18 @@ class DetectionDataset(Dataset):
         index, epoch = item
         if index < 0:
             return self.blank(index)
-        raw = self.reader[index]
+        raw: dict = {}
         try:
+            raw = self.reader[index]  # ShardError: the sample's shard is truncated, damaged or refused
             image, boxes, labels, meta, scale = self._load(raw)
-        except Exception as e:  # corrupt image, truncated sample, missing field
-            return self.blank(index, f"{raw.get('__key__', index)}: {type(e).__name__}: {e}"[:300])
+            image_id = int(meta["image_id"])
+        except Exception as e:  # unreadable sample, corrupt image, missing field
+            return self.blank(index, sample_error(self.reader, index, raw, e))
         if self.train:
             image, boxes = augment(image, boxes, rnglib.fold(self.seed, rnglib.AUGMENT, epoch, index))
         ok = remove_small_boxes(boxes, 1e-2)  # torchvision refuses boxes without area in training
         return {"image": F.to_dtype(image, torch.float32, scale=True), "target": _target(boxes[ok], labels[ok]),
-                "image_id": int(meta["image_id"]), "scale": scale, "index": index, "valid": True}
+                "image_id": image_id, "scale": scale, "index": index, "valid": True}
 
 
 def _target(boxes: torch.Tensor, labels: torch.Tensor) -> dict:

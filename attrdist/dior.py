@@ -119,7 +119,8 @@ def parse_dior_xml(path: str | os.PathLike) -> DiorAnnotation:
     except OSError as e:
         raise AttrdistError(f"{path}: cannot read annotation file ({e.strerror}); check its permissions") from None
     except ET.ParseError as e:
-        raise AttrdistError(f"{path}: malformed XML ({e}); re-download the annotation") from None
+        raise AttrdistError(f"{path}: malformed XML ({' '.join(str(e).split())[:160]}); re-download the "
+                            f"annotation") from None
     if root.tag != "annotation":
         raise AttrdistError(f"{path}: root element is <{root.tag}>, not <annotation>; not a DIOR annotation file")
     fname = (root.findtext("filename") or "").strip() or f"{path.stem}.jpg"
@@ -254,7 +255,8 @@ def read_split_ids(path: Path) -> list[str]:
     try:
         lines = path.read_text().split()
     except (OSError, UnicodeDecodeError) as e:
-        raise AttrdistError(f"{path}: cannot read split file ({e}); re-download ImageSets/Main") from None
+        raise AttrdistError(f"{path}: cannot read split file ({' '.join(str(e).split())[:160]}); re-download "
+                            f"ImageSets/Main") from None
     ids = []
     for s in lines:
         _safe_name(s, path)

@@ -117,7 +117,7 @@ def read_group_csv(path: Path) -> dict[str, str]:
                                         f"relative to --root (refusing to read outside it)")
                 groups[p.as_posix()] = group
     except (UnicodeDecodeError, csv.Error) as e:
-        raise AttrdistError(f"{path}: malformed CSV ({e}); fix the file") from None
+        raise AttrdistError(f"{path}: malformed CSV ({' '.join(str(e).split())[:160]}); fix the file") from None
     except OSError as e:
         raise AttrdistError(f"{path}: cannot read groups CSV ({e.strerror}); check its permissions") from None
     return groups

@@ -74,6 +74,7 @@ def write(run_dir: Path, *, task, recipe, cfg, rt, results, state, timings, fiel
                            f"{recipe}: {split} vs {first}")
             L += ["Confusion matrix as a picture: `confusion.png` (rows normalised to recall).", ""]
     L += _throughput(results, split, state, timings)
+    L += _corrupt_section(state)
     md = "\n".join(L) + "\n"
     atomic.write_text(run_dir / "report.md", md)
     clean = {s: {k: v for k, v in r.items() if k != "_details"} | {"details": r["_details"]} for s, r in results.items()}
@@ -82,7 +83,8 @@ def write(run_dir: Path, *, task, recipe, cfg, rt, results, state, timings, fiel
                                                "results": clean,
                                                "thresholds": {k: v.tolist() for k, v in thresholds.items()},
                                                "best_checkpoint": str(best_dir), "timings": timings,
-                                               "runtime": rt.describe()})
+                                               "nonfinite_steps": state.nonfinite, "runtime": rt.describe(),
+                                               "corrupt_samples": _corrupt_json(state)})
     return run_dir / "report.md"
 
 
@@ -127,7 +129,27 @@ def _throughput(results: dict, split: str, state, timings: dict) -> list[str]:
           f"- time in training epochs: {timings.get('train_s', 0):.1f} s; wall time of the loop including evals: "
           f"{timings.get('wall_s', 0):.1f} s",
           f"- samples that failed to decode and were skipped: train {state.corrupt}, "
-          + ", ".join(f"{s} {r.get(f'{s}/corrupt', 0)}" for s, r in results.items()), ""]
+          + ", ".join(f"{s} {r.get(f'{s}/corrupt', 0)}" for s, r in results.items()),
+          f"- optimizer steps skipped for a NaN/Inf loss or gradient: {state.nonfinite}", ""]
+
+
+def _corrupt_json(state) -> dict:
+    """{"training": {shard file: samples skipped over all epochs}, "<split>": {... in its latest evaluation}}."""
+    return {k: dict(sorted(v.items())) for k, v in (getattr(state, "corrupt_shards", None) or {}).items()}
+
+
+def _corrupt_section(state) -> list[str]:
+    """Samples skipped as corrupt (unreadable, undecodable, missing a field), per shard file."""
+    rows = [(where, shard, n) for where, counts in _corrupt_json(state).items() for shard, n in counts.items() if n]
+    if not rows:
+        return []
+    L = ["## Samples skipped as corrupt, per shard", "",
+         "Left out of training / evaluation (train.log names each sample and why). Restore or re-pack these shards; "
+         "`data.max_corrupt` sets how many a run may skip.", "",
+         "| during | shard file | samples skipped |", "| --- | --- | ---: |"]
+    L += [f"| {'training (all epochs)' if w == 'training' else f'{w} evaluation (latest)'} | `{s}` | {n} |"
+          for w, s, n in rows]
+    return L + [""]
 
 
 def _inference_line(inf: dict | None) -> str:
@@ -187,10 +209,12 @@ def write_detection(run_dir: Path, *, recipe, cfg, rt, results, state, timings, 
         L.append("")
     split = "test" if "test" in results else "val"
     L += _throughput(results, split, state, timings)
+    L += _corrupt_section(state)
     atomic.write_text(run_dir / "report.md", "\n".join(L) + "\n")
     clean = {s: {k: v for k, v in r.items() if k != "_details"} | {"details": r["_details"]} for s, r in results.items()}
     atomic.write_json(run_dir / "report.json", {"recipe": recipe, "task": "detection",
                                                "headline": detection_headline(results), "config": to_dict(cfg),
                                                "results": clean, "best_checkpoint": str(best_dir), "timings": timings,
-                                               "runtime": rt.describe(), "novel_classes": list(novel)})
+                                               "nonfinite_steps": state.nonfinite, "runtime": rt.describe(),
+                                               "novel_classes": list(novel), "corrupt_samples": _corrupt_json(state)})
     return run_dir / "report.md"

@@ -9,18 +9,23 @@ A pack is written into a staging directory beside <dir> and moved into place onl
 shard and the manifest are complete (`atomic.replace_dir`): a crashed pack never leaves a shard
 or a manifest that looks complete, and never damages the previous good pack.
 
-Sample JSON: {"id", "index" (position in its split), "labels": [positive attribute indices],
-optional other label fields (e.g. "true_labels") and "<field>_ignore" lists of unlabelled attribute indices, "captions"...}.
-Reading uses wids' indexed tar reader (random access by sample index, mmap'ed).
+Sample JSON: {"id", "index" (position in its split), "crc32" ({member extension: crc32 of its bytes},
+checked by the data loaders), "labels": [positive attribute indices], optional other label fields (e.g.
+"true_labels") and "<field>_ignore" lists of unlabelled attribute indices, "captions"...}.
+Reading (`ShardReader`) indexes each shard's tar headers once, checked (a truncated, damaged or hostile
+shard is reported by name and its unreadable samples counted, never a crash), then reads by offset.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +87,10 @@ class PackWriter:
     discards the partial one, and `add()` skips the samples already written (checking that the
     inputs still give the same keys); `done(split)` tells a packer how many it may skip producing.
     A different job starts afresh. One packer at a time per output (a file lock).
+
+    A shard is written as `<name>.partial` and renamed when closed, so no half-written file ever carries
+    a shard's name. A full disk (or any other write error) stops the pack with one line naming the file
+    and what to do; the finished shards stay in the staging directory for the resume.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, dataset: str, attributes: list[str],
@@ -108,6 +117,7 @@ class PackWriter:
         self._skip: dict[str, int] = {}
         self.committed = False
         self.resumed_samples = 0
+        self._writing = self.staging  # the file being written (for error messages)
         self._resume_or_reset()
 
     # -------------------------------------------------------------- resume
@@ -150,6 +160,37 @@ class PackWriter:
 
     def add(self, split: str, key: str, sample: dict[str, bytes | dict]) -> int:
         """Append one sample to `split`; returns its index in the split."""
+        self._check_names(split, key, sample)
+        with self._write_errors():
+            return self._add(split, key, sample)
+
+    def _check_names(self, split: str, key: str, sample: dict) -> None:
+        """Tar member names are <key>.<ext>: plain names only, so the shard never holds a member that an
+        unpacking tool could write outside its target, and WebDataset's key/extension split (at the
+        first dot) gives the key back."""
+        bad = [n for n in (key, *sample) if not isinstance(n, str) or not n or "/" in n or "." in n
+               or unsafe_member_name(n) or not n.isprintable()]
+        if bad or "/" in split or unsafe_member_name(split):
+            raise AttrdistError(f"{self.out_dir}: sample key {key!r} (split {split!r}, fields {list(sample)}) is not a "
+                                f"plain name (no '/', '.', '\\', '..' or control characters); fix the ids in the "
+                                f"input annotations")
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """OSError while writing (a full disk above all) -> one line naming the file and what to do."""
+        try:
+            yield
+        except OSError as e:
+            where = e.filename or self._writing
+            kept = sum(len(v["shards"]) for v in self.splits.values())
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise AttrdistError(f"{where}: no space left on device while packing {self.out_dir}; free space on "
+                                    f"that disk or pack to another --out, then run the same command again: the pack "
+                                    f"resumes from its {kept} finished shards (a previous pack there is untouched)") from None
+            raise AttrdistError(f"{where}: cannot write the pack ({e.strerror or e}); fix the cause, then run the same "
+                                f"command again: the pack resumes from its {kept} finished shards") from None
+
+    def _add(self, split: str, key: str, sample: dict[str, bytes | dict]) -> int:
         info = self._split(split)
         if self._skip.get(split):  # already written by the interrupted run
             self._skip[split] -= 1
@@ -161,6 +202,7 @@ class PackWriter:
         index = info["nsamples"] + n
         meta = dict(sample["json"])
         meta["index"] = index
+        meta["crc32"] = {k: zlib.crc32(v) for k, v in sample.items() if k != "json"}  # checked when read
         for f in self.label_fields:
             for a in meta.get(f, []):
                 counts[f][a] += 1
@@ -176,7 +218,7 @@ class PackWriter:
 
     def _new_shard(self, split: str):
         name = f"{split}-{len(self.splits[split]['shards']):06d}.tar"
-        path = self.staging / name
+        path = self._writing = self.staging / f"{name}.partial"  # renamed to `name` once complete
         import webdataset as wds  # imports torch (~2 s, ~600 MB): only when a shard is written
 
         writer = wds.TarWriter(str(path), mtime=0.0)  # fixed mtime: same inputs give the same shard bytes
@@ -184,10 +226,14 @@ class PackWriter:
         return self._open[split]
 
     def _close_shard(self, split: str) -> None:
-        writer, path, n, nbytes, counts = self._open.pop(split)
+        writer, partial, n, nbytes, counts = self._open.pop(split)
+        self._writing = partial
         writer.close()
-        with open(path, "rb") as f:
+        with open(partial, "rb") as f:
             os.fsync(f.fileno())
+        path = partial.with_suffix("")
+        os.replace(partial, path)
+        atomic.fsync_dir(self.staging)
         info = self.splits[split]
         info["shards"].append({"file": path.name, "nsamples": n, "bytes": path.stat().st_size,
                                "sha256": sha256_file(path)})
@@ -202,6 +248,10 @@ class PackWriter:
         if unfinished:
             raise AttrdistError(f"{self.out_dir}: the inputs now give fewer samples than the interrupted pack "
                                 f"wrote ({unfinished}); delete {self.staging} and re-pack")
+        with self._write_errors():
+            return self._commit(sources, options, report)
+
+    def _commit(self, sources: list[dict], options: dict, report: dict | None) -> dict:
         for split in list(self._open):
             self._close_shard(split)
         splits = {k: {kk: vv for kk, vv in v.items() if kk != "last_key"} for k, v in self.splits.items()}
@@ -211,8 +261,9 @@ class PackWriter:
             "label_fields": self.label_fields, "splits": splits, "sources": sources,
             "options": options, "report": report or {},
         }
-        (self.staging / "progress.json").unlink(missing_ok=True)
+        self._writing = self.staging / MANIFEST
         atomic.write_json(self.staging / MANIFEST, manifest)
+        (self.staging / "progress.json").unlink(missing_ok=True)  # after: a failed write above can still resume
         atomic.replace_dir(self.staging, self.out_dir)
         self.committed = True
         return manifest
@@ -270,11 +321,17 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise AttrdistError(f"{root}: no {MANIFEST} here, so these are not complete attrdist shards; (re)pack with shards/*.py")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AttrdistError(f"{path}: not valid JSON ({e}); re-pack the dataset") from None
-    if data.get("format") != FORMAT:
-        raise AttrdistError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}; re-pack with this attrdist version")
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # bad JSON or text encoding, absurd nesting
+        raise AttrdistError(f"{path}: not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]}); re-pack the dataset") from None
+    except OSError as e:
+        raise AttrdistError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise AttrdistError(f"{path}: format {got!r}, expected {FORMAT!r}; re-pack with this attrdist version")
+    problem = _manifest_problem(data)
+    if problem:
+        raise AttrdistError(f"{path}: {problem}; the manifest is damaged or was not written by attrdist: re-pack the dataset")
     for split, info in data["splits"].items():
         for s in info["shards"]:
             if not (root / s["file"]).is_file():
@@ -282,34 +339,263 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     return Manifest(root, data)
 
 
-class ShardReader:
-    """Random access to the samples of one split: `reader[i] -> {"jpg": bytes, "json": bytes, ...}`.
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-    Shards are opened lazily (per process: safe to create before DataLoader workers fork) with
-    wids' indexed, mmap'ed tar reader.
+
+def _manifest_problem(data: dict) -> str:
+    """What is wrong with the shape of a manifest ("" if nothing): everything readers index into."""
+    for key in ("attributes", "label_fields"):
+        if not isinstance(data.get(key), list) or not all(isinstance(a, str) for a in data[key]):
+            return f"{key!r} is not a list of names"
+    if not isinstance(data.get("dataset"), str):
+        return "'dataset' is not a name"
+    if not isinstance(data.get("splits"), dict):
+        return "'splits' is not an object"
+    n_attr = len(data["attributes"])
+    for split, info in data["splits"].items():
+        where = f"split {split!r}"
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list) or not _is_count(info.get("nsamples")):
+            return f"{where} has no \"shards\" list and \"nsamples\" count"
+        counts = info.get("label_counts")
+        if not isinstance(counts, dict) or any(
+                not isinstance(counts.get(f), list) or len(counts[f]) != n_attr or not all(_is_count(c) for c in counts[f])
+                for f in data["label_fields"]):
+            return f"{where}: \"label_counts\" does not hold {n_attr} counts per label field"
+        for k, s in enumerate(info["shards"]):
+            if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not _is_count(s.get("nsamples")):
+                return f"{where}: shards[{k}] has no \"file\" name and \"nsamples\" count"
+            if "/" in s["file"] or unsafe_member_name(s["file"]) or s["file"] in (".", ""):
+                return f"{where}: shard file {s['file']!r} is not a plain file name in the pack directory"
+            if s.get("bytes") is not None and not _is_count(s["bytes"]):
+                return f"{where}: shards[{k}] \"bytes\" is not a size"
+        if sum(s["nsamples"] for s in info["shards"]) != info["nsamples"]:
+            return f"{where}: its shards hold {sum(s['nsamples'] for s in info['shards'])} samples, not {info['nsamples']}"
+    return ""
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+class ChecksumError(ValueError):
+    """A member's bytes differ from the crc32 the packer stored in the sample's json."""
+
+
+def check_checksums(raw: dict, meta: dict) -> None:
+    """Raise ChecksumError when a member of a read sample fails the crc32 that PackWriter stored in its json
+    ("crc32": {ext: crc}): flipped bits (bit rot, a bad copy) or an edit after packing, which a JPEG decoder
+    would mostly turn into wrong pixels without a word. Packs without checksums pass."""
+    for ext, crc in (meta.get("crc32") or {}).items():
+        if ext in raw and zlib.crc32(raw[ext]) != crc:
+            raise ChecksumError(f"its {ext} bytes fail the crc32 stored when it was packed (flipped bits or an edit "
+                                f"after packing); restore the shard or re-pack the dataset")
+
+
+class ShardError(AttrdistError):
+    """A sample that cannot be read from its shard (truncated, damaged or refused shard): the message
+    names the shard file and the sample and says what to do; `.shard` (file name) and `.key` too."""
+
+    def __init__(self, path: Path, key: str, reason: str):
+        super().__init__(f"{path}: sample {key}: {reason}")
+        self.shard, self.key, self.reason = path.name, key, reason
+
+
+def unsafe_member_name(name: str) -> bool:
+    """A tar member name that a tool unpacking the shard could write outside its target with: empty,
+    absolute, with a '..' part, a backslash or a NUL (attrdist never writes such names)."""
+    return (not name or name.startswith("/") or ".." in name.split("/") or "\\" in name or "\x00" in name)
+
+
+def _tar_number(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256
+        n = int.from_bytes(field[1:], "big")
+        return n - 256 ** (len(field) - 1) if field[0] == 0xFF else n
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The "path" record of a POSIX extended header ("<len> path=<name>\\n" records)."""
+    pos, path = 0, None
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        length = int(data[pos:data.index(b" ", pos)])
+        if length <= 0:
+            raise ValueError("bad pax record length")
+        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8")
+        pos += length
+    return path
+
+
+def scan_tar(fd: int, size: int) -> tuple[list[tuple[str, int, int, bytes]], str]:
+    """The members [(name, data offset, data size, type flag)] of the tar open as `fd` (`size` bytes), read
+    header by header (POSIX and GNU long names applied); and why the scan stopped early ("" at a clean
+    end). Never reads past a damaged header or a member cut short, so a truncated shard gives exactly
+    its complete leading members."""
+    members: list[tuple[str, int, int, bytes]] = []
+    offset, long_name = 0, None
+    while True:
+        if offset == size:  # no end-of-archive marker: cut at a member boundary (missing samples are counted)
+            return members, ""
+        if offset + 512 > size:
+            return members, f"the file ends at byte {size} inside a tar header (cut short)"
+        block = os.pread(fd, 512, offset)
+        if block == _ZERO_BLOCK:
+            return members, ""  # end-of-archive marker
+        try:
+            stored = _tar_number(block[148:156])
+            msize = _tar_number(block[124:136])
+        except ValueError:
+            stored, msize = -1, 0
+        if stored != 256 + sum(block[:148]) + sum(block[156:]) or msize < 0:
+            return members, f"the tar header at byte {offset} is damaged"
+        name = block[:100].split(b"\0", 1)[0]
+        if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
+            name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+        kind, data_at = block[156:157], offset + 512
+        if data_at + msize > size:
+            return members, f"member {name.decode('utf-8', 'replace')!r} is cut short at byte {size} (truncated file)"
+        try:
+            if kind in (b"x", b"L") and msize > 1 << 20:
+                raise ValueError(f"a {msize}-byte long-name header")
+            if kind == b"x":  # POSIX extended header: the next member's real name
+                long_name = _pax_path(os.pread(fd, msize, data_at)) or long_name
+            elif kind == b"L":  # GNU long name
+                long_name = os.pread(fd, msize, data_at).split(b"\0", 1)[0].decode("utf-8")
+            elif kind != b"g":  # b"g": a global extended header, nothing to index
+                members.append((long_name or name.decode("utf-8"), data_at, msize, kind))
+                long_name = None
+        except (ValueError, UnicodeDecodeError) as e:
+            return members, f"the tar member at byte {offset} is not usable ({e})"
+        offset = data_at + (msize + 511) // 512 * 512
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The samples of one shard as read from its tar headers: key -> {ext: (offset, size)}, in order;
+    `problem` says why samples are missing (or, with `refused`, why none is used)."""
+
+    samples: list[tuple[str, dict[str, tuple[int, int]]]]
+    problem: str = ""
+    refused: bool = False
+    size: int = 0  # bytes of the shard file
+
+
+def index_shard(path: Path, nsamples: int) -> ShardIndex:
+    """Index one shard; a damaged or truncated shard keeps its complete leading samples, a shard with a
+    member name that could escape an unpacking directory (or a link, a device...) is refused whole."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        return ShardIndex([], f"cannot be opened ({e.strerror})", refused=True)
+    try:
+        size = os.fstat(fd).st_size
+        members, problem = scan_tar(fd, size)
+    except OSError as e:
+        return ShardIndex([], f"cannot be read ({e.strerror})", refused=True)
+    finally:
+        os.close(fd)
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    for name, offset, msize, kind in members:
+        base = name.rsplit("/", 1)[-1]
+        if unsafe_member_name(name) or "." not in base[1:] or kind not in (b"0", b"\0", b"7"):
+            what = "absolute, with '..' or no sample key.extension" if kind in (b"0", b"\0", b"7") else \
+                f"not a regular file (tar type {kind.decode('latin-1')!r}: a link, directory or device)"
+            return ShardIndex([], f"holds member {name!r}: {what}, so not written by attrdist; refusing the whole "
+                                  f"shard", refused=True, size=size)
+        key = name[:len(name) - len(base)] + base.split(".", 1)[0]
+        ext = base.split(".", 1)[1]
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}))
+        samples[-1][1][ext] = (offset, msize)
+    if len(samples) > nsamples:
+        return ShardIndex([], f"holds {len(samples)} samples, {MANIFEST} lists {nsamples}: not the shard that was "
+                              f"packed; refusing it", refused=True, size=size)
+    if len(samples) < nsamples:
+        problem = f"holds {len(samples)} of its {nsamples} samples ({problem or f'the file ends at byte {size}'})"
+    return ShardIndex(samples, problem, size=size)
+
+
+class ShardReader:
+    """Random access to the samples of one split: `reader[i] -> {"jpg": bytes, "json": bytes, "__key__": key}`.
+
+    Every shard is indexed when the reader is made (`index_shard`: its tar headers, checked), so a
+    damaged shard is reported once, up front, naming it; DataLoader workers forked later inherit the
+    index. Bytes are read with pread on a per-process file descriptor, opened on first use. A sample
+    that cannot be read (its shard truncated, damaged or refused) raises `ShardError`; the data
+    loader counts it as corrupt (data.max_corrupt) instead of stopping.
     """
 
     def __init__(self, manifest: Manifest, split: str):
         info = manifest.split(split)
+        self.split, self.root = split, manifest.root
         self.paths = [str(manifest.root / s["file"]) for s in info["shards"]]
         self.lengths = np.asarray([s["nsamples"] for s in info["shards"]], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
-        self._open: dict[int, Any] = {}
+        self.index = [index_shard(Path(p), int(n)) for p, n in zip(self.paths, self.lengths)]
+        self.unreadable = 0  # samples listed in the manifest that no shard can give
+        warned = 0
+        for path, s, idx in zip(self.paths, info["shards"], self.index):
+            lost = s["nsamples"] if idx.refused else s["nsamples"] - len(idx.samples)
+            self.unreadable += lost
+            changed = s.get("bytes") is not None and idx.size != s["bytes"]
+            warned += bool(idx.problem or changed)
+            if warned > 20 and (idx.problem or changed):
+                continue  # the first 20 are named; the summary below counts the rest
+            if idx.problem:
+                log.warning("%s: %s; %d of its %d samples cannot be read: they are skipped and counted as corrupt "
+                            "(data.max_corrupt); restore the shard or re-pack the dataset", path, idx.problem, lost,
+                            s["nsamples"])
+            elif changed:
+                log.warning("%s: %d bytes where %s says %d: the shard changed after packing; samples that no longer "
+                            "decode are skipped and counted as corrupt; restore the shard or re-pack the dataset",
+                            path, idx.size, MANIFEST, s["bytes"])
+        if warned > 20:
+            log.warning("%s: %d shards of split %r are damaged or changed (the first 20 named above), %d samples cannot "
+                        "be read; re-pack the dataset", manifest.root, warned, split, self.unreadable)
+        self._fds: dict[int, int] = {}
         self._pid = None
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, position in that shard) of sample `index` of the split."""
+        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+        return shard, index - int(self.starts[shard])
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a fresh worker process (or unpickled): descriptors of its own
+            self._fds, self._pid = {}, os.getpid()
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return self._fds[shard]
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        if self._pid != os.getpid():  # forked into a worker: reopen there
-            self._open, self._pid = {}, os.getpid()
-        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
-        if shard not in self._open:
-            from wids.wids import IndexedTarSamples
+        shard, pos = self.locate(index)
+        path, idx = Path(self.paths[shard]), self.index[shard]
+        if idx.refused or pos >= len(idx.samples):
+            raise ShardError(path, f"#{pos}", f"cannot be read: the shard {idx.problem}; restore it or re-pack "
+                                              f"the dataset")
+        key, members = idx.samples[pos]
+        out: dict = {"__key__": key}
+        try:
+            fd = self._fd(shard)
+            for ext, (offset, size) in members.items():
+                out[ext] = os.pread(fd, size, offset)
+                if len(out[ext]) != size:
+                    raise ShardError(path, key, f"its {ext} member is cut short (the shard shrank after it was "
+                                                f"opened); restore it or re-pack the dataset")
+        except OSError as e:
+            raise ShardError(path, key, f"cannot be read ({e.strerror}); check the file and its disk, restore "
+                                        f"it or re-pack the dataset") from None
+        return out
 
-            self._open[shard] = IndexedTarSamples(path=self.paths[shard], expected_size=int(self.lengths[shard]))
-        raw = self._open[shard][index - int(self.starts[shard])]
-        # wids gives {".jpg": BytesIO, ...}; hand out {"jpg": bytes, ...} like webdataset does
-        return {k.lstrip("."): (v.getvalue() if hasattr(v, "getvalue") else v) for k, v in raw.items()}
+    def __del__(self):
+        with contextlib.suppress(Exception):  # also half-made readers, and interpreter shutdown
+            if self._pid == os.getpid():
+                for fd in self._fds.values():
+                    os.close(fd)

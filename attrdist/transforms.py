@@ -35,6 +35,9 @@ def decode_image(data: bytes, min_side: int | None = None) -> torch.Tensor:
     source is far larger than the training resolution.
     """
     with Image.open(io.BytesIO(data)) as im:
+        if im.size[0] * im.size[1] > Image.MAX_IMAGE_PIXELS:  # PIL itself only warns up to 2x its limit
+            raise Image.DecompressionBombError(f"{im.size[0]}x{im.size[1]} pixels is more than the "
+                                               f"{Image.MAX_IMAGE_PIXELS} allowed (a decompression bomb?)")
         if min_side and im.format == "JPEG":
             im.draft("RGB", (min_side, min_side))
         if im.mode != "RGB":
@@ -71,17 +74,20 @@ def colour_matrix(brightness: float, contrast: float, saturation: float, hue: fl
 def colour_jitter(img_u8: torch.Tensor, brightness: float = 1.0, contrast: float = 1.0, saturation: float = 1.0,
                   hue: float = 0.0) -> torch.Tensor:
     """uint8 [3, H, W] -> float [0, 1] with the jitter applied as one affine map (`colour_matrix`) and
-    clamped once: one pass over the pixels instead of a uint8 -> float -> uint8 round trip per step
-    (bench/input.py: the per-step version cost more than the decode)."""
-    x = img_u8.float()
-    if (brightness, contrast, saturation, hue) == (1.0, 1.0, 1.0, 0.0):
-        return x.div_(255)
+    clamped once (the per-step uint8 -> float -> uint8 round trips cost more than the decode:
+    bench/input.py). The same code a training batch goes through (`photometric`)."""
     m, c = colour_matrix(brightness, contrast, saturation, hue)
-    m = m.float() / 255
-    y = torch.einsum("ij,jhw->ihw", m, x)
-    if c:
-        y += c * float((_LUMA.float() @ x.mean(dim=(1, 2)))) / 255
-    return y.clamp_(0, 1)
+    colour = torch.cat([m, torch.full((3, 1), c, dtype=torch.float64)], dim=1).float()
+    return _colour_map(img_u8[None].float(), colour[None])[0].div_(255)
+
+
+def _colour_map(x: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] on 0..255 -> each image's map x -> M @ x + c * (its luma mean), clamped to
+    0..255 (a new tensor): one batched matmul and one fused add + clamp."""
+    b, _, h, w = x.shape
+    grey = x.mean(dim=(2, 3)) @ _LUMA.to(x.device, torch.float32)  # [B]: each image's mean luma
+    y = torch.bmm(colour[:, :, :3], x.reshape(b, 3, h * w))
+    return y.add_((colour[:, :, 3] * grey[:, None]).unsqueeze(2)).clamp_(0, 255).view(b, 3, h, w)
 
 
 def rotate_hue(img_u8: torch.Tensor, shift: float) -> torch.Tensor:
@@ -95,17 +101,16 @@ def rotate_hue(img_u8: torch.Tensor, shift: float) -> torch.Tensor:
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def normalize(img_u8: torch.Tensor) -> torch.Tensor:
-    x = F.to_dtype(img_u8, torch.float32, scale=True)
-    return F.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+def eval_geometry(img_u8: torch.Tensor, size: int, resize: float = 1.0) -> torch.Tensor:
+    """Resize the short side to size*resize, centre-crop size x size: uint8 [3, size, size]."""
+    short = max(size, int(round(size * resize)))
+    x = F.resize(img_u8, [short], antialias=True)
+    return F.center_crop(x, [size, size]).contiguous()
 
 
 def eval_transform(img_u8: torch.Tensor, size: int, resize: float = 1.0) -> torch.Tensor:
-    """Resize the short side to size*resize, centre-crop size x size, normalise."""
-    short = max(size, int(round(size * resize)))
-    x = F.resize(img_u8, [short], antialias=True)
-    x = F.center_crop(x, [size, size])
-    return normalize(x)
+    """`eval_geometry` then normalisation: float [3, size, size]."""
+    return photometric(eval_geometry(img_u8, size, resize)[None])[0]
 
 
 def _crop_params(g: np.random.Generator, h: int, w: int, scale, ratio) -> tuple[int, int, int, int]:
@@ -132,8 +137,15 @@ def _crop_params(g: np.random.Generator, h: int, w: int, scale, ratio) -> tuple[
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def train_transform(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfig) -> torch.Tensor:
-    """Augment one image: a pure function of (image, key) -> normalised float [3, size, size]."""
+def train_geometry(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfig) -> dict[str, torch.Tensor]:
+    """The worker's half of the augmentation, a pure function of (image, key): the spatial steps (crop,
+    flips, rotation, blur) done on uint8 pixels, and the parameters of the pixel-wise steps (colour map,
+    erasing box) drawn but not applied. `photometric` applies them to a whole batch where the batch
+    lands (the training process, on its device): workers ship uint8 images, 4x fewer bytes than float,
+    and the per-pixel float work runs once per batch, vectorised (bench/input.py).
+
+    Returns {"image": uint8 [3, size, size], "colour": float32 [3, 4] (the map x -> M @ x + c * grey mean,
+    on 0..255 pixels, as [M | c]), "erase": int64 [4] (top, left, height, width; height 0 = none)}."""
     g = rnglib.generator(key)
     _, h, w = img_u8.shape
     top, left, ch, cw = _crop_params(g, h, w, aug.crop_scale, aug.crop_ratio)
@@ -148,21 +160,51 @@ def train_transform(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfi
         x = F.vertical_flip(x)
     if angle:
         x = F.rotate(x, angle)
-    x = colour_jitter(x, 1.0 + aug.brightness * float(jitter[0]), 1.0 + aug.contrast * float(jitter[1]),
-                      1.0 + aug.saturation * float(jitter[2]), aug.hue * float(jitter[3]))  # float [0, 1]
-    if u[2] < aug.blur:
+    m, c = colour_matrix(1.0 + aug.brightness * float(jitter[0]), 1.0 + aug.contrast * float(jitter[1]),
+                         1.0 + aug.saturation * float(jitter[2]), aug.hue * float(jitter[3]))
+    if u[2] < aug.blur:  # spatial and linear: before the colour map (which commutes with it up to its clamp)
         sigma = float(g.uniform(0.1, 2.0))
         k = max(3, int(2 * round(3 * sigma) + 1))
         x = F.gaussian_blur(x, [k, k], [sigma, sigma])
-    x = F.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
-    if u[3] < aug.erase:
-        x = _erase(x, g, aug.erase_scale)
-    return x
+    box = _erase_box(g, size, size, aug.erase_scale) if u[3] < aug.erase else (0, 0, 0, 0)
+    colour = torch.cat([m, torch.full((3, 1), c, dtype=torch.float64)], dim=1).float()
+    return {"image": x.contiguous(), "colour": colour, "erase": torch.tensor(box, dtype=torch.int64)}
 
 
-def _erase(x: torch.Tensor, g: np.random.Generator, scale) -> torch.Tensor:
-    """Random erasing (zero = the mean colour after normalisation), explicit RNG."""
-    _, h, w = x.shape
+IDENTITY_COLOUR = torch.cat([torch.eye(3), torch.zeros(3, 1)], dim=1)
+NO_ERASE = torch.zeros(4, dtype=torch.int64)
+_MEAN_T = torch.tensor(IMAGENET_MEAN)
+_STD_T = torch.tensor(IMAGENET_STD)
+
+
+def photometric(images: torch.Tensor, colour: torch.Tensor | None = None, erase: torch.Tensor | None = None,
+                memory_format=torch.contiguous_format) -> torch.Tensor:
+    """The pixel-wise half, on a batch wherever it is (CPU or GPU): uint8 [B, 3, H, W] -> float32 images,
+    each sample's colour map applied and clamped once, normalised with the ImageNet mean/std, then its
+    erasing box (host tensor [B, 4]: top, left, height, width; height 0 = none) set to 0, the mean
+    colour. Without `colour`/`erase`: normalisation only (eval)."""
+    x = images.float()
+    if colour is not None:
+        x = _colour_map(x, colour.to(x.device, torch.float32))
+    dev = x.device
+    x = x.mul_((1.0 / (255.0 * _STD_T)).view(1, 3, 1, 1).to(dev)).sub_((_MEAN_T / _STD_T).view(1, 3, 1, 1).to(dev))
+    if erase is not None:
+        for i, (top, left, eh, ew) in enumerate(erase.tolist()):
+            if eh:
+                x[i, :, top:top + eh, left:left + ew] = 0.0
+    return x.contiguous(memory_format=memory_format)
+
+
+def train_transform(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfig) -> torch.Tensor:
+    """Augment one image: a pure function of (image, key) -> normalised float [3, size, size];
+    `train_geometry` then `photometric`, exactly as a training batch gets them."""
+    g = train_geometry(img_u8, key, size, aug)
+    return photometric(g["image"][None], g["colour"][None], g["erase"][None])[0]
+
+
+def _erase_box(g: np.random.Generator, h: int, w: int, scale) -> tuple[int, int, int, int]:
+    """Random erasing's box (top, left, height, width), torchvision's algorithm, explicit RNG;
+    (0, 0, 0, 0) when no box fits in 10 tries."""
     for _ in range(10):
         target = h * w * g.uniform(scale[0], scale[1])
         aspect = math.exp(g.uniform(math.log(0.3), math.log(3.3)))
@@ -171,5 +213,5 @@ def _erase(x: torch.Tensor, g: np.random.Generator, scale) -> torch.Tensor:
         if 0 < eh < h and 0 < ew < w:
             i = int(g.integers(0, h - eh + 1))
             j = int(g.integers(0, w - ew + 1))
-            return F.erase(x, i, j, eh, ew, torch.zeros(1, 1, 1), inplace=False)
-    return x
+            return i, j, eh, ew
+    return 0, 0, 0, 0

@@ -134,12 +134,14 @@ def load_vocabulary(path: str | Path) -> Vocabulary:
         raise _fail(path, "vocabulary file not found; pass the path of an existing vocabulary "
                           "JSON (e.g. recipes/coconut_vocab.json)") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise _fail(path, f"cannot read vocabulary file ({e}); check the path and permissions") from None
+        raise _fail(path, f"cannot read vocabulary file ({' '.join(str(e).split())[:160]}); check the path and permissions") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise _fail(path, f"invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); "
                           "fix the syntax") from None
+    except (ValueError, RecursionError) as e:  # e.g. a number too long to convert, absurd nesting
+        raise _fail(path, f"invalid JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]}); fix the file") from None
     if not isinstance(data, dict) or "attributes" not in data:
         raise _fail(path, f'missing top-level "attributes" list; {fmt}')
     entries = data["attributes"]

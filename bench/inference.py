@@ -143,6 +143,7 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     from attrdist.predict import load_for_inference, predict_images
     from attrdist.runtime import resolve_precision
     from attrdist.trainer import Trainer
+    from attrdist.data import batch_images
     from attrdist.transforms import decode_image, eval_transform
 
     cfg = apply_overrides(cfg, [f"data.shards={shards}", f"run.out_dir={tmp / 'runs'}", "data.num_workers=0",
@@ -169,9 +170,10 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
         raise SystemExit(f"{key}: val split has {n_split} samples, fewer than one eval batch of {b}")
     samples = [ds[(i, 0)] for i in range(n)]
     mem = MemoryDataset(samples, ds)
-    batches = [torch.stack([s["image"] for s in samples[j * b:(j + 1) * b]]).to(dev).contiguous(memory_format=fmt)
+    # the eval samples are uint8 (normalised where the batch lands): the bare loop gets them normalised up front
+    batches = [batch_images({"image": torch.stack([s["image"] for s in samples[j * b:(j + 1) * b]])}, dev, fmt)
                for j in range(k)]
-    singles = [s["image"].unsqueeze(0).to(dev) for s in samples]
+    singles = [batch_images({"image": s["image"].unsqueeze(0)}, dev) for s in samples]
 
     # the bare model: built from the same config, the trainer's weights copied in
     torch.manual_seed(cfg.run.seed)

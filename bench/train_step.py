@@ -166,13 +166,20 @@ def label_fields(cfg) -> list[str]:
 
 
 def collect_batches(ds, n: int, cfg, world: int = 1, rank: int = 0, k: int = MAX_BATCHES) -> list[dict]:
-    """The first k batches (this rank's slice) of the trainer's epoch-0 batch plan, decoded + collated once."""
-    from attrdist.data import BatchPlan, collate
+    """The first k batches (this rank's slice) of the trainer's epoch-0 batch plan, decoded, collated and
+    augmented once (both halves: the workers' uint8 geometry and the device's pixel-wise stage), so the
+    trainer and the bare loop get the same float batches from memory."""
+    from attrdist.data import BatchPlan, batch_images, collate
 
     B = cfg.data.batch_size
     k = max(1, min(k, n // B))
     plan = BatchPlan(n, B, world, rank, cfg.run.seed, 0, shuffle=True, drop_last=True)
-    return [collate([ds[item] for item in idx]) for idx in itertools.islice(iter(plan), k)]
+    out = []
+    for idx in itertools.islice(iter(plan), k):
+        b = collate([ds[item] for item in idx])
+        b["image"] = batch_images(b, "cpu")  # float: Trainer.images passes a finished batch through
+        out.append({k: v for k, v in b.items() if k not in ("colour", "erase")})
+    return out
 
 
 def standalone_batches(cfg) -> tuple[list[dict], list[str]]:

@@ -11,11 +11,17 @@ The launched processes get ATTRDIST_EXPECT_WORLD_SIZE=N and fail loudly if they 
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -76,4 +82,56 @@ def run(script: str, nproc: int, overrides: list[str], dry_run: bool = False, **
         return 0
     if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
         raise SystemExit(f"launch: {cmd[0]} not found")
-    return subprocess.call(cmd, env={**os.environ, **env})
+    if nproc == 1:
+        return subprocess.call(cmd, env={**os.environ, **env})
+    # several ranks: pass stderr through, keeping its tail to say which rank failed first
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True, errors="replace",
+                            bufsize=1)
+    tail: collections.deque[str] = collections.deque(maxlen=400)
+
+    def forward() -> None:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+
+    t = threading.Thread(target=forward, daemon=True)
+    t.start()
+    while True:
+        try:
+            rc = proc.wait()
+            break
+        except KeyboardInterrupt:  # the ranks got the ^C too: wait for them to stop
+            continue
+    t.join(timeout=5)
+    if rc:
+        sys.stderr.write(failure_summary("".join(tail), script, nproc, overrides) + "\n")
+    return rc
+
+
+def failure_summary(stderr_tail: str, script: str, nproc: int, overrides: list[str]) -> str:
+    """One paragraph after a failed multi-rank run: which rank failed first and how (from torch elastic's
+    "Root Cause" report), where the last checkpoint is, and the command that continues the run."""
+    m = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)", stderr_tail, re.S)
+    if m:
+        rank, code, pid = int(m.group(1)), int(m.group(2)), m.group(3)
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            how = f"was killed by {name}" + (" (out of memory, or killed by someone/something else)"
+                                             if name == "SIGKILL" else "")
+        else:
+            how = f"exited with status {code} (its error is in the log above, lines marked [rank{rank}])"
+        head = f"launch: rank {rank} (pid {pid}) failed first: it {how}; the other ranks were stopped."
+    else:
+        head = "launch: the run failed (its error is in the log above)."
+    run_dir = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("run.run_dir=")), "")
+    resume = [o for o in overrides if o != "--resume"]
+    again = f"python -m launch local {script} --nproc {nproc} {' '.join(resume)} --resume".replace("  ", " ")
+    if run_dir:
+        ptr = Path(run_dir) / "checkpoints" / "last.json"
+        try:
+            last = json.loads(ptr.read_text())
+            where = f" The last checkpoint is {Path(run_dir) / 'checkpoints' / last['dir']} (step {last['step']})."
+        except (OSError, ValueError, KeyError):
+            where = f" No checkpoint was written yet in {run_dir}."
+        return f"{head}{where} Continue with: {again}"
+    return f"{head} Continue from its last checkpoint with: {again} run.run_dir=<the run dir named in the log above>"

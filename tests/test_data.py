@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from attrdist.config import AugmentConfig, DataConfig
-from attrdist.data import BatchPlan, SampleDataset, epoch_order, make_loader
+from attrdist.data import BatchPlan, SampleDataset, batch_images, epoch_order, make_loader
 from attrdist.rng import fold
 from attrdist.shards import ShardReader, load_manifest
-from attrdist.transforms import decode_image, train_transform
+from attrdist.transforms import decode_image, train_geometry, train_transform
 
 
 def test_epoch_order_is_a_pure_permutation():
@@ -57,10 +57,35 @@ def test_train_transform_is_pure(small_shards):
     assert a.shape == (3, 48, 48) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_a_batch_gets_each_samples_own_augmentation(small_shards):
+    """Workers do the spatial half on uint8 and ship each sample's colour map and erasing box; the
+    batched pixel-wise half must give every sample exactly what `train_transform` gives it alone."""
+    reader = ShardReader(load_manifest(small_shards), "train")
+    aug = AugmentConfig(hue=0.1, saturation=0.4, erase=0.7, blur=0.3)
+    imgs = [decode_image(reader[i]["jpg"]) for i in range(6)]
+    keys = [fold(3, 1, 0, i) for i in range(6)]
+    parts = [train_geometry(img, k, 40, aug) for img, k in zip(imgs, keys)]
+    batch = {k: torch.stack([p[k] for p in parts]) for k in ("image", "colour", "erase")}
+    got = batch_images(batch, "cpu", torch.channels_last)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float32
+    for i, (img, k) in enumerate(zip(imgs, keys)):
+        assert torch.allclose(got[i], train_transform(img, k, 40, aug), atol=1e-6)
+    erased = [p for p in parts if p["erase"][2] > 0]
+    assert erased, "erase=0.7 over 6 samples drew no box"
+    for i, p in enumerate(parts):
+        t, l, h, w = p["erase"].tolist()
+        assert (got[i, :, t:t + h, l:l + w] == 0).all()
+    # eval batches carry no parameters: normalisation only
+    x = batch["image"]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(batch_images({"image": x}, "cpu"), (x.float() / 255 - mean) / std, atol=1e-5)
+
+
 def _collect(ds, plan, workers):
     out = {}
     for batch in make_loader(ds, plan, workers):
-        for i, x in zip(batch["index"].tolist(), batch["image"]):
+        assert batch["image"].dtype == torch.uint8  # batches cross the process boundary as uint8
+        for i, x in zip(batch["index"].tolist(), batch_images(batch, "cpu")):
             out[i] = x
     return out
 
@@ -111,3 +136,23 @@ def test_colour_jitter_is_torchvisions_steps_in_one_affine_map():
     for b, c, s in [(1.2, 1.0, 1.0), (1.0, 0.7, 1.0), (1.0, 1.0, 0.6), (1.1, 0.9, 1.2)]:
         ref = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(x.float() / 255, b), c), s)
         assert (colour_jitter(x, b, c, s) - ref).abs().max() < 1e-4, (b, c, s)  # float rounding only
+
+
+@pytest.mark.reliability
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding():
+    """PIL only warns between 1x and 2x Image.MAX_IMAGE_PIXELS and decodes in full (a 10000x10000 PNG:
+    ~300 MB per worker); decode_image refuses anything over 1x from the header alone."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    w = h = 10_000  # 100 M pixels: over the limit (89.5 M), under PIL's own error threshold (179 M)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    with pytest.raises(Image.DecompressionBombError, match="10000x10000 pixels is more than the 89478485 allowed"):
+        decode_image(png)

@@ -122,9 +122,11 @@ def test_a_signal_after_the_task_is_over_cannot_kill_it_or_change_its_outcome():
     assert (after.returncode, after.stdout.strip()) == (0, "alive 0"), after.stderr
 
 
-def test_sigusr2_checkpoints_stops_with_status_140_and_resume_matches_uninterrupted(small_shards, tmp_path):
-    """Outside SLURM too: USR2 -> checkpoint at the end of the step -> exit 128+12; --resume finishes with
-    exactly the weights of a run that was never stopped."""
+@pytest.mark.reliability
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM], ids=["USR2", "TERM"])
+def test_a_stop_signal_checkpoints_exits_128_plus_sig_and_resume_matches_uninterrupted(sig, small_shards, tmp_path):
+    """Outside SLURM too: USR2 or TERM -> checkpoint at the end of the step -> exit 128+sig; --resume
+    finishes with exactly the weights of a run that was never stopped."""
     cfg = ["--profile", "demo", f"data.shards={small_shards}", *FAST, "data.batch_size=8", "run.epochs=6",
            "run.eval_every=3"]
     script = str(ROOT / "recipes" / "coconut.py")
@@ -134,11 +136,12 @@ def test_sigusr2_checkpoints_stops_with_status_140_and_resume_matches_uninterrup
     proc = subprocess.Popen([sys.executable, script, *cfg, f"run.run_dir={rd}"], cwd=ROOT, env=run_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: len(train_steps(rd)) >= 5 or proc.poll() is not None, 120, "5 steps")
-    proc.send_signal(signal.SIGUSR2)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGUSR2, out[-3000:]
+    assert proc.returncode == 128 + sig, out[-3000:]
     stopped = max(train_steps(rd))
-    assert stopped < 72 and f"stopped by signal {int(signal.SIGUSR2)} after step {stopped} (checkpoint saved)" in out
+    assert stopped < 72 and f"stopped by signal {int(sig)} after step {stopped} (checkpoint saved); resume with " \
+                            f"--resume (run.run_dir={rd})" in out, out[-3000:]
     last = json.loads((rd / "checkpoints" / "last.json").read_text())["dir"]
     assert last.endswith(f"{stopped:08d}")
     subprocess.run([sys.executable, script, *cfg, f"run.run_dir={rd}", "--resume"], cwd=ROOT, env=run_env(),
