@@ -64,6 +64,7 @@ class DataConfig:
     batch_size: int = _f(8, "GLOBAL batch size per optimizer micro-step (split over processes)")
     eval_batch_size: int = _f(0, "global eval batch size (0 = 2 x batch_size)")
     num_workers: int = _f(2, "DataLoader worker processes per rank (decode + augment + collate)")
+    pixel_stage: Literal["auto", "workers", "device"] = _f("auto", "where colour jitter, normalisation and erasing run: 'workers' (per sample, float batches), 'device' (batched where the batch lands, from uint8 batches); auto = workers on a CPU device, else device (bench/input.py)")
     task: Literal["multilabel", "multiclass", "detection"] = _f("multilabel", "sigmoid/BCE attributes, softmax/CE classes, or boxes (open-vocabulary detection)")
     novel_classes: tuple[str, ...] = _f((), "detection: classes held out of training (their boxes are background) and detected at test time only through their prompts")
     labels: str = _f("labels", "which label field of the shards to train on")

@@ -8,9 +8,10 @@ at global batch k of an epoch is just "start the order at k" (no saved RNG state
 DataLoader workers receive whole batches of (index, epoch) pairs (the batch sampler below): each
 worker reads the bytes (`ShardReader`: its own tar index, pread), decodes, does the spatial augmentation with key
 fold(seed, epoch, index) on uint8 pixels and collates, so per-sample tensors never cross a process
-boundary one by one and batches cross it as uint8. The pixel-wise augmentation (colour, erasing,
-whose parameters each sample carries) and normalisation run on the batch where it lands
-(`batch_images`, on the training device).
+boundary one by one. For an accelerator, batches cross it as uint8 (4x fewer bytes) and the
+pixel-wise augmentation (colour, erasing, whose parameters each sample carries) and normalisation run
+on the batch where it lands (`batch_images`, on the device); for a CPU device the workers run that
+stage too (`pixels_in_workers`) and hand over finished float images.
 
 Training drops the last incomplete global batch (logged); evaluation pads the last batch with
 index -1 samples marked `valid=False`, so every rank runs the same number of steps and the
@@ -33,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from attrdist import rng as rnglib
 from attrdist.config import DataConfig
 from attrdist.shards import Manifest, ShardError, ShardReader, check_checksums
-from attrdist.transforms import IDENTITY_COLOUR, NO_ERASE, decode_image, eval_geometry, photometric, train_geometry
+from attrdist.transforms import (IDENTITY_COLOUR, IMAGENET_MEAN, NO_ERASE, decode_image, eval_geometry, photometric,
+                                 train_geometry)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png")
 log = logging.getLogger("attrdist")
@@ -144,9 +146,14 @@ class SampleDataset(Dataset):
     """Map (index, epoch) -> one decoded, transformed sample dict."""
 
     def __init__(self, reader: ShardReader, num_attributes: int, label_fields: list[str], cfg: DataConfig,
-                 seed: int, train: bool):
+                 seed: int, train: bool, pixels_in_workers: bool = False):
+        """`pixels_in_workers`: also run the pixel-wise stage (`transforms.photometric`) here, per sample,
+        and hand out finished float images. For a CPU device: there the training process's threads are
+        busy with the step, and the stage run there competes with the workers for the same cores
+        (bench/input.py: 528 vs 727 images/s). Off (an accelerator): uint8 images plus their parameters,
+        finished on the device by `batch_images`."""
         self.reader, self.A, self.fields = reader, num_attributes, list(label_fields)
-        self.cfg, self.seed, self.train = cfg, seed, train
+        self.cfg, self.seed, self.train, self.pixels_in_workers = cfg, seed, train, pixels_in_workers
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -164,8 +171,11 @@ class SampleDataset(Dataset):
 
     def blank(self, index: int) -> dict:
         s = self.cfg.image_size
-        out = {"image": torch.zeros(3, s, s, dtype=torch.uint8), "index": index, "valid": False, "corrupt": False}
-        if self.train:
+        # the mean colour (what erasing paints): a neutral image for BatchNorm; the loss masks it out
+        img = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1).expand(3, s, s)
+        out = {"image": photometric(img[None])[0] if self.pixels_in_workers else img.contiguous(),
+               "index": index, "valid": False, "corrupt": False}
+        if self.train and not self.pixels_in_workers:
             out.update(colour=IDENTITY_COLOUR, erase=NO_ERASE)
         for f in self.fields:
             out[f"labels/{f}"] = torch.zeros(self.A)
@@ -192,6 +202,9 @@ class SampleDataset(Dataset):
             else:
                 img = decode_image(bytes(data), int(size * self.cfg.eval_resize))
                 x = {"image": eval_geometry(img, size, self.cfg.eval_resize)}
+            if self.pixels_in_workers:
+                x = {"image": photometric(x["image"][None], x["colour"][None] if "colour" in x else None,
+                                          x["erase"][None] if "erase" in x else None)[0]}
         except Exception as e:  # unreadable sample, corrupt JPEG, missing field, bad labels, decompression bomb
             out = self.blank(index)
             out["corrupt"] = True

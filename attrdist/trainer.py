@@ -258,6 +258,11 @@ class Trainer:
                  "the last %d samples of each epoch's order are dropped (incomplete global batch)",
                  train_split, n, B, B // W, W, self.batches_per_epoch, n - self.batches_per_epoch * B)
         self.train_ds = self.make_dataset(self.train_reader, train=not overfit)
+        if isinstance(self.train_ds, SampleDataset):
+            log.info("input: %d workers decode + crop/flip; colour, normalisation and erasing run %s "
+                     "(data.pixel_stage=%s)", cfg.data.num_workers,
+                     "in the workers, float batches" if self.pixels_in_workers else
+                     f"batched on {self.acc.device.type}, from uint8 batches", cfg.data.pixel_stage)
         self.prior = {f: self.manifest.label_prior(train_split, f) for f in self.fields}
         self.state = LoopState()
         self.tracker = Tracker(self.run_dir, enabled=self.main)
@@ -449,7 +454,15 @@ class Trainer:
     def make_dataset(self, reader: ShardReader, train: bool):
         """(index, epoch) -> one decoded sample; a subclass for another kind of sample overrides this and
         make_loader (batching), forward_loss and evaluate."""
-        return SampleDataset(reader, len(self.attributes), self.fields, self.cfg.data, self.cfg.run.seed, train=train)
+        return SampleDataset(reader, len(self.attributes), self.fields, self.cfg.data, self.cfg.run.seed, train=train,
+                             pixels_in_workers=self.pixels_in_workers)
+
+    @property
+    def pixels_in_workers(self) -> bool:
+        """data.pixel_stage: auto = in the workers on a CPU device (the training process's threads are busy
+        with the step there), else on the device."""
+        where = self.cfg.data.pixel_stage
+        return where == "workers" or (where == "auto" and self.acc.device.type == "cpu")
 
     def make_loader(self, ds, plan: BatchPlan):
         return make_loader(ds, plan, self.cfg.data.num_workers, pin_memory=self.rt.device == "cuda")

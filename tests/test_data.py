@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attrdist.config import AugmentConfig, DataConfig
-from attrdist.data import BatchPlan, SampleDataset, batch_images, epoch_order, make_loader
+from attrdist.data import BatchPlan, SampleDataset, batch_images, collate, epoch_order, make_loader
 from attrdist.rng import fold
 from attrdist.shards import ShardReader, load_manifest
 from attrdist.transforms import decode_image, train_geometry, train_transform
@@ -79,6 +79,22 @@ def test_a_batch_gets_each_samples_own_augmentation(small_shards):
     x = batch["image"]
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     assert torch.allclose(batch_images({"image": x}, "cpu"), (x.float() / 255 - mean) / std, atol=1e-5)
+
+
+def test_cpu_workers_finish_the_images_exactly_as_the_device_would(small_shards):
+    """pixels_in_workers (CPU device): the workers run the pixel-wise stage per sample; an accelerator
+    gets uint8 + parameters and runs it batched. Both give the same images."""
+    m = load_manifest(small_shards)
+    cfg = DataConfig(image_size=40, augment=AugmentConfig(hue=0.05, erase=0.5))
+    for train in (True, False):
+        dev = SampleDataset(ShardReader(m, "train"), len(m.attributes), ["labels"], cfg, seed=2, train=train)
+        cpu = SampleDataset(ShardReader(m, "train"), len(m.attributes), ["labels"], cfg, seed=2, train=train,
+                            pixels_in_workers=True)
+        items = [(i, 3) for i in range(8)] + [(-1, 3)]  # and a padding blank
+        a = batch_images(collate([dev[it] for it in items]), "cpu")
+        b = collate([cpu[it] for it in items])
+        assert b["image"].dtype == torch.float32 and "colour" not in b
+        assert torch.allclose(a, batch_images(b, "cpu"), atol=1e-5)
 
 
 def _collect(ds, plan, workers):

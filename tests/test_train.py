@@ -257,3 +257,19 @@ def test_a_run_directory_takes_one_writer_at_a_time(small_shards, tmp_path):
         first.wait()
     p = run_recipe(demo_args(small_shards, run_dir, "run.epochs=1", "run.max_steps=1") + ["--resume"])
     assert "resumed from" in p.stdout
+
+
+def test_the_pixel_stage_on_the_device_trains_like_the_workers(small_shards, tmp_path):
+    """data.pixel_stage=device (what a GPU run gets: uint8 batches, colour/normalise/erase batched in the
+    training process) against the CPU default (the same stage per sample in the workers): the same
+    losses, step by step, up to float rounding."""
+    losses = {}
+    for where in ("workers", "device"):
+        rd = tmp_path / where
+        p = run_recipe(["--profile", "demo", f"data.shards={small_shards}", f"run.run_dir={rd}", *FAST,
+                        "data.num_workers=1", "run.epochs=1", "run.eval_every=1", f"data.pixel_stage={where}"])
+        assert f"(data.pixel_stage={where})" in p.stdout + p.stderr
+        recs = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+        losses[where] = [r["loss"] for r in recs if r.get("type") == "train"]
+    assert len(losses["device"]) == len(losses["workers"]) > 3
+    assert losses["device"] == pytest.approx(losses["workers"], rel=1e-4, abs=1e-5)
