@@ -328,6 +328,7 @@ def test_training_skips_counts_per_shard_reports_and_stops_past_the_limit(damage
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~25 s; the 1-rank, 2-worker run above stays in `make test`
 def test_two_ranks_count_every_skipped_sample_once_per_shard(damaged, tmp_path):
     """2 ranks x 2 DataLoader workers: the per-shard counts are the whole split's (gathered from every rank
     and worker), the same as one process; past the limit every rank stops at the same step (no hang)."""

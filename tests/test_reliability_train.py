@@ -203,7 +203,9 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("case", list(DAMAGE))
+# two cases in `make test` (a damaged file, a damaged pointer), all four under `slow`
+@pytest.mark.parametrize("case", [c if c in ("flipped-byte-in-model", "garbled-last-json") else
+                                  pytest.param(c, marks=pytest.mark.slow) for c in DAMAGE])
 def test_resume_falls_back_from_a_damaged_checkpoint_with_a_warning(case, reference, small_shards, tmp_path):
     """The latest checkpoint (or its pointer) damaged on disk: --resume warns naming the damaged file and
     the checkpoint it uses instead, trains the lost steps again and ends with the reference's weights."""

@@ -122,17 +122,28 @@ def test_a_signal_after_the_task_is_over_cannot_kill_it_or_change_its_outcome():
     assert (after.returncode, after.stdout.strip()) == (0, "alive 0"), after.stderr
 
 
+def _stop_cfg(shards) -> list[str]:
+    return ["--profile", "demo", f"data.shards={shards}", *FAST, "data.batch_size=8", "run.epochs=6", "run.eval_every=3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_shards, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("uninterrupted") / "ref"
+    subprocess.run([sys.executable, str(ROOT / "recipes" / "coconut.py"), *_stop_cfg(small_shards), f"run.run_dir={ref}"],
+                   cwd=ROOT, env=run_env(), check=True, capture_output=True, timeout=300)
+    return ref
+
+
 @pytest.mark.reliability
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM], ids=["USR2", "TERM"])
-def test_a_stop_signal_checkpoints_exits_128_plus_sig_and_resume_matches_uninterrupted(sig, small_shards, tmp_path):
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGUSR2, id="USR2"),
+                                 pytest.param(signal.SIGTERM, id="TERM", marks=pytest.mark.slow)])
+def test_a_stop_signal_checkpoints_exits_128_plus_sig_and_resume_matches_uninterrupted(sig, uninterrupted,
+                                                                                       small_shards, tmp_path):
     """Outside SLURM too: USR2 or TERM -> checkpoint at the end of the step -> exit 128+sig; --resume
     finishes with exactly the weights of a run that was never stopped."""
-    cfg = ["--profile", "demo", f"data.shards={small_shards}", *FAST, "data.batch_size=8", "run.epochs=6",
-           "run.eval_every=3"]
+    cfg = _stop_cfg(small_shards)
     script = str(ROOT / "recipes" / "coconut.py")
-    ref, rd = tmp_path / "ref", tmp_path / "stopped"
-    subprocess.run([sys.executable, script, *cfg, f"run.run_dir={ref}"], cwd=ROOT, env=run_env(), check=True,
-                   capture_output=True, timeout=300)
+    ref, rd = uninterrupted, tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, script, *cfg, f"run.run_dir={rd}"], cwd=ROOT, env=run_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: len(train_steps(rd)) >= 5 or proc.poll() is not None, 120, "5 steps")

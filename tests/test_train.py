@@ -267,7 +267,7 @@ def test_the_pixel_stage_on_the_device_trains_like_the_workers(small_shards, tmp
     for where in ("workers", "device"):
         rd = tmp_path / where
         p = run_recipe(["--profile", "demo", f"data.shards={small_shards}", f"run.run_dir={rd}", *FAST,
-                        "data.num_workers=1", "run.epochs=1", "run.eval_every=1", f"data.pixel_stage={where}"])
+                        "run.epochs=1", "run.eval_every=1", f"data.pixel_stage={where}"])
         assert f"(data.pixel_stage={where})" in p.stdout + p.stderr
         recs = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
         losses[where] = [r["loss"] for r in recs if r.get("type") == "train"]
