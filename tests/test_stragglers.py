@@ -1,6 +1,6 @@
-"""A rank that stops answering never hangs the job: its peers give up after run.dist_timeout_s with a
-one-line reason and the launcher tears the job down (real 2-rank gloo run; the straggler is SIGSTOPped
-mid-training, like a node that froze)."""
+"""A rank that stops answering or dies never hangs the job (real 2-rank gloo runs). Frozen (SIGSTOP, like a
+node that froze): its peers give up after run.dist_timeout_s with a one-line reason and the launcher
+tears the job down. Killed (SIGKILL): the launcher ends the job at once and names the rank."""
 
 from __future__ import annotations
 
@@ -18,31 +18,37 @@ from tests.conftest import ROOT, run_env, train_steps
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.reliability
-def test_a_frozen_rank_fails_the_job_within_the_timeout(small_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch", "local", "recipes/coconut.py", "--nproc", "2", f"data.shards={small_shards}",
-           f"run.run_dir={run_dir}", "data.batch_size=8", "data.num_workers=0", "run.epochs=20", "run.log_every=1",
-           "model.dim=64", "model.contrastive_dim=32", "run.precision=fp32", "run.threads=1", "run.dist_timeout_s=10"]
-    log = tmp_path / "out.log"
+def signal_a_rank(run_dir, log, sig, *, after_lines: int, extra: list[str], timeout: float):
+    """Start a 2-rank demo run, wait for `after_lines` metrics records, send `sig` to rank 1, wait for the
+    launcher to exit. Returns (exit status, seconds from the signal to the exit, the ranks)."""
+    cmd = [sys.executable, "-m", "launch", "local", "recipes/coconut.py", "--nproc", "2", *extra,
+           f"run.run_dir={run_dir}", "data.batch_size=8", "data.num_workers=0", "run.log_every=1", "model.dim=64",
+           "model.contrastive_dim=32", "run.precision=fp32", "run.threads=1"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=subprocess.STDOUT)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= after_lines):
         time.sleep(0.1)
     ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
              if "coconut.py" in " ".join(c.cmdline()) and "accelerate" not in " ".join(c.cmdline())]
     assert len(ranks) == 2
-    ranks[-1].send_signal(signal.SIGSTOP)
+    ranks[-1].send_signal(sig)
     t0 = time.time()
     try:
-        rc = proc.wait(timeout=150)
+        rc = proc.wait(timeout=timeout)
     finally:
         for r in ranks:
             if r.is_running():
                 r.kill()
-    waited = time.time() - t0
+    return rc, time.time() - t0, ranks
+
+
+@pytest.mark.reliability
+def test_a_frozen_rank_fails_the_job_within_the_timeout(small_shards, tmp_path):
+    log = tmp_path / "out.log"
+    rc, waited, _ = signal_a_rank(tmp_path / "run", log, signal.SIGSTOP, after_lines=2, timeout=150,
+                                  extra=[f"data.shards={small_shards}", "run.epochs=20", "run.dist_timeout_s=10"])
     text = log.read_text()
     print(f"job ended {waited:.0f} s after rank 1 froze (timeout 10 s + teardown)")
     assert rc != 0 and waited < 150
@@ -53,30 +59,10 @@ def test_a_frozen_rank_fails_the_job_within_the_timeout(small_shards, tmp_path):
 def test_a_killed_rank_ends_the_job_naming_the_rank(small_shards, tmp_path):
     """A rank that dies outright (SIGKILL: the OOM killer, a node gone): the launcher ends the other rank
     at once and says which rank died, how, and how to continue (the last checkpoint, --resume)."""
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch", "local", "recipes/coconut.py", "--nproc", "2", f"data.shards={small_shards}",
-           f"run.run_dir={run_dir}", "data.batch_size=8", "data.num_workers=0", "run.epochs=3", "run.log_every=1",
-           "--profile", "demo", "model.dim=64", "model.contrastive_dim=32", "run.precision=fp32", "run.threads=1",
-           "run.ckpt_every_steps=2"]
-    log = tmp_path / "out.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=subprocess.STDOUT)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
-        time.sleep(0.1)
-    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
-             if "coconut.py" in " ".join(c.cmdline()) and "accelerate" not in " ".join(c.cmdline())]
-    assert len(ranks) == 2
-    ranks[-1].send_signal(signal.SIGKILL)
-    t0 = time.time()
-    try:
-        rc = proc.wait(timeout=120)
-    finally:
-        for r in ranks:
-            if r.is_running():
-                r.kill()
-    waited = time.time() - t0
+    run_dir, log = tmp_path / "run", tmp_path / "out.log"
+    rc, waited, ranks = signal_a_rank(run_dir, log, signal.SIGKILL, after_lines=4, timeout=120,
+                                      extra=[f"data.shards={small_shards}", "run.epochs=3", "--profile", "demo",
+                                             "run.ckpt_every_steps=2"])
     text = log.read_text()
     print(f"job ended {waited:.1f} s after rank 1 was killed")
     assert rc != 0 and waited < 60, text[-3000:]
