@@ -73,3 +73,12 @@ def train_steps(metrics: Path) -> list[int]:
         if rec.get("type") == "train":
             out.append(rec["step"])
     return out
+
+
+def assert_tensors_equal(ta: dict, tb: dict, what: str = "") -> None:
+    """Bitwise (torch.equal) equality of two name -> tensor dicts, naming the first few that differ."""
+    import torch
+
+    assert ta.keys() == tb.keys(), f"{what}different tensor names"
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, f"{what}{len(differ)} tensors differ, e.g. {differ[:3]}"

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from attrdist import checkpoint
 from attrdist.errors import AttrdistError
-from tests.conftest import ROOT, run_env, run_recipe, train_steps
+from tests.conftest import ROOT, assert_tensors_equal, run_env, run_recipe, train_steps
 from tests.test_distributed import launch
 from tests.test_slurm import assert_same_weights
 from tests.test_train import demo_args
@@ -79,10 +79,7 @@ def tensors(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_equal_tensors(a: Path, b: Path) -> None:
-    ta, tb = tensors(a), tensors(b)
-    assert ta.keys() == tb.keys()
-    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
-    assert not differ, f"{a.name} vs {b.name}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert_tensors_equal(tensors(a), tensors(b), f"{a.name} vs {b.name}: ")
 
 
 @pytest.fixture(scope="module")

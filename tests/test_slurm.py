@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import FAST, ROOT, run_env
+from tests.conftest import FAST, ROOT, assert_tensors_equal, run_env
 from tests.conftest import train_steps as _train_steps
 from tests.test_distributed import last_weights
 
@@ -111,10 +110,7 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.2):
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = last_weights(a), last_weights(b)
-    assert wa.keys() == wb.keys()
-    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert_tensors_equal(last_weights(a), last_weights(b))
 
 
 @pytest.fixture(scope="module")
