@@ -156,6 +156,10 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
             from attrdist.trainer import Trainer
         try:
             Trainer(cfg, name).train()
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the gloo group outlives the run: see the function
+                from attrdist.runtime import exit_without_native_teardown
+
+                exit_without_native_teardown()
         except RuntimeError as e:  # gloo/NCCL: "Timed out waiting 1800000ms for recv operation to complete"
             if not (_in_process_group() and ("timed out" in str(e).lower() or "timeout" in str(e).lower())):
                 raise  # not a collective's timeout (e.g. a DataLoader's): the original error, untouched

@@ -198,3 +198,29 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
     if run_cfg.world_size and env_world != acc.num_processes:
         raise AttrdistError(f"WORLD_SIZE={env_world} in the environment but accelerate formed {acc.num_processes} ranks")
     return acc, info
+
+
+def exit_without_native_teardown() -> None:
+    """Make this process's coming normal exit skip the interpreter's native teardown (`os._exit` in an atexit
+    handler, after logging and stdio are flushed). For a distributed run that finished: torch's DDP keeps the
+    gloo process group and its threads alive after `destroy_process_group` (measured with torch 2.14.1:
+    `pt_gloo_runloop` x2 and `gloo_tcp_loop` remain even once the DDP module is collected;
+    tests/test_distributed.py), and tearing them down at exit once aborted a SLURM task after its result was
+    written ("terminate called without an active exception", SIGABRT), failing a job that had succeeded.
+    Call it only when all the work is done and the exit status is 0. An exception that escapes afterwards
+    (e.g. submitit failing to write the result) still exits 1 as usual: the handler steps aside for it."""
+    import atexit
+    import sys
+
+    def _exit() -> None:
+        if getattr(sys, "last_value", None) is not None:  # an uncaught exception is on its way out: exit 1
+            return
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(0)
+
+    atexit.register(_exit)

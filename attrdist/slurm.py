@@ -222,6 +222,9 @@ def _after_interrupt(env, stop: interrupt.Interrupted, run_dir: Path, max_requeu
     decision = _agree(decision)
     if decision:
         raise RecipeFailed(decision)
+    from attrdist.runtime import exit_without_native_teardown
+
+    exit_without_native_teardown()  # a clean requeue must not die in gloo's teardown at exit
     raise SystemExit(0)  # requeued: no result for submitit to pick up; SLURM starts the job again
 
 
