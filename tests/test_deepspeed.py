@@ -59,7 +59,9 @@ def ddp_run(small_shards, tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
+# zero1 (optimizer state partitioned, gradients not) runs under -m slow: zero2 and zero3 bracket it, and the
+# default suite stays well under its time budget
+@pytest.mark.parametrize("stage", [pytest.param("zero1", marks=pytest.mark.slow), "zero2", "zero3"])
 def test_zero_stage_trains_like_ddp(stage, ddp_run, small_shards, small_demo, tmp_path):
     run_dir = tmp_path / stage
     p = launch(small_shards, run_dir, 2, stage)
