@@ -39,7 +39,7 @@ from torchvision.ops import box_convert, remove_small_boxes
 from torchvision.transforms.v2 import functional as F
 
 from attrdist import rng as rnglib
-from attrdist.data import IMAGE_KEYS, BatchPlan, sample_error
+from attrdist.data import IMAGE_KEYS, BatchPlan, sample_error, tuned_workers
 from attrdist.shards import ShardReader, check_checksums
 from attrdist.transforms import decode_image
 
@@ -132,7 +132,8 @@ def collate(samples: list[dict]) -> dict:
             "errors": [s["error"] for s in samples if "error" in s]}
 
 
-def make_loader(dataset: DetectionDataset, plan: BatchPlan, num_workers: int) -> DataLoader:
+def make_loader(dataset: DetectionDataset, plan: BatchPlan, num_workers: int, malloc: str = "keep") -> DataLoader:
     """Whole batches of (index, epoch) go to each worker, like attrdist.data.make_loader."""
     return DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=False, prefetch_factor=2 if num_workers else None)
+                      persistent_workers=False, worker_init_fn=tuned_workers(malloc),
+                      prefetch_factor=2 if num_workers else None)

@@ -60,7 +60,7 @@ class DetectionTrainer(Trainer):
         return DetectionDataset(reader, self.cfg.run.seed, train, classes=classes if train else None)
 
     def make_loader(self, ds, plan: BatchPlan):
-        return make_loader(ds, plan, self.cfg.data.num_workers)
+        return make_loader(ds, plan, self.cfg.data.num_workers, malloc=self.cfg.run.malloc)
 
     def _valid(self, batch: dict) -> tuple[list[torch.Tensor], list[dict], list[int]]:
         keep = [i for i, v in enumerate(batch["valid"].tolist()) if v]

@@ -91,11 +91,39 @@ class RuntimeInfo:
     threads: int
     launcher: str
     engine: str = "ddp"  # or deepspeed-zero1/2/3
+    malloc: str = "system"  # "keep": tune_malloc applied
 
     def describe(self) -> str:
         return (f"world_size={self.world_size} rank={self.rank} local_rank={self.local_rank} device={self.device} "
                 f"distributed={self.distributed_type} engine={self.engine} backend={self.backend} "
-                f"mixed_precision={self.mixed_precision} threads={self.threads} launcher={self.launcher}")
+                f"mixed_precision={self.mixed_precision} threads={self.threads} malloc={self.malloc} launcher={self.launcher}")
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def tune_malloc(mode: str = "keep") -> bool:
+    """mode "keep": make glibc's malloc serve every allocation from its heap and keep freed memory for reuse
+    (`mallopt`: no mmap, trim threshold 1 GiB, heap grown 64 MiB at a time: without the padding a 64 MiB
+    tensor still faulted in most of its pages each time, tests/test_malloc.py); True if applied. Fork inherits it, so DataLoader workers
+    started afterwards get it too.
+
+    Why (measured, bench/train_step.py and bench/input.py; BENCHMARKS.md): by default glibc gives each
+    allocation above its mmap threshold (at most 32 MiB) fresh pages and returns them on free, and trims the
+    heap, so every step's activations and every image's temporaries are page-faulted in and zero-filled anew.
+    ResNet-50@224 training spent ~40 % of its step in those faults (379k per step, 0.77 s of system
+    time); a data worker ~200 per image (0.3 ms). The cost: the process keeps its peak heap (its RSS does
+    not shrink after a peak). "system" leaves glibc's defaults. Not glibc (macOS): nothing to do."""
+    import ctypes
+    import platform
+    import sys
+
+    if mode != "keep" or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return all(libc.mallopt(param, value) == 1 for param, value in
+               ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20)))
 
 
 def _launcher_num_processes() -> int:
@@ -159,6 +187,7 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
     slurm_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)  # SLURM's share when it set one
     threads = run_cfg.threads or slurm_cpus or max(1, available_cores() // max(1, local_world))
     torch.set_num_threads(threads)
+    malloc = "keep" if tune_malloc(run_cfg.malloc) else "system"
     handlers = []
     if env_world > 1 or run_cfg.deepspeed:
         group = {"timeout": timedelta(seconds=run_cfg.dist_timeout_s)}
@@ -182,7 +211,8 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
     info = RuntimeInfo(device=device, distributed_type=str(state.distributed_type).split(".")[-1], backend=backend,
                        world_size=acc.num_processes, rank=acc.process_index, local_rank=acc.local_process_index,
                        mixed_precision=mp if run_cfg.deepspeed else str(acc.mixed_precision), threads=threads,
-                       launcher=launcher, engine=f"deepspeed-{run_cfg.deepspeed}" if run_cfg.deepspeed else "ddp")
+                       launcher=launcher, engine=f"deepspeed-{run_cfg.deepspeed}" if run_cfg.deepspeed else "ddp",
+                       malloc=malloc)
     if not run_cfg.deepspeed and info.distributed_type == "DEEPSPEED":
         raise AttrdistError("accelerate's config turned DeepSpeed on but run.deepspeed is empty: set run.deepspeed=zero1|"
                             "zero2|zero3 (attrdist then builds the DeepSpeed config from the run's and checkpoints "

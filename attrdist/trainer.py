@@ -465,7 +465,8 @@ class Trainer:
         return where == "workers" or (where == "auto" and self.acc.device.type == "cpu")
 
     def make_loader(self, ds, plan: BatchPlan):
-        return make_loader(ds, plan, self.cfg.data.num_workers, pin_memory=self.rt.device == "cuda")
+        return make_loader(ds, plan, self.cfg.data.num_workers, pin_memory=self.rt.device == "cuda",
+                           malloc=self.cfg.run.malloc)
 
     def eval_dataset(self, split: str):
         reader = self.train_reader if split == "__overfit__" else ShardReader(self.manifest, split)

@@ -192,11 +192,12 @@ def _count(batch: list) -> int:
 
 
 def decode_pass(ds: DecodeOnly, seed: int, epoch: int, workers: int) -> int:
-    from attrdist.data import BatchPlan
+    from attrdist.data import BatchPlan, tuned_workers
 
     plan = BatchPlan(len(ds), BATCH, 1, 0, seed, epoch, shuffle=True, drop_last=True)
+    # the same workers as attrdist's loader: run.malloc=keep (tune_malloc) in each
     loader = DataLoader(ds, batch_sampler=plan, num_workers=workers, collate_fn=_count,
-                        prefetch_factor=2 if workers else None)
+                        worker_init_fn=tuned_workers("keep"), prefetch_factor=2 if workers else None)
     return sum(loader)
 
 

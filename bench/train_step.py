@@ -707,6 +707,13 @@ def run_scaling(shards: Path, device: str, rounds: int, quick: bool, tmp: Path) 
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
+    from attrdist.runtime import tune_malloc
+
+    # Every process here (this one, whose bare loop alternates with the trainer, and the fresh bare and
+    # attrdist workers) gets the allocator the trainer's process gets (run.malloc=keep, set in
+    # make_accelerator), so each ratio compares like with like; what the allocator itself buys is
+    # bench/malloc.py's figure.
+    tune_malloc("keep")
     if any(a.startswith("--worker=") for a in argv):
         return worker(argv)
     if any(a.startswith("--bare-worker=") for a in argv):

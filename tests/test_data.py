@@ -154,6 +154,30 @@ def test_colour_jitter_is_torchvisions_steps_in_one_affine_map():
         assert (colour_jitter(x, b, c, s) - ref).abs().max() < 1e-4, (b, c, s)  # float rounding only
 
 
+def test_photometric_is_the_colour_map_clamped_then_normalised_then_erased():
+    """`photometric` fuses the colour map with the normalisation (one baddbmm, one per-channel clamp): the
+    same images as `colour_jitter` followed by torchvision's normalize and erasing, up to float rounding,
+    clipping included (strong contrast and brightness push pixels past 0 and 255)."""
+    from torchvision.transforms.v2 import functional as F
+
+    from attrdist.transforms import IMAGENET_MEAN, IMAGENET_STD, colour_jitter, colour_matrix, photometric
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (4, 3, 24, 20), generator=g, dtype=torch.uint8)
+    params = [(1.0, 1.0, 1.0, 0.0), (1.6, 1.8, 0.5, 0.1), (0.4, 0.6, 1.4, -0.2), (1.2, 2.5, 1.0, 0.05)]
+    colour = torch.stack([torch.cat([m, torch.full((3, 1), c, dtype=torch.float64)], dim=1).float()
+                          for m, c in (colour_matrix(*p) for p in params)])
+    erase = torch.tensor([[0, 0, 0, 0], [2, 3, 5, 4], [0, 0, 0, 0], [10, 1, 3, 9]])
+    got = photometric(x, colour, erase)
+    for i, p in enumerate(params):
+        ref = F.normalize(colour_jitter(x[i], *p), list(IMAGENET_MEAN), list(IMAGENET_STD))
+        top, left, h, w = erase[i].tolist()
+        ref[:, top:top + h, left:left + w] = 0.0
+        assert (got[i] - ref).abs().max() < 1e-5, (p, (got[i] - ref).abs().max())
+    clipped = colour_jitter(x[3], *params[3])
+    assert (clipped == 0).any() and (clipped == 1).any()  # the clamp was exercised
+
+
 @pytest.mark.reliability
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding():
