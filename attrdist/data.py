@@ -147,14 +147,16 @@ class SampleDataset(Dataset):
     """Map (index, epoch) -> one decoded, transformed sample dict."""
 
     def __init__(self, reader: ShardReader, num_attributes: int, label_fields: list[str], cfg: DataConfig,
-                 seed: int, train: bool, pixels_in_workers: bool = False):
+                 seed: int, train: bool, pixels_in_workers: bool = False, image_dtype: torch.dtype = torch.float32):
         """`pixels_in_workers`: also run the pixel-wise stage (`transforms.photometric`) here, per sample,
         and hand out finished float images. For a CPU device: there the training process's threads are
         busy with the step, and the stage run there competes with the workers for the same cores
         (bench/input.py: 528 vs 727 images/s). Off (an accelerator): uint8 images plus their parameters,
-        finished on the device by `batch_images`."""
+        finished on the device by `batch_images`. `image_dtype`: of those finished images (bfloat16 for a bf16
+        run: data.worker_dtype)."""
         self.reader, self.A, self.fields = reader, num_attributes, list(label_fields)
         self.cfg, self.seed, self.train, self.pixels_in_workers = cfg, seed, train, pixels_in_workers
+        self.image_dtype = image_dtype
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -174,7 +176,7 @@ class SampleDataset(Dataset):
         s = self.cfg.image_size
         # the mean colour (what erasing paints): a neutral image for BatchNorm; the loss masks it out
         img = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1).expand(3, s, s)
-        out = {"image": photometric(img[None])[0] if self.pixels_in_workers else img.contiguous(),
+        out = {"image": photometric(img[None])[0].to(self.image_dtype) if self.pixels_in_workers else img.contiguous(),
                "index": index, "valid": False, "corrupt": False}
         if self.train and not self.pixels_in_workers:
             out.update(colour=IDENTITY_COLOUR, erase=NO_ERASE)
@@ -205,13 +207,21 @@ class SampleDataset(Dataset):
                 x = {"image": eval_geometry(img, size, self.cfg.eval_resize)}
             if self.pixels_in_workers:
                 x = {"image": photometric(x["image"][None], x["colour"][None] if "colour" in x else None,
-                                          x["erase"][None] if "erase" in x else None)[0]}
+                                          x["erase"][None] if "erase" in x else None)[0].to(self.image_dtype)}
         except Exception as e:  # unreadable sample, corrupt JPEG, missing field, bad labels, decompression bomb
             out = self.blank(index)
             out["corrupt"] = True
             out["error"] = sample_error(self.reader, index, raw, e)
             return out
         return {**x, "index": index, "valid": True, "corrupt": False, **labels}
+
+
+def worker_image_dtype(worker_dtype: str, mixed_precision: str) -> torch.dtype:
+    """data.worker_dtype for a run computing in `mixed_precision`: auto = bfloat16 for a bf16 run (autocast
+    casts the first layer's input to bf16 anyway), else float32."""
+    if worker_dtype == "auto":
+        worker_dtype = "bfloat16" if mixed_precision == "bf16" else "float32"
+    return getattr(torch, worker_dtype)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -28,7 +28,7 @@ import torch
 from attrdist import checkpoint, interrupt
 from attrdist import rng as rnglib
 from attrdist.config import Config, to_dict, to_json
-from attrdist.data import BatchPlan, SampleDataset, batch_images, collate, make_loader
+from attrdist.data import BatchPlan, SampleDataset, batch_images, collate, make_loader, worker_image_dtype
 from attrdist.errors import AttrdistError
 from attrdist.models import build_model, convert_sync_batchnorm, count_parameters, freeze_batchnorm_stats
 from attrdist.runtime import make_accelerator
@@ -261,7 +261,8 @@ class Trainer:
         if isinstance(self.train_ds, SampleDataset):
             log.info("input: %d workers decode + crop/flip; colour, normalisation and erasing run %s "
                      "(data.pixel_stage=%s)", cfg.data.num_workers,
-                     "in the workers, float batches" if self.pixels_in_workers else
+                     f"in the workers, {str(self.worker_dtype).split('.')[-1]} batches (data.worker_dtype="
+                     f"{cfg.data.worker_dtype})" if self.pixels_in_workers else
                      f"batched on {self.acc.device.type}, from uint8 batches", cfg.data.pixel_stage)
         self.prior = {f: self.manifest.label_prior(train_split, f) for f in self.fields}
         self.state = LoopState()
@@ -455,7 +456,11 @@ class Trainer:
         """(index, epoch) -> one decoded sample; a subclass for another kind of sample overrides this and
         make_loader (batching), forward_loss and evaluate."""
         return SampleDataset(reader, len(self.attributes), self.fields, self.cfg.data, self.cfg.run.seed, train=train,
-                             pixels_in_workers=self.pixels_in_workers)
+                             pixels_in_workers=self.pixels_in_workers, image_dtype=self.worker_dtype)
+
+    @property
+    def worker_dtype(self) -> torch.dtype:
+        return worker_image_dtype(self.cfg.data.worker_dtype, self.rt.mixed_precision)
 
     @property
     def pixels_in_workers(self) -> bool:

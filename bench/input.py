@@ -27,7 +27,9 @@ image (no blank "corrupt" samples). Alternating, median of rounds:
                     640x480 that is a FULL decode, 1/2 scale would give 240 < 317), crc32 check,
                     train_geometry (resized crop, flip on uint8; colour/erase parameters drawn) and, as
                     the trainer builds it for a CPU device, the pixel-wise stage in the worker too
-                    (photometric: colour map, normalise, erase), float collate
+                    (photometric: colour map, normalise, erase), collated in the dtype the trainer asks for
+                    (data.worker_dtype=auto: bfloat16 when the recipe's precision resolves to bf16, as on
+                    CPUs with AVX512_BF16; else float32)
   shards_source_loader  (b-) (b) as the trainer builds it for an accelerator: uint8 batches plus each
                     sample's colour/erase parameters (the pixel-wise stage then runs on the device)
   shards_source_crop_flip  (b') (b) with the augmentation cut to (a)'s (crop scale 0.08-1, flip): context
@@ -130,15 +132,19 @@ def loose_pass(ds, workers: int, epoch: int) -> int:
 # ------------------------------------------------------------------------------------------
 
 
-def shard_dataset(shards: Path, data_cfg, seed: int, pixels_in_workers: bool = True):
-    from attrdist.data import SampleDataset
+def shard_dataset(shards: Path, data_cfg, seed: int, pixels_in_workers: bool = True, precision: str = "auto"):
+    """SampleDataset as the trainer builds it on this CPU: `precision` is the run's (run.precision), which
+    decides the dtype of the finished images (data.worker_dtype=auto: bfloat16 for a bf16 run)."""
+    from attrdist.data import SampleDataset, worker_image_dtype
+    from attrdist.runtime import resolve_precision
     from attrdist.shards import ShardReader, load_manifest
 
     manifest = load_manifest(shards)
     fields = [data_cfg.labels, *[f for f in data_cfg.eval_labels if f != data_cfg.labels]]  # as Trainer does
     reader = ShardReader(manifest, data_cfg.train_split)
     return SampleDataset(reader, len(manifest.attributes), fields, data_cfg, seed, train=True,
-                         pixels_in_workers=pixels_in_workers)
+                         pixels_in_workers=pixels_in_workers,
+                         image_dtype=worker_image_dtype(data_cfg.worker_dtype, resolve_precision(precision, "cpu")))
 
 
 def shard_pass(ds, data_cfg, seed: int, epoch: int) -> int:
@@ -149,7 +155,7 @@ def shard_pass(ds, data_cfg, seed: int, epoch: int) -> int:
     for batch in make_loader(ds, plan, data_cfg.num_workers):
         # (b)/(c): float images finished in the workers (CPU device); (b-): uint8 + parameters for the device.
         # Nothing else happens here, as in the other loaders' passes.
-        assert batch["image"].dtype == (torch.uint8 if "colour" in batch else torch.float32)
+        assert batch["image"].dtype == (torch.uint8 if "colour" in batch else ds.image_dtype)
         n += int(batch["valid"].sum())  # a corrupt sample would be a blank (fast) image: count only real ones
     return n
 
@@ -259,10 +265,11 @@ def main(argv=None) -> list[dict]:
 
         loose = loose_dataset(root, vocab)
         loose_aug = loose_dataset(root, vocab, aug)
-        ds_src = shard_dataset(src, data_cfg, seed)
+        prec = cfg.run.precision  # the recipe's: auto -> bf16 on CPUs with AVX512_BF16 (bfloat16 batches)
+        ds_src = shard_dataset(src, data_cfg, seed, precision=prec)
         cf_cfg = replace(data_cfg, augment=crop_flip)
-        ds_cf = shard_dataset(src, cf_cfg, seed)
-        ds_small = shard_dataset(small, data_cfg, seed)
+        ds_cf = shard_dataset(src, cf_cfg, seed, precision=prec)
+        ds_small = shard_dataset(small, data_cfg, seed, precision=prec)
         ds_dev = shard_dataset(src, data_cfg, seed, pixels_in_workers=False)  # as the trainer builds it for a GPU
         sizes = draft_sizes(ds_src.reader, min_side)
         dec = {how: DecodeOnly(ds_src.reader, how, min_side, sizes)

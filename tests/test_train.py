@@ -273,3 +273,21 @@ def test_the_pixel_stage_on_the_device_trains_like_the_workers(small_shards, tmp
         losses[where] = [r["loss"] for r in recs if r.get("type") == "train"]
     assert len(losses["device"]) == len(losses["workers"]) > 3
     assert losses["device"] == pytest.approx(losses["workers"], rel=1e-4, abs=1e-5)
+
+
+def test_bf16_batches_from_the_workers_train_exactly_like_float32_batches(small_shards, tmp_path):
+    """A bf16 run on CPU gets bfloat16 images from its workers (data.worker_dtype=auto): half the bytes through
+    shared memory. The model's first layer is a convolution, which bf16 autocast runs on a bf16 copy of its
+    input anyway, so the losses and the evaluation are exactly those of float32 batches."""
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        rd = tmp_path / dtype
+        p = run_recipe(["--profile", "demo", f"data.shards={small_shards}", f"run.run_dir={rd}", *FAST,
+                        "run.precision=bf16", "run.epochs=1", "run.eval_every=1", f"data.worker_dtype={dtype}"])
+        assert f"in the workers, {dtype} batches (data.worker_dtype={dtype})" in p.stdout + p.stderr
+        recs = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+        out[dtype] = ([r["loss"] for r in recs if r.get("type") == "train"],
+                      [{k: v for k, v in r.items() if "/" in k and not k.endswith("_per_s")}  # timings differ
+                       for r in recs if r.get("type") == "eval"])
+    assert len(out["float32"][0]) > 3 and out["float32"][1]
+    assert out["bfloat16"] == out["float32"]
