@@ -173,7 +173,8 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     # the eval samples are uint8 (normalised where the batch lands): the bare loop gets them normalised up front
     batches = [batch_images({"image": torch.stack([s["image"] for s in samples[j * b:(j + 1) * b]])}, dev, fmt)
                for j in range(k)]
-    singles = [batch_images({"image": s["image"].unsqueeze(0)}, dev) for s in samples]
+    # fp32 singles for the fp32 predict comparison (a bf16 run's eval samples are bfloat16: data.worker_dtype)
+    singles = [batch_images({"image": s["image"].unsqueeze(0).float()}, dev) for s in samples]
 
     # the bare model: built from the same config, the trainer's weights copied in
     torch.manual_seed(cfg.run.seed)
