@@ -181,7 +181,7 @@ class RunConfig:
     max_steps: int = _f(0, "stop after N optimizer steps (0 = no limit)")
     world_size: int = _f(0, "expected number of processes; the run fails if it got another (0 = any)")
     threads: int = _f(0, "torch intra-op threads per process (0 = cores / local processes)")
-    malloc: Literal["keep", "system"] = _f("keep", "glibc malloc of this process and its data workers: 'keep' = large tensors from the heap, freed memory kept for reuse (no page faults per tensor: ResNet-50@224 training +45 % here, BENCHMARKS.md; the RSS stays at its peak); 'system' = glibc's defaults")
+    malloc: Literal["keep", "system"] = _f("keep", "glibc malloc of this process and its data workers: 'keep' = large tensors from the heap, freed memory kept for reuse (no page faults per tensor: ResNet-50@224 training 1.65-1.72x faster here, bench/malloc.py; the RSS stays at its peak); 'system' = glibc's defaults")
     curves_every: int = _f(10, "refresh curves.png every N epochs (and at the end)")
     log_samples: bool = _f(False, "every train record in metrics.jsonl also lists the sample indices of the step's whole global batch (all ranks, all grad_accum micro-batches, in global order): checks that 1 and N processes, or a resumed run, see the same data")
     deepspeed: Literal["", "zero1", "zero2", "zero3"] = _f("", "DeepSpeed ZeRO stage through accelerate ('' = DDP); template attrdist/deepspeed_configs/<stage>.json; launch with `python -m launch local SCRIPT --nproc N --deepspeed zero2`")

@@ -247,9 +247,10 @@ def batch_images(batch: dict, device, memory_format=torch.contiguous_format) -> 
 
 
 def tuned_workers(malloc: str):
-    """A DataLoader worker_init_fn applying run.malloc in each worker (`runtime.tune_malloc`: measured ~200 page
-    faults and 0.3 ms of system time per image without it). Workers forked from a tuned process inherit it;
-    this makes the loader right wherever it is built (a benchmark, a tool)."""
+    """A DataLoader worker_init_fn applying run.malloc in each worker (`runtime.tune_malloc`), as in the training
+    process. Workers forked from a tuned process inherit it anyway; this makes the loader the same wherever
+    it is built (a benchmark, a tool). With today's pixel stage the workers fault little either way
+    (bench/input_profile.py)."""
     from attrdist.runtime import tune_malloc
 
     return functools.partial(_init_worker, tune_malloc, malloc) if malloc == "keep" else None

@@ -105,16 +105,16 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 
 def tune_malloc(mode: str = "keep") -> bool:
     """mode "keep": make glibc's malloc serve every allocation from its heap and keep freed memory for reuse
-    (`mallopt`: no mmap, trim threshold 1 GiB, heap grown 64 MiB at a time: without the padding a 64 MiB
-    tensor still faulted in most of its pages each time, tests/test_malloc.py); True if applied. Fork inherits it, so DataLoader workers
-    started afterwards get it too.
+    (`mallopt`: no mmap, a trim threshold of 1 GiB, the heap grown 64 MiB at a time; with only the first
+    two a 64 MiB tensor still faulted in most of its pages each time). Returns True if applied. Fork
+    inherits the settings, so DataLoader workers started afterwards get them too.
 
-    Why (measured, bench/train_step.py and bench/input.py; BENCHMARKS.md): by default glibc gives each
-    allocation above its mmap threshold (at most 32 MiB) fresh pages and returns them on free, and trims the
-    heap, so every step's activations and every image's temporaries are page-faulted in and zero-filled anew.
-    ResNet-50@224 training spent ~40 % of its step in those faults (379k per step, 0.77 s of system
-    time); a data worker ~200 per image (0.3 ms). The cost: the process keeps its peak heap (its RSS does
-    not shrink after a peak). "system" leaves glibc's defaults. Not glibc (macOS): nothing to do."""
+    Why (bench/malloc.py; BENCHMARKS.md): by default glibc gives each allocation above its mmap threshold
+    (at most 32 MiB) fresh pages and returns them on free, and it trims the heap. So every step's
+    activations are faulted in and zero-filled again. For ResNet-50@224 training that was 404k page faults
+    and ~1 s of system time per 2.1 s step; with "keep" it trains 1.65-1.72x faster. The cost: the process
+    keeps its peak heap (its RSS does not shrink after a peak). "system" leaves glibc's defaults. Not
+    glibc (macOS): nothing to do."""
     import ctypes
     import platform
     import sys
