@@ -235,7 +235,7 @@ def exit_without_native_teardown() -> None:
     handler, after logging and stdio are flushed). For a distributed run that finished: torch's DDP keeps the
     gloo process group and its threads alive after `destroy_process_group` (measured with torch 2.14.1:
     `pt_gloo_runloop` x2 and `gloo_tcp_loop` remain even once the DDP module is collected;
-    tests/test_distributed.py), and tearing them down at exit once aborted a SLURM task after its result was
+    tests/test_exit.py), and tearing them down at exit once aborted a SLURM task after its result was
     written ("terminate called without an active exception", SIGABRT), failing a job that had succeeded.
     Call it only when all the work is done and the exit status is 0. An exception that escapes afterwards
     (e.g. submitit failing to write the result) still exits 1 as usual: the handler steps aside for it."""
