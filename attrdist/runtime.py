@@ -106,7 +106,7 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 def tune_malloc(mode: str = "keep") -> bool:
     """mode "keep": make glibc's malloc serve every allocation from its heap and keep freed memory for reuse
     (`mallopt`: no mmap, a trim threshold of 1 GiB, the heap grown 64 MiB at a time; with only the first
-    two a 64 MiB tensor still faulted in most of its pages each time). Returns True if applied. Fork
+    two, repeated 64 MiB tensors still faulted in most of their pages). Returns True if applied. Fork
     inherits the settings, so DataLoader workers started afterwards get them too.
 
     Why (bench/malloc.py; BENCHMARKS.md): by default glibc gives each allocation above its mmap threshold

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, machine_info, markdown_targets  # noqa: E402
 
-ORDER = ["pack", "input", "input_profile", "train_step", "ddp", "malloc", "inference", "memory"]
+ORDER = ["pack", "input", "input_profile", "train_step", "trainer_profile", "ddp", "malloc", "inference", "memory"]
 
 
 def targets_from_csv(name: str) -> list[dict]:
