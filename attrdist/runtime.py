@@ -92,11 +92,13 @@ class RuntimeInfo:
     launcher: str
     engine: str = "ddp"  # or deepspeed-zero1/2/3
     malloc: str = "system"  # "keep": tune_malloc applied
+    allreduce: str = "-"  # gradient all-reduce: "shm" (attrdist.shm_allreduce), else the group's backend
 
     def describe(self) -> str:
         return (f"world_size={self.world_size} rank={self.rank} local_rank={self.local_rank} device={self.device} "
                 f"distributed={self.distributed_type} engine={self.engine} backend={self.backend} "
-                f"mixed_precision={self.mixed_precision} threads={self.threads} malloc={self.malloc} launcher={self.launcher}")
+                f"mixed_precision={self.mixed_precision} threads={self.threads} malloc={self.malloc} allreduce={self.allreduce} "
+                f"launcher={self.launcher}")
 
 
 # glibc mallopt parameters (malloc.h)
@@ -178,7 +180,9 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
     """Create the Accelerator for this process and verify what it got. Returns (accelerator, RuntimeInfo).
     `global_batch`: data.batch_size (samples per micro-step over all ranks; DeepSpeed's config needs it)."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    from attrdist import shm_allreduce
 
     device = choose_device(run_cfg.device)
     mp = resolve_precision(run_cfg.precision, device)
@@ -194,6 +198,9 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
         if device == "cpu":
             group["backend"] = "gloo"  # DeepSpeed on CPU needs it even for 1 rank
         handlers.append(InitProcessGroupKwargs(**group))
+    if env_world > 1 and device == "cpu" and not run_cfg.deepspeed and run_cfg.shm_allreduce != "off":
+        # gradients as views of DDP's buckets: the shm hook reduces them in place, nothing is copied
+        handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=True))
     if run_cfg.deepspeed:
         _single_process_env(env_world)
         plugin = _deepspeed_plugin(run_cfg, optim_cfg, global_batch, env_world, mp, device)
@@ -205,6 +212,8 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
                           kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
     state = acc.state
     backend = getattr(state, "backend", None)
+    allreduce = shm_allreduce.setup(run_cfg.shm_allreduce, device=device, deepspeed=run_cfg.deepspeed,
+                                    timeout_s=run_cfg.dist_timeout_s)
     launcher = os.environ.get("ATTRDIST_LAUNCHER") or (  # attrdist.slurm: job, nodes x tasks, master
         "torchrun/accelerate" if "TORCHELASTIC_RUN_ID" in os.environ else
         "slurm" if "SLURM_JOB_ID" in os.environ else "python")
@@ -212,7 +221,7 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
                        world_size=acc.num_processes, rank=acc.process_index, local_rank=acc.local_process_index,
                        mixed_precision=mp if run_cfg.deepspeed else str(acc.mixed_precision), threads=threads,
                        launcher=launcher, engine=f"deepspeed-{run_cfg.deepspeed}" if run_cfg.deepspeed else "ddp",
-                       malloc=malloc)
+                       malloc=malloc, allreduce=allreduce)
     if not run_cfg.deepspeed and info.distributed_type == "DEEPSPEED":
         raise AttrdistError("accelerate's config turned DeepSpeed on but run.deepspeed is empty: set run.deepspeed=zero1|"
                             "zero2|zero3 (attrdist then builds the DeepSpeed config from the run's and checkpoints "

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attrdist import checkpoint, interrupt
+from attrdist import checkpoint, interrupt, shm_allreduce
 from attrdist import rng as rnglib
 from attrdist.config import Config, to_dict, to_json
 from attrdist.data import BatchPlan, SampleDataset, batch_images, collate, make_loader, worker_image_dtype
@@ -232,6 +232,8 @@ class Trainer:
         self.raw_model = model
         optimizer = build_optimizer(cfg.optim, model, fused=cfg.optim.fused and not cfg.run.deepspeed)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        if self.rt.allreduce == "shm" and isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            shm_allreduce.register(self.model)
         if self.deepspeed:
             from attrdist import zero
 

@@ -9,10 +9,14 @@ variant, 3 rounds, medians:
   single    1 process x 2 threads, batch 32
   ddp       2 gloo ranks x 1 thread, 16 each, torch's DistributedDataParallel (buckets all-reduced during
             the backward, as attrdist runs it)
+  ddp_shm   the same with attrdist's shared-memory all-reduce (attrdist/shm_allreduce.py, run.shm_allreduce=auto,
+            the default for CPU ranks on one host): DeepSpeed's shm kernel as DDP's comm hook, gradients as
+            bucket views
   no_comm   the same 2 ranks with every step under `no_sync()`: no gradient traffic at all. This is the
             ceiling of any DDP here: the compute alone, split over 2 single-threaded ranks
   allreduce the same 2 ranks without DDP, all gradients flattened and all-reduced in one call after the
             backward: the time of gloo's all-reduce on its own (not overlapped)
+  allreduce_shm  the same with the shm kernel (the flattening copy is inside the timed part in both)
 Per variant and rank 0: img/s and the mean ms per step in forward+backward (with DDP that includes the
 overlapped all-reduce), the explicit all-reduce, and the optimizer step. Writes bench/results/ddp.csv.
 """
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_csv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("ddp", "no_comm", "allreduce")
+VARIANTS = ("ddp", "ddp_shm", "no_comm", "allreduce", "allreduce_shm")
 
 
 def worker(rounds: int, steps: int) -> None:
@@ -50,6 +54,10 @@ def worker(rounds: int, steps: int) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
+    if world > 1:
+        from attrdist import shm_allreduce
+
+        assert shm_allreduce.setup("on", device="cpu", deepspeed="", timeout_s=600) == "shm"
     batch = 32 // world
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(batch, 3, 64, 64, generator=g).contiguous(memory_format=torch.channels_last)
@@ -61,6 +69,9 @@ def worker(rounds: int, steps: int) -> None:
             model = torchvision.models.resnet18(num_classes=80).to(memory_format=torch.channels_last)
             if kind in ("ddp", "no_comm"):
                 model = torch.nn.parallel.DistributedDataParallel(model)
+            if kind == "ddp_shm":
+                model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+                shm_allreduce.register(model)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
             parts = [0.0, 0.0, 0.0]
             for i in range(3 + steps):
@@ -74,9 +85,12 @@ def worker(rounds: int, steps: int) -> None:
                         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
                     loss.backward()
                 t1 = time.perf_counter()
-                if kind == "allreduce":
+                if kind.startswith("allreduce"):
                     flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-                    dist.all_reduce(flat)
+                    if kind == "allreduce":
+                        dist.all_reduce(flat)
+                    else:
+                        torch.ops.deepspeed.inference_all_reduce_(flat)
                 t2 = time.perf_counter()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

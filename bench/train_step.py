@@ -64,7 +64,8 @@ Items
              threads, median of 5; 8192^2 on CUDA).
 4 scaling    attrdist through the real launcher, ResNet-18@64 (as in 2a), global batch 32, 3 warm-up + 20 timed
              steps: `python -m launch local bench/train_step.py --nproc 2 --device cpu --worker=SPEC` (2 gloo
-             DDP ranks, run.threads=1, 16 images per rank) vs `... --nproc 1 ...` (1 process, run.threads=2 =
+             DDP ranks with the default run.shm_allreduce=auto, i.e. shared memory here, run.threads=1, 16 images
+             per rank) vs `... --nproc 1 ...` (1 process, run.threads=2 =
              the same 2 cores), alternating. Target: DDP >= 0.85x single process (issue: a bare loop measured 0.89).
              Then `--nproc 2 --deepspeed zero2` in the same rotation: its throughput vs DDP is the stated
              DeepSpeed overhead (no target). Process start-up is outside the timed region (metrics.jsonl of
@@ -435,7 +436,7 @@ def worker(argv: list[str]) -> None:
         (Path(cfg.run.run_dir) / "bench_result.json").write_text(json.dumps(
             {"precision": tr.rt.mixed_precision, "threads": tr.rt.threads, "world": tr.rt.world_size,
              "engine": tr.rt.engine, "distributed": tr.rt.distributed_type, "backend": tr.rt.backend,
-             "launcher": tr.rt.launcher}))
+             "launcher": tr.rt.launcher, "allreduce": tr.rt.allreduce}))
 
 
 def bare_worker(argv: list[str]) -> None:
@@ -667,9 +668,11 @@ def run_scaling(shards: Path, device: str, rounds: int, quick: bool, tmp: Path) 
     if device == "cuda":
         names = {"one": "1 GPU", "ddp": "2-GPU DDP", "zero2": "2-GPU DeepSpeed ZeRO-2"}
     else:
-        names = {"one": "1 process x 2 threads", "ddp": "2-process DDP (gloo) x 1 thread",
+        names = {"one": "1 process x 2 threads",
+                 "ddp": f"2-process DDP ({info['ddp'].get('allreduce', '?')} all-reduce) x 1 thread",
                  "zero2": "2-process DeepSpeed ZeRO-2 x 1 thread"}
-    names.update(bare_one=f"bare loop, {names['one']}", bare_ddp=f"bare loop, {names['ddp']}")
+    names.update(bare_one=f"bare loop, {names['one']}",
+                 bare_ddp="bare loop, 2-process DDP (gloo) x 1 thread" if device == "cpu" else f"bare loop, {names['ddp']}")
     rows = []
     for k in t:
         extra = ({"trainer_logged_img_s": round(statistics.median(info[k]["trainer_img_s"]), 1)}
