@@ -285,6 +285,21 @@ def test_bf16_under_ddp_on_cpu(runs, small_shards, tmp_path):
     assert 1e-6 < rel < 0.05
 
 
+def test_shm_and_gloo_all_reduce_give_identical_training(runs, small_shards, tmp_path):
+    """The 2-rank run above used the shared-memory all-reduce (run.shm_allreduce=auto; attrdist/shm_allreduce.py).
+    The same run over gloo gives every loss and every weight equal (==): with 2 ranks each gradient element is
+    a/2 + b/2 either way."""
+    gloo_dir = tmp_path / "gloo"
+    launch(2, args(small_shards, gloo_dir, "run.shm_allreduce=off"))
+    shm, gloo = train_records(runs[2]), train_records(gloo_dir)
+    assert sorted(shm) == sorted(gloo) == list(range(1, STEPS + 1))
+    assert [shm[s]["loss"] for s in sorted(shm)] == [gloo[s]["loss"] for s in sorted(shm)]
+    a, b = last_weights(runs[2]), last_weights(gloo_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "allreduce=shm" in (runs[2] / "train.log").read_text()
+    assert "allreduce=gloo" in (gloo_dir / "train.log").read_text()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["run.precision=fp16"], "run.precision=fp16 is CUDA-only: on cpu fp16 autocast is a silent no-op"),
     (["model.freeze_bn_stats=false", "model.sync_bn=true"],

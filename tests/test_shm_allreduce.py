@@ -1,6 +1,6 @@
 """The shared-memory gradient all-reduce (attrdist/shm_allreduce.py, `run.shm_allreduce`) on real ranks.
 
-* Same bits as gloo: the same 2-rank training with shm and with gloo gives identical losses and weights.
+* Same bits as gloo: tests/test_distributed.py::test_shm_and_gloo_all_reduce_give_identical_training.
 * A peer that dies mid-reduction does not leave the survivor spinning: the watchdog stops it, naming the rank;
   a peer that never arrives is bounded by the timeout.
 * Where it cannot be used, `auto` falls back to gloo and `on` fails with the reason; no segment is left in
@@ -22,24 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_env
-from tests.test_distributed import args, launch, last_weights, train_records
 
 pytestmark = pytest.mark.distributed
-
-
-def test_shm_and_gloo_give_identical_training(small_shards, tmp_path):
-    """12 steps of the demo model on 2 ranks: every loss and every weight equal (==), shm against gloo."""
-    runs = {}
-    for mode in ("on", "off"):
-        runs[mode] = tmp_path / mode
-        launch(2, args(small_shards, runs[mode], f"run.shm_allreduce={mode}"))
-    shm, gloo = train_records(runs["on"]), train_records(runs["off"])
-    assert sorted(shm) == sorted(gloo) == list(range(1, 13))
-    assert [shm[s]["loss"] for s in shm] == [gloo[s]["loss"] for s in shm]
-    a, b = last_weights(runs["on"]), last_weights(runs["off"])
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert "allreduce=shm" in (runs["on"] / "train.log").read_text()
-    assert "allreduce=gloo" in (runs["off"] / "train.log").read_text()
 
 
 def start_ranks(scenario: str, tmp_path: Path, port: int, **env) -> list[subprocess.Popen]:
