@@ -82,14 +82,8 @@ def _segment_path(rank: int) -> str:
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
 
 
-def _why_not(device: str, world: int, local_world: int, deepspeed: str) -> str:
-    """The reason this run cannot use the kernel, checked without touching the other ranks ('' = none)."""
-    if device != "cpu":
-        return f"device is {device}"
-    if deepspeed:
-        return "DeepSpeed runs its own communication"
-    if world < 2:
-        return "a single process"
+def _why_not(world: int, local_world: int) -> str:
+    """The reason this CPU DDP run cannot use the kernel, checked without touching the other ranks ('' = none)."""
     if local_world != world:
         return f"the {world} ranks span hosts ({local_world} on this one)"
     if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
@@ -164,11 +158,14 @@ def setup(mode: str, *, device: str, deepspeed: str, timeout_s: float) -> str:
         return "-"
     backend = str(dist.get_backend())
     world, rank = dist.get_world_size(), dist.get_rank()
-    if mode == "off" or world < 2:
+    if mode == "off" or world < 2 or device != "cpu" or deepspeed:  # the same on every rank: no collective
+        if mode == "on" and world > 1:
+            raise AttrdistError(f"run.shm_allreduce=on: the shared-memory all-reduce is for DDP on CPUs "
+                                f"({'DeepSpeed' if deepspeed else device} run); set run.shm_allreduce=auto or off")
         return backend
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
     # each step is agreed on by all ranks before the next, so no rank waits in a collective the others skip
-    reason = _agree(_why_not(device, world, local_world, deepspeed))
+    reason = _agree(_why_not(world, local_world))
     if not reason and _state:
         reason = _agree("" if _state["world"] == world else "the kernel was set up for another group here")
     elif not reason:
