@@ -9,6 +9,7 @@ launcher (or run.world_size) asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -212,8 +213,6 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
                           kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
     state = acc.state
     backend = getattr(state, "backend", None)
-    allreduce = shm_allreduce.setup(run_cfg.shm_allreduce, device=device, deepspeed=run_cfg.deepspeed,
-                                    timeout_s=run_cfg.dist_timeout_s)
     launcher = os.environ.get("ATTRDIST_LAUNCHER") or (  # attrdist.slurm: job, nodes x tasks, master
         "torchrun/accelerate" if "TORCHELASTIC_RUN_ID" in os.environ else
         "slurm" if "SLURM_JOB_ID" in os.environ else "python")
@@ -221,7 +220,7 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
                        world_size=acc.num_processes, rank=acc.process_index, local_rank=acc.local_process_index,
                        mixed_precision=mp if run_cfg.deepspeed else str(acc.mixed_precision), threads=threads,
                        launcher=launcher, engine=f"deepspeed-{run_cfg.deepspeed}" if run_cfg.deepspeed else "ddp",
-                       malloc=malloc, allreduce=allreduce)
+                       malloc=malloc)
     if not run_cfg.deepspeed and info.distributed_type == "DEEPSPEED":
         raise AttrdistError("accelerate's config turned DeepSpeed on but run.deepspeed is empty: set run.deepspeed=zero1|"
                             "zero2|zero3 (attrdist then builds the DeepSpeed config from the run's and checkpoints "
@@ -236,7 +235,9 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
                             f"`python -m launch local SCRIPT --nproc {expected}` (it sets the flags that really give {expected} ranks)")
     if run_cfg.world_size and env_world != acc.num_processes:
         raise AttrdistError(f"WORLD_SIZE={env_world} in the environment but accelerate formed {acc.num_processes} ranks")
-    return acc, info
+    allreduce = shm_allreduce.setup(run_cfg.shm_allreduce, device=device, deepspeed=run_cfg.deepspeed,
+                                    timeout_s=run_cfg.dist_timeout_s)
+    return acc, dataclasses.replace(info, allreduce=allreduce)
 
 
 def exit_without_native_teardown() -> None:

@@ -285,19 +285,21 @@ def test_bf16_under_ddp_on_cpu(runs, small_shards, tmp_path):
     assert 1e-6 < rel < 0.05
 
 
-def test_shm_and_gloo_all_reduce_give_identical_training(runs, small_shards, tmp_path):
-    """The 2-rank run above used the shared-memory all-reduce (run.shm_allreduce=auto; attrdist/shm_allreduce.py).
-    The same run over gloo gives every loss and every weight equal (==): with 2 ranks each gradient element is
-    a/2 + b/2 either way."""
-    gloo_dir = tmp_path / "gloo"
-    launch(2, args(small_shards, gloo_dir, "run.shm_allreduce=off"))
-    shm, gloo = train_records(runs[2]), train_records(gloo_dir)
-    assert sorted(shm) == sorted(gloo) == list(range(1, STEPS + 1))
+def test_shm_and_gloo_all_reduce_give_identical_training(small_shards, tmp_path):
+    """The shared-memory all-reduce (run.shm_allreduce=auto, the CPU default; attrdist/shm_allreduce.py) against
+    gloo, with 2 micro-batches per step (DDP's no_sync step, then the reduced one, with the gradients as bucket
+    views): every loss and every weight equal (==). With 2 ranks each gradient element is a/2 + b/2 either way."""
+    got = {}
+    for mode in ("auto", "off"):
+        got[mode] = tmp_path / mode
+        launch(2, args(small_shards, got[mode], f"run.shm_allreduce={mode}", "optim.grad_accum=2"))
+    shm, gloo = train_records(got["auto"]), train_records(got["off"])
+    assert sorted(shm) == sorted(gloo) == list(range(1, STEPS // 2 + 1))
     assert [shm[s]["loss"] for s in sorted(shm)] == [gloo[s]["loss"] for s in sorted(shm)]
-    a, b = last_weights(runs[2]), last_weights(gloo_dir)
+    a, b = last_weights(got["auto"]), last_weights(got["off"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert "allreduce=shm" in (runs[2] / "train.log").read_text()
-    assert "allreduce=gloo" in (gloo_dir / "train.log").read_text()
+    assert "allreduce=shm" in (got["auto"] / "train.log").read_text()
+    assert "allreduce=gloo" in (got["off"] / "train.log").read_text()
 
 
 @pytest.mark.parametrize("overrides, message", [
