@@ -552,7 +552,7 @@ def pack_coco_captions(out_dir: str | os.PathLike, splits: list[SplitSource], vo
                     continue
                 todo.append((image_id, key, v, true))
             items = ((v["path"], v["sha1"], v["format"], 0, 90) for _, _, v, _ in todo)
-            results = parallel_map(load_image_item, items, workers)
+            results = parallel_map(load_image_item, items, workers, threads=True)  # bytes copied through
             for (image_id, key, v, true), r in zip(todo, tqdm(results, total=len(todo), desc=f"write {split.name}",
                                                              unit="img", disable=not progress)):
                 if isinstance(r, ItemError):
@@ -644,7 +644,7 @@ def pack_coco_images(out_dir: str | os.PathLike, splits: list[AnnSource], *, dat
                 else:
                     todo.append((image_id, key, v))
             items = ((v["path"], v["sha1"], v["format"], max_side, quality) for _, _, v in todo)
-            results = parallel_map(load_image_item, items, workers)
+            results = parallel_map(load_image_item, items, workers, threads=not max_side)  # no max_side: copied through
             packed = no_labels = nboxes = 0
             for (image_id, key, v), r in zip(todo, tqdm(results, total=len(todo), desc=f"write {s.name}",
                                                        unit="img", disable=not progress)):
