@@ -6,6 +6,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 
 from attrdist.coco import SplitSource, load_coco, pack_coco_captions
 from attrdist.errors import AttrdistError
@@ -23,7 +24,13 @@ def test_round_trip_demo(small_demo, small_shards):
     for s in m.split("train")["shards"]:
         assert sha256_file(small_shards / s["file"]) == s["sha256"]
         with tarfile.open(small_shards / s["file"]) as t:  # plain tar, readable by any tool
-            assert len(t.getnames()) == 2 * s["nsamples"]
+            members = t.getmembers()
+            assert len(members) == 2 * s["nsamples"]
+            # webdataset's member conventions, a fixed mtime (same inputs, same bytes), no pax records
+            assert all(x.mode == 0o444 and x.mtime == 0 and x.uname == "bigdata" and not x.pax_headers
+                       for x in members)
+        got = list(wds.WebDataset(str(small_shards / s["file"]), shardshuffle=False))  # webdataset reads them
+        assert len(got) == s["nsamples"] and all(set(x) >= {"__key__", "jpg", "json"} for x in got)
     caps = load_coco(small_demo / "annotations" / "captions_train.json")
     inst = load_coco(small_demo / "annotations" / "instances_train.json")
     reader = ShardReader(m, "train")
