@@ -39,7 +39,6 @@ content (polygons, RLE, PNG masks) is never needed and never read.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -53,7 +52,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
-from attrdist.packing import ItemError, ItemFailure, job_identity, encode_jpeg, open_image, parallel_map, resize_max_side
+from attrdist.packing import (ItemError, ItemFailure, encode_jpeg, job_identity, open_image, parallel_map, read_checked,
+                              resize_max_side, verify_bytes)
 from attrdist.shards import PackWriter, source_entry
 from attrdist.vocab import Vocabulary, count_positives
 
@@ -309,50 +309,18 @@ def true_attribute_ids(coco, image_id: int, index: dict[str, int], ann_file: Pat
 
 
 def verify_image(paths: str | list[str]) -> dict:
-    """Pass 1: read + fully decode one image, fingerprint it. The first existing path is used.
+    """Pass 1: read + decode one image once (`packing.verify_bytes`), fingerprint it. The first existing path is used.
 
     Returns {"path", "width", "height", "format", "sha1", "phash"}; raises ItemFailure with
-    reason missing_image / not_an_image / corrupt_image.
+    reason missing_image / not_an_image / corrupt_image / decompression_bomb.
     """
-    from attrdist.leakage import DRAFT_SIZE, hash_image
-
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     path = next((str(p) for p in paths if os.path.isfile(p)), None)
     if path is None:
         raise ItemFailure("missing_image", str(paths[0]))
     with open(path, "rb") as f:
         data = f.read()
-    try:
-        im = Image.open(io.BytesIO(data))
-        fmt, size = im.format, im.size
-    except Image.DecompressionBombError as e:
-        raise ItemFailure("decompression_bomb", f"{path}: {e}") from None
-    except Exception as e:  # noqa: BLE001
-        raise ItemFailure("not_an_image", f"{path}: {e}") from None
-    try:
-        # JPEG: DCT-domain downscaled decode. All entropy-coded data is still decoded (a truncated
-        # file fails here) at a fraction of the cost; the small image also feeds the leak hash.
-        if fmt == "JPEG":
-            im.draft("L", DRAFT_SIZE)
-        im.load()
-        phash = hash_image(im)
-    except Exception as e:  # noqa: BLE001
-        raise ItemFailure("corrupt_image", f"{path}: {type(e).__name__}: {e}") from None
-    sha1 = hashlib.sha1(data).hexdigest()
-    return {"path": path, "width": size[0], "height": size[1], "format": fmt, "sha1": sha1, "phash": int(phash)}
-
-
-def _read_checked(path: str, sha1: str) -> bytes:
-    from attrdist.packing import content_hash
-
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ItemFailure("changed_during_pack", f"{path}: {e}") from None
-    if content_hash(data) != sha1:
-        raise ItemFailure("changed_during_pack", f"{path}: content changed between the two passes")
-    return data
+    return {"path": path, **verify_bytes(data, path)}
 
 
 def load_image_item(item: tuple) -> tuple[bytes, str, tuple[int, int]]:
@@ -362,7 +330,7 @@ def load_image_item(item: tuple) -> tuple[bytes, str, tuple[int, int]]:
     re-encoded as JPEG.
     """
     path, sha1, fmt, max_side, quality = item
-    data = _read_checked(path, sha1)
+    data = read_checked(path, sha1)
     if max_side:
         out, size, _ = resize_max_side(data, max_side, quality)
         if out is not data:
@@ -380,7 +348,7 @@ def crop_items(item: tuple) -> list[tuple[bytes, tuple[int, int]]]:
     The image is decoded once for all its crops.
     """
     path, sha1, crops, max_side, quality = item
-    im = open_image(_read_checked(path, sha1)).convert("RGB")
+    im = open_image(read_checked(path, sha1)).convert("RGB")
     out = []
     for x, y, w, h in crops:
         c = im.crop((x, y, x + w, y + h))

@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
-from attrdist.packing import ItemError, ItemFailure, default_workers, open_image, parallel_map, resize_max_side
+from attrdist.packing import ItemError, ItemFailure, default_workers, parallel_map, resize_max_side, verify_bytes
 from attrdist.shards import PackWriter, _check_replaceable, source_entry
 
 # (raw DIOR spelling, canonical snake_case name), in DIOR's official class order (COCO ids 1..20).
@@ -182,35 +182,22 @@ def clip_boxes(objects, width: int, height: int) -> tuple[list[list[float]], lis
     return boxes, labels, counts
 
 
-def _decode_or_fail(data: bytes, max_side: int = 0) -> Image.Image:
-    try:
-        return open_image(data, max_side)
-    except UnidentifiedImageError:
-        raise ItemFailure("not_an_image") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ItemFailure("corrupt_image", str(e)) from None
-
-
 # ----------------------------------------------------------------------------------------------
 # Per-item work (module level: run in worker processes)
 # ----------------------------------------------------------------------------------------------
 
 
 def _probe(item: tuple[str, str, tuple[str, ...]]) -> dict:
-    """Pass 1: parse the XML, find + fully decode + fingerprint the image; small metadata only."""
-    from attrdist.leakage import fingerprint
-
+    """Pass 1: parse the XML, find + decode once (verified) + fingerprint the image; small metadata only."""
     xml, root, image_dirs = item
     ann = parse_dior_xml(xml)
     img = next((Path(root) / d / ann.file_name for d in image_dirs if (Path(root) / d / ann.file_name).is_file()), None)
     if img is None:
         raise ItemFailure("missing_image", ann.file_name)
-    data = img.read_bytes()
-    im = _decode_or_fail(data)
-    w, h = im.size
-    sha1, phash = fingerprint(data)
+    v = verify_bytes(img.read_bytes(), str(img))  # one decode: verified and fingerprinted
+    w, h = v["width"], v["height"]
     boxes, labels, counts = clip_boxes(ann.objects, w, h)
-    return {"path": str(img), "file_name": ann.file_name, "width": w, "height": h, "sha1": sha1, "phash": int(phash),
+    return {"path": str(img), "file_name": ann.file_name, "width": w, "height": h, "sha1": v["sha1"], "phash": v["phash"],
             "boxes": boxes, "box_labels": labels, "box_counts": dict(counts),
             "size_mismatch": ann.width is not None and (ann.width, ann.height) != (w, h)}
 

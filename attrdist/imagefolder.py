@@ -30,12 +30,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
 from attrdist.packing import (ItemError, ItemFailure, default_workers, encode_jpeg, open_image, parallel_map,
-                              resize_max_side)
+                              read_checked, resize_max_side, verify_bytes)
 from attrdist.shards import PackWriter, _check_replaceable, source_entry
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -183,41 +183,27 @@ def group_split(files: list[ImageFile], fractions: dict[str, float], seed: int) 
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_decode(path: str, max_side: int = 0) -> tuple[bytes, Image.Image]:
+def _probe(path: str) -> tuple[int, int, str, int]:
+    """Pass 1: read, decode once to verify, fingerprint (`packing.verify_bytes`). Returns (width, height, sha1, phash)."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ItemFailure("unreadable_file", str(e)) from None
-    try:
-        return data, open_image(data, max_side)
-    except UnidentifiedImageError:
-        raise ItemFailure("not_an_image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ItemFailure("corrupt_image", str(e)) from None
+    v = verify_bytes(data, path)
+    return v["width"], v["height"], v["sha1"], v["phash"]
 
 
-def _probe(path: str) -> tuple[int, int, str, int]:
-    """Pass 1: read, fully decode, fingerprint. Returns (width, height, sha1, phash)."""
-    from attrdist.leakage import fingerprint
-
-    data, im = _read_decode(path)
-    sha1, phash = fingerprint(data)
-    return im.size[0], im.size[1], sha1, int(phash)
-
-
-def _encode(item: tuple[str, int, int]) -> tuple[bytes, str, int, int]:
-    """Pass 2: stored bytes. JPEG/PNG pass through unless --max-side shrinks them; other formats
-    (BMP, GIF, WebP, TIFF) are re-encoded as JPEG."""
-    path, max_side, quality = item
-    data, im = _read_decode(path)
+def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int]:
+    """Pass 2: stored bytes. JPEG/PNG pass through, not decoded again, unless --max-side shrinks them;
+    other formats (BMP, GIF, WebP, TIFF) are re-encoded as JPEG."""
+    path, sha1, max_side, quality = item
+    data = read_checked(path, sha1)
     if max_side:
-        data, (w, h), _ = resize_max_side(data, max_side, quality)
-        with Image.open(io.BytesIO(data)) as im2:
-            fmt = im2.format
-    else:
+        data, _, _ = resize_max_side(data, max_side, quality)
+    with Image.open(io.BytesIO(data)) as im:
         fmt, (w, h) = im.format, im.size
     if fmt not in ("JPEG", "PNG"):
-        data, fmt = encode_jpeg(im if not max_side else open_image(data), quality), "JPEG"
+        data, fmt = encode_jpeg(open_image(data), quality), "JPEG"
     return data, ("png" if fmt == "PNG" else "jpg"), w, h
 
 
@@ -316,7 +302,8 @@ def pack_imagefolder(root: str | os.PathLike, out_dir: str | os.PathLike, *, val
     with writer:
         # pass 2: stored bytes in workers, written in order
         order2 = [(s, f, r) for s in splits for f, r in kept[s]]
-        bar = tqdm(parallel_map(_encode, ((str(root / f.rel), max_side, quality) for _, f, _ in order2), workers),
+        jobs2 = ((str(root / f.rel), r[2], max_side, quality) for _, f, r in order2)
+        bar = tqdm(parallel_map(_encode, jobs2, workers, threads=not max_side),  # no max_side: mostly copied through
                    total=len(order2), desc="imagefolder: write", unit="img", disable=not progress, dynamic_ncols=True)
         for n, ((s, f, _), res) in enumerate(zip(order2, bar)):
             rep = report[s]

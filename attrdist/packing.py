@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from attrdist.errors import AttrdistError
 
@@ -131,6 +131,51 @@ def resize_max_side(data: bytes, max_side: int, quality: int = 90) -> tuple[byte
     if s < 1.0:
         im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
     return encode_jpeg(im, quality), im.size, im.size[0] / orig[0]
+
+
+def verify_bytes(data: bytes, where: str) -> dict:
+    """Pass 1 of every packer: prove the image is whole with one decode, and fingerprint it.
+
+    Returns {"format", "width", "height", "sha1", "phash"} (the leak check's two hashes); raises ItemFailure
+    with reason not_an_image, corrupt_image or decompression_bomb. A JPEG is decoded with DCT-domain
+    downscaling: all of its entropy-coded data is still decoded (a truncated or damaged file fails here) at
+    a fraction of a full decode's cost, and the small image is what the perceptual hash reads. Other
+    formats are decoded fully. One decode per image: the packers that fully decoded it, then decoded it
+    again for the hash (imagefolder, dior), spent ~3x this (bench/pack.py).
+    """
+    from attrdist.leakage import DRAFT_SIZE, hash_image
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        fmt, size = im.format, im.size
+    except Image.DecompressionBombError as e:
+        raise ItemFailure("decompression_bomb", f"{where}: {e}") from None
+    except UnidentifiedImageError as e:  # no image format recognises these bytes
+        raise ItemFailure("not_an_image", f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a recognised format whose header is broken or cut short
+        raise ItemFailure("corrupt_image", f"{where}: {type(e).__name__}: {e}") from None
+    try:
+        if fmt == "JPEG":
+            im.draft("L", DRAFT_SIZE)
+        im.load()
+        phash = hash_image(im)
+    except Image.DecompressionBombError as e:
+        raise ItemFailure("decompression_bomb", f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise ItemFailure("corrupt_image", f"{where}: {type(e).__name__}: {e}") from None
+    return {"format": fmt, "width": size[0], "height": size[1], "sha1": content_hash(data), "phash": int(phash)}
+
+
+def read_checked(path: str, sha1: str) -> bytes:
+    """Pass 2: the file's bytes, which must still be those pass 1 verified (else ItemFailure changed_during_pack)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ItemFailure("changed_during_pack", f"{path}: {e}") from None
+    if content_hash(data) != sha1:
+        raise ItemFailure("changed_during_pack", f"{path}: content changed between the two passes")
+    return data
 
 
 def content_hash(data: bytes) -> str:

@@ -1,0 +1,85 @@
+"""The packers' shared machinery (attrdist/packing.py): the ordered parallel map, the one-decode verify pass,
+and pass 2's check that a file did not change since pass 1. Real JPEG bytes from the demo and real worker
+processes and threads."""
+
+import hashlib
+import io
+
+import pytest
+from PIL import Image
+
+from attrdist.errors import AttrdistError
+from attrdist.leakage import perceptual_hash
+from attrdist.packing import ItemError, ItemFailure, parallel_map, read_checked, verify_bytes
+
+
+def _square_or_fail(x: int) -> int:  # module level: pickled into worker processes
+    if x % 7 == 3:
+        raise ItemFailure("bad_item", f"item {x}")
+    if x == -1:
+        raise AttrdistError("a fatal error stops the map")
+    return x * x
+
+
+def _expected(x: int):
+    return ItemError("bad_item", f"item {x}") if x % 7 == 3 else x * x
+
+
+@pytest.mark.parametrize("threads", [False, True])
+@pytest.mark.parametrize("chunk", [1, 5, 8])
+def test_parallel_map_keeps_order_and_counts_failures_in_place(threads, chunk):
+    items = list(range(103))  # not a multiple of any chunk size: the last task is short
+    got = list(parallel_map(_square_or_fail, iter(items), 2, chunk=chunk, threads=threads))
+    assert got == [_expected(x) for x in items]
+    assert list(parallel_map(_square_or_fail, items, 1)) == got  # in this process: the same results
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_parallel_map_raises_a_fatal_error(threads):
+    with pytest.raises(AttrdistError, match="fatal"):
+        list(parallel_map(_square_or_fail, [1, 2, -1, 4], 2, chunk=3, threads=threads))
+
+
+def _jpeg(small_demo) -> tuple[bytes, str]:
+    path = sorted((small_demo / "images").rglob("*.jpg"))[0]
+    return path.read_bytes(), str(path)
+
+
+def test_verify_bytes_fingerprints_what_the_leak_check_reads(small_demo):
+    data, path = _jpeg(small_demo)
+    v = verify_bytes(data, path)
+    w, h = Image.open(io.BytesIO(data)).size
+    assert v == {"format": "JPEG", "width": w, "height": h, "sha1": hashlib.sha1(data).hexdigest(),
+                 "phash": perceptual_hash(data)}
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, format="PNG")
+    vp = verify_bytes(png.getvalue(), "x.png")
+    assert (vp["format"], vp["width"], vp["height"]) == ("PNG", w, h)
+
+
+def test_verify_bytes_refuses_broken_images(small_demo):
+    data, path = _jpeg(small_demo)
+    cases = {"truncated JPEG": (data[: len(data) // 2], "corrupt_image"),
+             "header cut short": (data[:300], "corrupt_image"),
+             "not an image": (b"just some text, not pixels" * 20, "not_an_image")}
+    for what, (bad, reason) in cases.items():
+        with pytest.raises(ItemFailure) as e:
+            verify_bytes(bad, path)
+        assert e.value.reason == reason, what
+        assert path in str(e.value), what  # the message names the file
+
+
+def test_read_checked_catches_a_file_changed_between_the_passes(small_demo, tmp_path):
+    data, _ = _jpeg(small_demo)
+    p = tmp_path / "a.jpg"
+    p.write_bytes(data)
+    sha1 = hashlib.sha1(data).hexdigest()
+    assert read_checked(str(p), sha1) == data
+    p.write_bytes(data[:-10] + b"0123456789")
+    with pytest.raises(ItemFailure) as e:
+        read_checked(str(p), sha1)
+    assert e.value.reason == "changed_during_pack"
+    p.unlink()
+    with pytest.raises(ItemFailure) as e:
+        read_checked(str(p), sha1)
+    assert e.value.reason == "changed_during_pack"
