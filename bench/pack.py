@@ -14,6 +14,8 @@ Measured on the same cores, alternating, median of rounds:
                   as for disk_read (bytes copied through; pass 1 reads and decodes every image to verify it and
                   fingerprints it for the leakage check; pass 2 re-reads them and writes the shards)
   pack_copy       the same from the page cache (warm)
+  pack_folder     shards/imagefolder.py on the same files as an image folder (hard links in 3 class folders, 20 %
+                  validation), in-process, warm: the same two passes through that packer
   verify_only     pass 1 alone (warm): one DCT-downscaled decode per image (verifies it) + the leak hash
   decode_encode   decode each JPEG, resize to max side 256, encode q90: a bare multiprocessing.Pool over all
                   cores (imap, 8 images per task), no packing
@@ -116,6 +118,23 @@ def raw_copy(root: Path, out: Path) -> None:
     out.unlink()
 
 
+def image_folder(root: Path) -> Path:
+    """The same files as an image folder with 3 classes: hard links, so the same bytes and page-cache state."""
+    folder = root / "folder"
+    for i, p in enumerate(sorted((root / "images").iterdir())):
+        (folder / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        os.link(p, folder / f"c{i % 3}" / p.name)
+    return folder
+
+
+def pack_folder(folder: Path, out: Path, workers: int) -> None:
+    """What `shards/imagefolder.py --root FOLDER --out OUT --on-leak warn` does, in-process."""
+    from attrdist.imagefolder import pack_imagefolder
+
+    shutil.rmtree(out, ignore_errors=True)
+    pack_imagefolder(folder, out, val=0.2, workers=workers, on_leak="warn", progress=False)
+
+
 def verify_only(root: Path, workers: int) -> None:
     """The least work a safe copy-through pack must do per image: one decode to verify + the leak hash."""
     from attrdist.coco import verify_image
@@ -174,12 +193,14 @@ def main(argv=None) -> None:
         root = make_dataset(Path(tmp) / "data", args.n)
         os.sync()  # written back: their pages are clean, so drop_cached can drop them
         mbytes = sum(p.stat().st_size for p in (root / "images").iterdir()) / 1e6
+        folder = image_folder(root)
         t = alternate({
             "disk_read": lambda: from_disk(raw_read)(root),
             "pack_copy_disk": lambda: from_disk(pack_copy)(root, Path(tmp) / "copy", workers),
             "raw_read": lambda: raw_read(root),
             "raw_copy": lambda: raw_copy(root, Path(tmp) / "rawcopy" / "all.bin"),
             "pack_copy": lambda: pack_copy(root, Path(tmp) / "copy", workers),
+            "pack_folder": lambda: pack_folder(folder, Path(tmp) / "folder-shards", workers),
             "verify_only": lambda: verify_only(root, workers),
         }, args.rounds)
         t.update(alternate({
@@ -197,6 +218,7 @@ def main(argv=None) -> None:
     context = [("disk read / page-cache read: what dropping the cache took away", t["disk_read"], t["raw_read"]),
                ("copy-through pack / raw read, both from the page cache", t["pack_copy"], t["raw_read"]),
                ("copy-through pack / verify pass alone", t["pack_copy"], t["verify_only"]),
+               ("imagefolder copy-through pack / COCO copy-through pack", t["pack_folder"], t["pack_copy"]),
                ("copy-through pack / raw copy (read + write + fsync, the I/O floor)", t["pack_copy"], t["raw_copy"]),
                ("raw copy / raw read: what writing the bytes costs", t["raw_copy"], t["raw_read"]),
                ("(copy-through pack - verify pass) / raw copy: packing's cost beyond verification", None, None)]
