@@ -2,13 +2,16 @@
 
 Three packers share one two-pass scheme:
 
-  pass 1  every image is read and fully decoded in worker processes (a truncated or corrupt
-          JPEG fails here and is counted as "corrupt_image") and fingerprinted
-          (`attrdist.leakage.fingerprint`); only small metadata comes back to this process.
+  pass 1  every image is read and decoded once in worker processes (`packing.verify_bytes`: a
+          JPEG's entropy-coded data in full, DCT-downscaled; a truncated or corrupt file fails
+          here and is counted as "corrupt_image") and fingerprinted from that decode (sha1 +
+          perceptual hash); only small metadata comes back to this process.
   check   `attrdist.leakage.find_leaks` over all splits; `--on-leak error|warn|drop`
           (`apply_policy`); its report is stored in the manifest under report["leakage"].
-  pass 2  samples are written in a deterministic order (image id, then annotation id), the
-          per-image work (copy, resize, crop) again in worker processes, results in order.
+  pass 2  samples are written in a deterministic order (image id, then annotation id). Resizing
+          and cropping run in worker processes; bytes copied through are read (and checked
+          against pass 1's sha1) by threads, since sending them back from a process would cost
+          more than the read. Results in order.
 
 Nothing is dropped silently: every image / object that is not packed is counted by reason per
 split in the manifest report (`report[split]["dropped"]`).
