@@ -75,8 +75,8 @@ def parallel_map(fn: Callable, items: Iterable, workers: int | None = None, *, c
                  threads: bool = False) -> Iterator:
     """Ordered map over `items` in `workers` processes (0 or 1 = in this process), `chunk` items per task.
 
-    One task per item cost this process ~0.15 ms per item in pickling and pipe traffic (bench/pack.py),
-    competing with the workers for the same cores; `chunk` items per task divide that. With `threads=True`
+    One task per item made this process pickle, send and collect every item on its own, competing with the
+    workers for the same cores; `chunk` items per task divide that work. With `threads=True`
     the workers are threads: for work that is mostly I/O and hashing (both release the GIL), such as
     copying bytes through, where sending each result back from a process would cost more than the work.
     At most 4 tasks per worker are in flight, so memory stays flat in the number of items.
@@ -140,8 +140,9 @@ def verify_bytes(data: bytes, where: str) -> dict:
     with reason not_an_image, corrupt_image or decompression_bomb. A JPEG is decoded with DCT-domain
     downscaling: all of its entropy-coded data is still decoded (a truncated or damaged file fails here) at
     a fraction of a full decode's cost, and the small image is what the perceptual hash reads. Other
-    formats are decoded fully. One decode per image: the packers that fully decoded it, then decoded it
-    again for the hash (imagefolder, dior), spent ~3x this (bench/pack.py).
+    formats are decoded fully. One decode per image: imagefolder and dior used to decode each image fully,
+    then again for the hash (and imagefolder a third time in pass 2); bench/pack.py's imagefolder pack
+    took 3.2x as long that way.
     """
     from attrdist.leakage import DRAFT_SIZE, hash_image
 
