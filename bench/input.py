@@ -37,6 +37,8 @@ image (no blank "corrupt" samples). Alternating, median of rounds:
   decode_attrdist   (d0) decode-only with attrdist's own decode: the same shard reads and bytes, the same
                     BatchPlan and workers, `decode_image(bytes, 317)`, nothing else (no labels, no
                     augmentation, nothing sent back but a count): the baseline of the overhead target
+  decode_pil        decode-only through PIL (`transforms.decode_with_pil`: attrdist's decode for every image
+                    before it decoded JPEGs with simplejpeg; the same pixels): context
   decode_ceiling    (d) decode-only ceiling: simplejpeg (the fastest decoder here; bit-identical output
                     to PIL's at full scale on these files) at the DCT scale attrdist's decode picks (PIL
                     draft's power-of-two rule for min_side 317: full scale for 640x480). This is the fair
@@ -178,13 +180,15 @@ class DecodeOnly(Dataset):
         import simplejpeg
 
         from attrdist.data import IMAGE_KEYS
-        from attrdist.transforms import decode_image
+        from attrdist.transforms import decode_image, decode_with_pil
 
         index, _ = item
         raw = self.reader[index]
         data = bytes(next(raw[k] for k in IMAGE_KEYS if k in raw))
         if self.how == "attrdist":  # exactly SampleDataset's call
             return decode_image(data, self.min_side).shape[1]
+        if self.how == "pil":
+            return decode_with_pil(data, self.min_side).shape[1]
         if self.how == "same_scale":  # the scale PIL draft picks, by the fastest decoder
             w, h = self.sizes[index]
             return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=w, min_height=h).shape[0]
@@ -273,7 +277,7 @@ def main(argv=None) -> list[dict]:
         ds_dev = shard_dataset(src, data_cfg, seed, pixels_in_workers=False)  # as the trainer builds it for a GPU
         sizes = draft_sizes(ds_src.reader, min_side)
         dec = {how: DecodeOnly(ds_src.reader, how, min_side, sizes)
-               for how in ("attrdist", "same_scale", "short224", "full")}
+               for how in ("attrdist", "pil", "same_scale", "short224", "full")}
         shapes = sorted(set(sizes))
         print(f"attrdist's decode (min_side {min_side}) gives {shapes[:3]}{' ...' if len(shapes) > 3 else ''} "
               f"from the source shards", flush=True)
@@ -294,6 +298,7 @@ def main(argv=None) -> list[dict]:
             "shards_source_crop_flip": lambda e: shard_pass(ds_cf, cf_cfg, seed, e),
             "shards_resized": lambda e: shard_pass(ds_small, data_cfg, seed, e),
             "decode_attrdist": lambda e: decode_pass(dec["attrdist"], seed, e, workers),
+            "decode_pil": lambda e: decode_pass(dec["pil"], seed, e, workers),
             "decode_ceiling": lambda e: decode_pass(dec["same_scale"], seed, e, workers),
             "decode_ceiling_224": lambda e: decode_pass(dec["short224"], seed, e, workers),
             "decode_full": lambda e: decode_pass(dec["full"], seed, e, workers),
@@ -309,6 +314,7 @@ def main(argv=None) -> list[dict]:
         "shards_source_crop_flip": "(b') attrdist loader, source shards, (a)'s augmentation only",
         "shards_resized": f"(c) attrdist loader, shards resized at pack time (max side {args.max_side})",
         "decode_attrdist": f"(d0) decode-only, attrdist decode_image(min_side {min_side}), source shards",
+        "decode_pil": f"decode-only through PIL (decode_with_pil, min_side {min_side}): attrdist's decode before simplejpeg",
         "decode_ceiling": "(d) decode-only ceiling: simplejpeg at attrdist's decode scale",
         "decode_ceiling_224": "decode-only, simplejpeg DCT-downscaled to short side >= 224",
         "decode_full": "decode-only, simplejpeg full decode (no downscale)",
@@ -336,6 +342,8 @@ def main(argv=None) -> list[dict]:
         ("(b) time / decode-only ceiling time (simplejpeg, same scale)", t["shards_source"], t["decode_ceiling"]),
         ("decode-only: attrdist decode_image time / simplejpeg time (same scale)", t["decode_attrdist"],
          t["decode_ceiling"]),
+        ("decode-only: PIL's path (decode_with_pil) time / attrdist decode_image time", t["decode_pil"],
+         t["decode_attrdist"]),
         ("(b') shard loader with (a)'s augmentation / (a), images/s", t["loose"], t["shards_source_crop_flip"]),
         ("(c) / (b): what pack-time resize buys, images/s", t["shards_source"], t["shards_resized"]),
     ]
