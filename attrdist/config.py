@@ -188,7 +188,7 @@ class RunConfig:
     deepspeed_config: str = _f("", "a DeepSpeed JSON merged over the stage's template (its values win; batch sizes, accumulation and clipping always follow data/optim)")
     offload: Literal["none", "cpu", "nvme"] = _f("none", "DeepSpeed: offload optimizer states (and zero3 parameters) to CPU memory or NVMe; GPU runs only")
     offload_dir: str = _f("", "offload=nvme: a directory on a local NVMe disk")
-    shm_allreduce: Literal["auto", "on", "off"] = _f("auto", "CPU DDP with every rank on this host: all-reduce the gradients through shared memory (DeepSpeed's shm kernel, JIT-built once) instead of gloo's TCP: 2-rank ResNet-18@64 training 1.17x faster here (bench/ddp.py); auto = when possible (else gloo, reason logged), on = fail if not possible, off = gloo")
+    shm_allreduce: Literal["auto", "on", "off"] = _f("auto", "CPU DDP with every rank on this host: all-reduce the gradients through shared memory (DeepSpeed's shm kernel, JIT-built once) instead of gloo's TCP: 2-rank ResNet-18@64 training 1.15-1.17x faster here (bench/ddp.py); auto = when possible (else gloo, reason logged), on = fail if not possible, off = gloo")
     dist_timeout_s: int = _f(1800, "seconds a rank waits in a collective (all-reduce, barrier) for the others before the run fails: a crashed or stuck rank never hangs the job forever")
     init_from: str = _f("", "initialise the whole model from a checkpoint (run dir, checkpoints/step-* dir or model.safetensors, e.g. a DeepSpeed run's consolidated weights); fresh optimizer and schedule")
 
