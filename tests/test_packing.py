@@ -4,6 +4,8 @@ processes and threads."""
 
 import hashlib
 import io
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -11,6 +13,7 @@ from PIL import Image
 from attrdist.errors import AttrdistError
 from attrdist.leakage import perceptual_hash
 from attrdist.packing import ItemError, ItemFailure, parallel_map, read_checked, verify_bytes
+from tests.conftest import ROOT
 
 
 def _square_or_fail(x: int) -> int:  # module level: pickled into worker processes
@@ -83,3 +86,17 @@ def test_read_checked_catches_a_file_changed_between_the_passes(small_demo, tmp_
     with pytest.raises(ItemFailure) as e:
         read_checked(str(p), sha1)
     assert e.value.reason == "changed_during_pack"
+
+
+def test_packing_imports_no_torch(small_demo, tmp_path):
+    """A pack needs no torch (~600 MB of RSS and ~2 s to import; bench/memory.py): the shards are written with
+    the standard library's tarfile. A real pack, in a fresh interpreter."""
+    ann = small_demo / "annotations" / "instances_train.json"
+    code = ("import sys\nfrom pathlib import Path\nfrom attrdist.coco import AnnSource, pack_coco_images\n"
+            f"m = pack_coco_images(Path({str(tmp_path / 'out')!r}), [AnnSource('train', Path({str(small_demo / 'images')!r}), "
+            f"Path({str(ann)!r}))], workers=2, progress=False)\n"
+            "assert m['splits']['train']['nsamples'] == 96, m['splits']\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'webdataset')))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "[]", p.stdout
