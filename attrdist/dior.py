@@ -38,7 +38,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
-from attrdist.packing import ItemError, ItemFailure, default_workers, parallel_map, resize_max_side, verify_bytes
+from attrdist.packing import (ItemError, ItemFailure, default_workers, parallel_map, read_checked, resize_max_side,
+                              verify_bytes)
 from attrdist.shards import PackWriter, _check_replaceable, source_entry
 
 # (raw DIOR spelling, canonical snake_case name), in DIOR's official class order (COCO ids 1..20).
@@ -202,10 +203,11 @@ def _probe(item: tuple[str, str, tuple[str, ...]]) -> dict:
             "size_mismatch": ann.width is not None and (ann.width, ann.height) != (w, h)}
 
 
-def _encode(item: tuple[str, int, int]) -> tuple[bytes, str, int, int]:
-    """Pass 2: the bytes to store (original, or shrunk to max_side and re-encoded)."""
-    path, max_side, quality = item
-    data = Path(path).read_bytes()
+def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int]:
+    """Pass 2: the bytes to store (original, or shrunk to max_side and re-encoded); they must still be
+    those pass 1 verified (else changed_during_pack)."""
+    path, sha1, max_side, quality = item
+    data = read_checked(path, sha1)
     if max_side:
         try:
             data, (w, h), _ = resize_max_side(data, max_side, quality)
@@ -330,11 +332,11 @@ def pack_dior(root: str | os.PathLike, out_dir: str | os.PathLike, *, splits: li
     with writer:
         # pass 2: encode (workers) and write in order; COCO instances per split
         order2 = [(s, i, m) for s in splits for i, m in kept[s]]
-        jobs2 = ((m["path"], max_side, quality) for _, _, m in order2)
+        jobs2 = ((m["path"], m["sha1"], max_side, quality) for _, _, m in order2)
         coco: dict[str, dict] = {}
         numeric = {s: all(i.isdigit() for i, _ in kept[s]) for s in splits}
-        bar = tqdm(parallel_map(_encode, jobs2, workers), total=len(order2), desc="dior: write",
-                   unit="img", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(parallel_map(_encode, jobs2, workers, threads=not max_side),  # no max_side: copied through
+                   total=len(order2), desc="dior: write", unit="img", disable=not progress, dynamic_ncols=True)
         for (split, i, m), res in zip(order2, bar):
             rep = report[split]
             if isinstance(res, ItemError):  # changed on disk since pass 1

@@ -100,3 +100,20 @@ def test_packing_imports_no_torch(small_demo, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "[]", p.stdout
+
+
+@pytest.mark.parametrize("packer", ["imagefolder", "dior"])
+def test_pass_2_of_every_packer_refuses_a_file_changed_since_pass_1(packer, small_demo, tmp_path):
+    import importlib
+
+    encode = importlib.import_module(f"attrdist.{packer}")._encode
+    data, _ = _jpeg(small_demo)
+    p = tmp_path / "a.jpg"
+    p.write_bytes(data)
+    sha1 = hashlib.sha1(data).hexdigest()
+    stored, ext, w, h = encode((str(p), sha1, 0, 90))
+    assert (stored, ext, (w, h)) == (data, "jpg", Image.open(io.BytesIO(data)).size)  # copied through as it is
+    p.write_bytes(data[:-10] + b"0123456789")
+    with pytest.raises(ItemFailure) as e:
+        encode((str(p), sha1, 0, 90))
+    assert e.value.reason == "changed_during_pack"
