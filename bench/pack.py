@@ -232,6 +232,9 @@ def main(argv=None) -> None:
         ctx_rows.append({"benchmark": "pack", "what": name, "median": round(m, 3), "spread": f"{lo:.3f}-{hi:.3f}"})
     rows += targets + ctx_rows
     path = write_csv("pack-quick" if args.quick else "pack", rows)
+    if statistics.median(t["disk_read"]) < 1.5 * statistics.median(t["raw_read"]):
+        print("WARNING: dropping the page cache took almost nothing away (is TMPDIR on tmpfs?): disk_read and "
+              "pack_copy_disk are then reads from memory, not from a disk")
     print(f"{args.n} images, {mbytes:.1f} MB")
     print("| what | median | images/s | MB/s |\n| --- | ---: | ---: | ---: |")
     for r in rows:
