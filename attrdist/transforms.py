@@ -13,6 +13,7 @@ import io
 import math
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
@@ -68,8 +69,6 @@ class _NotForSimplejpeg(Exception):
 
 
 def _decode_jpeg(data: bytes, min_side: int | None) -> torch.Tensor:
-    import simplejpeg
-
     try:
         h, w, colourspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
