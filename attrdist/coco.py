@@ -46,6 +46,7 @@ import io
 import json
 import math
 import os
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
-from attrdist.packing import (ItemError, ItemFailure, encode_jpeg, job_identity, open_image, parallel_map, read_checked,
-                              resize_max_side, verify_bytes)
+from attrdist.packing import (ItemError, ItemFailure, encode_jpeg, job_identity, open_image, parallel_map, read_ahead,
+                              read_checked, resize_max_side, verify_bytes)
 from attrdist.shards import PackWriter, source_entry
 from attrdist.vocab import Vocabulary, count_positives
 
@@ -326,23 +327,25 @@ def verify_image(paths: str | list[str]) -> dict:
     return {"path": path, **verify_bytes(data, path)}
 
 
-def load_image_item(item: tuple) -> tuple[bytes, str, tuple[int, int]]:
-    """Pass 2, image-level: (path, sha1, format, max_side, quality) -> (bytes, ext, (w, h)).
+def load_image_item(item: tuple) -> tuple[bytes, str, tuple[int, int], int]:
+    """Pass 2, image-level: (path, sha1, format, max_side, quality) -> (bytes, ext, (w, h), crc32 of the bytes).
 
     Without max_side, JPEG and PNG bytes are copied through unchanged; other formats are
-    re-encoded as JPEG.
+    re-encoded as JPEG. The crc32 (the sample's checksum, `PackWriter.add`) is taken here, in a pass-2
+    thread or worker, not in the writing thread.
     """
     path, sha1, fmt, max_side, quality = item
     data = read_checked(path, sha1)
     if max_side:
         out, size, _ = resize_max_side(data, max_side, quality)
         if out is not data:
-            return out, "jpg", size
+            return out, "jpg", size, zlib.crc32(out)
     if fmt in ("JPEG", "PNG"):
         with Image.open(io.BytesIO(data)) as im:
-            return data, "jpg" if fmt == "JPEG" else "png", im.size
+            return data, "jpg" if fmt == "JPEG" else "png", im.size, zlib.crc32(data)
     im = open_image(data)
-    return encode_jpeg(im, quality), "jpg", im.size
+    out = encode_jpeg(im, quality)
+    return out, "jpg", im.size, zlib.crc32(out)
 
 
 def crop_items(item: tuple) -> list[tuple[bytes, tuple[int, int]]]:
@@ -410,7 +413,8 @@ def box_in_crop(visible: list[float], crop: list[int], stored: tuple[int, int]) 
 def verify_all(jobs: list[tuple[str, Any, Any]], workers: int | None, progress: bool, desc: str) -> dict:
     """Pass 1 over [(split, key, paths)] -> {(split, key): metadata dict | ItemError}."""
     out = {}
-    results = parallel_map(verify_image, (p for _, _, p in jobs), workers)
+    paths = read_ahead((p for _, _, p in jobs), path_of=lambda p: p if isinstance(p, (str, os.PathLike)) else p[0])
+    results = parallel_map(verify_image, paths, workers)
     for (split, key, _), r in zip(jobs, tqdm(results, total=len(jobs), desc=desc, unit="img", disable=not progress)):
         out[(split, key)] = r
     return out
@@ -529,7 +533,7 @@ def pack_coco_captions(out_dir: str | os.PathLike, splits: list[SplitSource], vo
                 if isinstance(r, ItemError):
                     dropped[r.reason] += 1
                     continue
-                data, ext, (w, h) = r
+                data, ext, (w, h), crc = r
                 img = caps.imgs[image_id]
                 captions = [a["caption"] for a in caps.imgToAnns.get(image_id, [])]
                 labels = vocab.labels(captions)
@@ -538,7 +542,7 @@ def pack_coco_captions(out_dir: str | os.PathLike, splits: list[SplitSource], vo
                 if true is not None:
                     meta["true_labels"] = true
                 no_hit += int(labels.sum() == 0)
-                writer.add(split.name, key, {ext: data, "json": meta})
+                writer.add(split.name, key, {ext: data, "json": meta}, crc32={ext: crc})
                 rows.append(labels)
             counts = count_positives(rows) if rows else [0] * len(vocab)
             report[split.name] = {"images": len(ids), "packed": len(rows), "dropped": dict(dropped),
@@ -622,7 +626,7 @@ def pack_coco_images(out_dir: str | os.PathLike, splits: list[AnnSource], *, dat
                 if isinstance(r, ItemError):
                     dropped[r.reason] += 1
                     continue
-                data, ext, (w, h) = r
+                data, ext, (w, h), crc = r
                 sx, sy = w / v["width"], h / v["height"]
                 labels, boxes, box_labels, crowd = set(), [], [], []
                 for ann in det.anns_of(image_id):
@@ -642,7 +646,7 @@ def pack_coco_images(out_dir: str | os.PathLike, splits: list[AnnSource], *, dat
                     crowd.append(int(bool(ann.get("iscrowd", 0))))
                 meta = {"id": image_id, "file_name": det.imgs[image_id]["file_name"], "width": w, "height": h,
                         "labels": sorted(labels), "boxes": boxes, "box_labels": box_labels, "box_iscrowd": crowd}
-                writer.add(s.name, key, {ext: data, "json": meta})
+                writer.add(s.name, key, {ext: data, "json": meta}, crc32={ext: crc})
                 packed += 1
                 nboxes += len(boxes)
                 no_labels += not labels

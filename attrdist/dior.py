@@ -29,6 +29,7 @@ import io
 import json
 import os
 import re
+import zlib
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass
@@ -203,9 +204,9 @@ def _probe(item: tuple[str, str, tuple[str, ...]]) -> dict:
             "size_mismatch": ann.width is not None and (ann.width, ann.height) != (w, h)}
 
 
-def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int]:
-    """Pass 2: the bytes to store (original, or shrunk to max_side and re-encoded); they must still be
-    those pass 1 verified (else changed_during_pack)."""
+def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int, int]:
+    """Pass 2: the bytes to store (original, or shrunk to max_side and re-encoded) and their crc32; they must
+    still be those pass 1 verified (else changed_during_pack)."""
     path, sha1, max_side, quality = item
     data = read_checked(path, sha1)
     if max_side:
@@ -217,7 +218,7 @@ def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int]:
             raise ItemFailure("corrupt_image", str(e)) from None
     with Image.open(io.BytesIO(data)) as im:
         fmt, (w, h) = im.format, im.size
-    return data, ("png" if fmt == "PNG" else "jpg"), w, h
+    return data, ("png" if fmt == "PNG" else "jpg"), w, h, zlib.crc32(data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,7 +343,7 @@ def pack_dior(root: str | os.PathLike, out_dir: str | os.PathLike, *, splits: li
             if isinstance(res, ItemError):  # changed on disk since pass 1
                 rep["dropped"][res.reason] += 1
                 continue
-            data, ext, w, h = res
+            data, ext, w, h, crc = res
             sx, sy = w / m["width"], h / m["height"]
             c = coco.setdefault(split, {"images": [], "annotations": [], "next_ann": 1})
             image_id = int(i) if numeric[split] else len(c["images"]) + 1
@@ -358,7 +359,7 @@ def pack_dior(root: str | os.PathLike, out_dir: str | os.PathLike, *, splits: li
             meta = {"id": i, "image_id": image_id, "file_name": m["file_name"], "width": w, "height": h,
                     "labels": sorted(set(m["box_labels"])), "boxes": bxs, "box_labels": m["box_labels"],
                     "ann_ids": ann_ids}
-            writer.add(split, i, {ext: data, "json": meta})
+            writer.add(split, i, {ext: data, "json": meta}, crc32={ext: crc})
             rep["packed"] += 1
             rep["boxes"] += len(bxs)
         bar.close()

@@ -26,6 +26,7 @@ import csv
 import hashlib
 import io
 import os
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
 from attrdist.packing import (ItemError, ItemFailure, default_workers, encode_jpeg, open_image, parallel_map,
-                              read_checked, resize_max_side, verify_bytes)
+                              read_ahead, read_checked, resize_max_side, verify_bytes)
 from attrdist.shards import PackWriter, _check_replaceable, source_entry
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -193,9 +194,9 @@ def _probe(path: str) -> tuple[int, int, str, int]:
     return v["width"], v["height"], v["sha1"], v["phash"]
 
 
-def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int]:
-    """Pass 2: stored bytes. JPEG/PNG pass through, not decoded again, unless --max-side shrinks them;
-    other formats (BMP, GIF, WebP, TIFF) are re-encoded as JPEG."""
+def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int, int]:
+    """Pass 2: stored bytes (and their crc32). JPEG/PNG pass through, not decoded again, unless --max-side
+    shrinks them; other formats (BMP, GIF, WebP, TIFF) are re-encoded as JPEG."""
     path, sha1, max_side, quality = item
     data = read_checked(path, sha1)
     if max_side:
@@ -204,7 +205,7 @@ def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int]:
         fmt, (w, h) = im.format, im.size
     if fmt not in ("JPEG", "PNG"):
         data, fmt = encode_jpeg(open_image(data), quality), "JPEG"
-    return data, ("png" if fmt == "PNG" else "jpg"), w, h
+    return data, ("png" if fmt == "PNG" else "jpg"), w, h, zlib.crc32(data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ def pack_imagefolder(root: str | os.PathLike, out_dir: str | os.PathLike, *, val
     # pass 1: read + decode + fingerprint in workers; keep (file, w, h, sha1, phash) only
     order = [(s, f) for s in splits for f in per_split[s]]
     kept: dict[str, list[tuple[ImageFile, tuple]]] = {s: [] for s in splits}
-    bar = tqdm(parallel_map(_probe, (str(root / f.rel) for _, f in order), workers), total=len(order),
+    bar = tqdm(parallel_map(_probe, read_ahead(str(root / f.rel) for _, f in order), workers), total=len(order),
                desc="imagefolder: read+verify", unit="img", disable=not progress, dynamic_ncols=True)
     for (s, f), res in zip(order, bar):
         if isinstance(res, ItemError):
@@ -310,9 +311,9 @@ def pack_imagefolder(root: str | os.PathLike, out_dir: str | os.PathLike, *, val
             if isinstance(res, ItemError):
                 rep["dropped"][res.reason] += 1
                 continue
-            data, ext, w, h = res
+            data, ext, w, h, crc = res
             meta = {"id": f.rel, "class": f.cls, "group": f.group, "labels": [cindex[f.cls]], "width": w, "height": h}
-            writer.add(s, f"{n:08d}", {ext: data, "json": meta})
+            writer.add(s, f"{n:08d}", {ext: data, "json": meta}, crc32={ext: crc})
             rep["packed"] += 1
             rep["class_counts"][f.cls] += 1
         bar.close()

@@ -6,7 +6,9 @@ import hashlib
 import io
 import subprocess
 import sys
+import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -60,6 +62,34 @@ def test_verify_bytes_fingerprints_what_the_leak_check_reads(small_demo):
     assert (vp["format"], vp["width"], vp["height"]) == ("PNG", w, h)
 
 
+def test_verify_decodes_jpegs_to_pils_grey_draft_pixels(small_demo, monkeypatch):
+    """The verify pass decodes YCbCr/grey JPEGs through simplejpeg: the grey image must be PIL's
+    draft("L") image, bit for bit (so the perceptual hash is PIL's), for every subsampling, progressive and
+    grey files and sizes at each DCT scale; CMYK and files libjpeg warns about go to PIL as before."""
+    from attrdist.leakage import DRAFT_SIZE
+    from attrdist.packing import _gray_draft
+    from tests.test_decode import encode, photos, variants
+
+    cases = dict(variants(small_demo))
+    im = photos(small_demo)[0]
+    for side in (60, 100, 130, 200, 257, 500, 520):  # every scale PIL's draft picks, and each one's edges
+        cases[f"{side}px"] = encode(im.resize((side + 3, side)), quality=90)
+    for name, data in cases.items():
+        pil = Image.open(io.BytesIO(data))
+        pil.draft("L", DRAFT_SIZE)
+        want = np.asarray(pil.convert("L"))
+        got = _gray_draft(data, DRAFT_SIZE)
+        assert got is not None and got.dtype == np.uint8 and np.array_equal(got, want), name
+        assert verify_bytes(data, name)["phash"] == perceptual_hash(data), name
+    cmyk = encode(im.convert("CMYK"), quality=90)
+    jpg = encode(im, quality=90)
+    sos = jpg.index(b"\xff\xda")
+    stray = jpg[:sos] + b"\x00\x00" + jpg[sos:]  # libjpeg warns: simplejpeg refuses, PIL decodes it
+    assert _gray_draft(cmyk, DRAFT_SIZE) is None and _gray_draft(stray, DRAFT_SIZE) is None
+    assert verify_bytes(stray, "stray")["phash"] == perceptual_hash(stray)
+    assert verify_bytes(cmyk, "cmyk")["phash"] == perceptual_hash(cmyk)
+
+
 def test_verify_bytes_refuses_broken_images(small_demo):
     data, path = _jpeg(small_demo)
     cases = {"truncated JPEG": (data[: len(data) // 2], "corrupt_image"),
@@ -111,8 +141,9 @@ def test_pass_2_of_every_packer_refuses_a_file_changed_since_pass_1(packer, smal
     p = tmp_path / "a.jpg"
     p.write_bytes(data)
     sha1 = hashlib.sha1(data).hexdigest()
-    stored, ext, w, h = encode((str(p), sha1, 0, 90))
+    stored, ext, w, h, crc = encode((str(p), sha1, 0, 90))
     assert (stored, ext, (w, h)) == (data, "jpg", Image.open(io.BytesIO(data)).size)  # copied through as it is
+    assert crc == zlib.crc32(data)  # the sample's checksum, taken in the pass-2 thread
     p.write_bytes(data[:-10] + b"0123456789")
     with pytest.raises(ItemFailure) as e:
         encode((str(p), sha1, 0, 90))
