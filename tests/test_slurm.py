@@ -169,7 +169,8 @@ def test_preempted_by_a_high_priority_job_checkpoints_requeues_and_resumes_exact
     assert_same_weights(rd, reference)
 
 
-def test_time_limit_requeues_through_the_timeout_path_and_finishes(work, small_shards):
+@pytest.mark.slow  # waits out SLURM's 1-minute time limit, 127 s: `make test-slow`; the preemption test covers the
+def test_time_limit_requeues_through_the_timeout_path_and_finishes(work, small_shards):  # signal -> requeue path
     """A 1-minute job whose training needs longer: SLURM's own USR2 (55 s before the limit, so at its first
     time-limit check, which SLURM runs every 30 s) stops it and it requeues. The test then raises the job's
     limit to 10 minutes, as an admin would, so that the next attempt finishes for certain instead of racing
