@@ -13,6 +13,11 @@ keeps glibc's default malloc; the loaders' workers get `run.malloc` through make
   loader   2 workers, batches of 32, a fresh loader per pass: images/s when the batch is collated and
            shipped to this process (attrdist's collate) and when the worker ships a count only; each
            with run.malloc=system and =keep
+  stages   bench/input.py's (b) work on the 640x480 sources, stage by stage, in this process (1 thread, 300
+           images, run.malloc=keep): decode_image at (b)'s scale, train_geometry (resized crop, flip;
+           parameters), photometric per sample (colour map + normalise + erase, as the workers run it for
+           a CPU device), the cast to bfloat16. (decode + the rest) / decode is what (b) / (d0) would be
+           with nothing else: no batching, no trip, no second process on the cores
 Alternating over rounds, medians. Writes bench/results/input_profile.csv.
 """
 
@@ -114,6 +119,33 @@ def main(argv=None) -> list[dict]:
             n, secs, faults, sys_s = x["totals"].tolist()
             return {"ms_per_image": 1000 * secs / n, "faults_per_image": faults / n, "sys_ms_per_image": 1000 * sys_s / n}
 
+        def stages(n: int = 300) -> dict:
+            import math
+
+            from attrdist import rng as rnglib
+            from attrdist.transforms import decode_image, photometric, train_geometry
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as in a worker
+            aug, size = data_cfg.augment, data_cfg.image_size
+            min_side = int(math.ceil(size / math.sqrt(aug.crop_scale[0])))  # as SampleDataset
+            t = dict.fromkeys(("decode", "geometry", "photometric", "cast"), 0.0)
+            for i, p in enumerate(sorted((root / "images").iterdir())[:n]):
+                data = p.read_bytes()
+                t0 = time.perf_counter()
+                img = decode_image(data, min_side)
+                t1 = time.perf_counter()
+                g = train_geometry(img, rnglib.fold(cfg.run.seed, rnglib.AUGMENT, 0, i), size, aug)
+                t2 = time.perf_counter()
+                x = photometric(g["image"][None], g["colour"][None], g["erase"][None])[0]
+                t3 = time.perf_counter()
+                x = x.to(ds.image_dtype)
+                t4 = time.perf_counter()
+                for k, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    t[k] += dt
+            torch.set_num_threads(threads)
+            return {k: 1000 * v / n for k, v in t.items()}
+
         def loader_pass(malloc: str, ship: bool, epoch: int) -> float:
             plan = BatchPlan(len(ds), 32, 1, 0, cfg.run.seed, epoch, shuffle=True, drop_last=True)
             loader = make_loader(ds, plan, 2, malloc=malloc) if ship else torch.utils.data.DataLoader(
@@ -129,10 +161,19 @@ def main(argv=None) -> list[dict]:
             for malloc in ("system", "keep"):
                 res.setdefault(f"worker {malloc}", []).append(worker_pass(malloc, r))
             res.setdefault("in-process", []).append(in_process())
+            res.setdefault("stages", []).append(stages())
             for malloc in ("system", "keep"):
                 for ship in (True, False):
                     res.setdefault(f"loader {malloc} {'collate+ship' if ship else 'count only'}", []).append(
                         loader_pass(malloc, ship, r))
+    st = res.pop("stages")
+    st = {k: statistics.median(v[k] for v in st) for k in st[0]}
+    for name, ms in st.items():
+        rows.append({"benchmark": "input_profile", "what": f"(b) stage: {name}", "ms_per_image": round(ms, 3),
+                     "rounds": args.rounds})
+    floor = sum(st.values()) / st["decode"]
+    rows.append({"benchmark": "input_profile", "what": "(b) stages: (decode + the rest) / decode", "ratio": round(floor, 3),
+                 "rounds": args.rounds})
     for name, vals in res.items():
         if isinstance(vals[0], dict):
             med = {k: statistics.median(v[k] for v in vals) for k in vals[0]}
@@ -142,9 +183,13 @@ def main(argv=None) -> list[dict]:
             rows.append({"benchmark": "input_profile", "what": name, "images_per_s": round(statistics.median(vals)),
                          "spread": f"{min(vals):.0f}-{max(vals):.0f}", "rounds": args.rounds})
     path = write_csv("input_profile-quick" if args.quick else "input_profile", rows)
+    print("\n| (b) per image, this process, 1 thread | ms |\n| --- | ---: |")
+    for name, ms in st.items():
+        print(f"| {name} | {ms:.3f} |")
+    print(f"| (decode + the rest) / decode | {floor:.2f}x |")
     print("\n| (c) per image | ms in __getitem__ | minor page faults | system CPU ms |\n| --- | ---: | ---: | ---: |")
     for r in rows:
-        if "ms_per_image" in r:
+        if "faults_per_image" in r:
             print(f"| {r['what']} | {r['ms_per_image']:.3f} | {r['faults_per_image']:.0f} | {r['sys_ms_per_image']:.3f} |")
     print("\n| (c) loader, 2 workers | images/s (spread) |\n| --- | ---: |")
     for r in rows:
