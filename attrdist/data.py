@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from attrdist import rng as rnglib
 from attrdist.config import DataConfig
-from attrdist.shards import Manifest, ShardError, ShardReader, check_checksums
+from attrdist.shards import ShardError, ShardReader, check_checksums
 from attrdist.transforms import (IDENTITY_COLOUR, IMAGENET_MEAN, NO_ERASE, decode_image, eval_geometry, photometric,
                                  train_geometry)
 

@@ -176,7 +176,6 @@ def write_detection(run_dir: Path, *, recipe, cfg, rt, results, state, timings, 
                     n_train, scoring: str) -> Path:
     """report.md / report.json of a detector: COCO mAP (pycocotools), base vs novel classes, per-class AP,
     each beside the shuffled-label baseline."""
-    val = results["val"]["_details"]
     L = [f"# {recipe}: report", "",
          f"- run directory: `{run_dir}`  ", f"- finished: {time.strftime('%Y-%m-%d %H:%M:%S')}  ",
          f"- data: `{manifest.root}` (dataset `{manifest.data['dataset']}`, {len(manifest.attributes)} classes, "

@@ -68,7 +68,7 @@ def test_zero_stage_trains_like_ddp(stage, ddp_run, small_shards, small_demo, tm
     run_dir = tmp_path / stage
     p = launch(small_shards, run_dir, 2, stage)
     runtime = next(x for x in (run_dir / "train.log").read_text().splitlines() if "runtime:" in x)
-    assert f"world_size=2 " in runtime and "distributed=DEEPSPEED" in runtime and f"engine=deepspeed-{stage}" in runtime
+    assert "world_size=2 " in runtime and "distributed=DEEPSPEED" in runtime and f"engine=deepspeed-{stage}" in runtime
     assert "backend=gloo" in runtime
     a, b = losses(ddp_run), losses(run_dir)
     assert len(a) == len(b) == 6

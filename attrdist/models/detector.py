@@ -50,7 +50,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
