@@ -134,12 +134,16 @@ class TarShardWriter:
         """Finish the archive, fsync it; returns its sha256."""
         end = 2 * tarfile.BLOCKSIZE
         end += -(self._offset + end) % tarfile.RECORDSIZE
-        self._put([bytes(end)])
-        self._stop()
-        if self._error is not None:
-            raise self._error
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._put([bytes(end)])
+            self._stop()
+            if self._error is not None:
+                raise self._error
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            self.abort()  # the caller no longer holds this writer: close the file here
+            raise
         self._file.close()
         return self._sha.hexdigest()
 

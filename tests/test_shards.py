@@ -206,3 +206,8 @@ def test_shard_writer_raises_its_thread_s_write_error(tmp_path):
             w.add(f"{i:08d}", {"jpg": b"z" * 100_000})
     assert e.value.errno == errno.ENOSPC
     w.abort()
+    w = TarShardWriter(Path("/dev/full"))
+    w.add("k", {"jpg": b"z" * 10})  # buffered: the error comes with close's flush, and the file is closed
+    with pytest.raises(OSError):
+        w.close()
+    assert w._file.closed
