@@ -130,7 +130,8 @@ def main(argv=None) -> list[dict]:
             aug, size = data_cfg.augment, data_cfg.image_size
             min_side = int(math.ceil(size / math.sqrt(aug.crop_scale[0])))  # as SampleDataset
             t = dict.fromkeys(("decode", "geometry", "photometric", "cast"), 0.0)
-            for i, p in enumerate(sorted((root / "images").iterdir())[:n]):
+            files = sorted((root / "images").iterdir())[:n]
+            for i, p in enumerate(files):
                 data = p.read_bytes()
                 t0 = time.perf_counter()
                 img = decode_image(data, min_side)
@@ -144,7 +145,7 @@ def main(argv=None) -> list[dict]:
                 for k, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                     t[k] += dt
             torch.set_num_threads(threads)
-            return {k: 1000 * v / n for k, v in t.items()}
+            return {k: 1000 * v / len(files) for k, v in t.items()}
 
         def loader_pass(malloc: str, ship: bool, epoch: int) -> float:
             plan = BatchPlan(len(ds), 32, 1, 0, cfg.run.seed, epoch, shuffle=True, drop_last=True)
