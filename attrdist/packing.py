@@ -197,8 +197,9 @@ def _gray_draft(data: bytes, size: tuple[int, int]):
     libjpeg-turbo through simplejpeg (uint8 [H, W]), or None where PIL must decide: another colour space,
     more pixels than PIL allows, or anything libjpeg warns about (simplejpeg is strict; PIL decodes what
     it can, or fails). PIL's scale rule: the largest of 1/8, 1/4, 1/2 that keeps both sides >= size.
-    bench/pack.py's verify pass: ~0.7 ms per 640x480 q90 image here against ~0.86 through PIL; the same
-    pixels (tests/test_packing.py)."""
+    The same pixels (tests/test_packing.py); ~0.70 against ~0.86 ms per 640x480 q90 image through PIL in
+    one process, but within noise in bench/pack.py's verify pass, where the entropy decoding that both do
+    dominates (BENCHMARKS.md, item 6)."""
     import simplejpeg
 
     try:
