@@ -82,7 +82,7 @@ class TarShardWriter:
 
     The members are what webdataset's `TarWriter` writes (mode 0444, owner bigdata), with an integer
     mtime of 0, so the same inputs give the same bytes and no member needs a pax header. Headers are
-    `tarfile.TarInfo.tobuf`'s; the archive is laid out as `tarfile` lays it out (data padded to 512-byte
+    `tarfile.TarInfo.tobuf`'s bytes (`member_header`); the archive is laid out as `tarfile` lays it out (data padded to 512-byte
     blocks, two zero blocks at the end, zeros up to a 10240-byte record), byte for byte
     (tests/test_shards.py). The packing process only builds the 512-byte headers: a writer thread hashes
     and writes the bytes (both release the GIL), so the two overlap on two cores. Its errors (a full disk)
