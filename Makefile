@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attrdist-installed
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/attrdist/torch_extensions
+export TORCH_EXTENSIONS_DIR ?= $(or $(ATTRDIST_CACHE),$(HOME)/.cache/attrdist)/torch_extensions
 
 .PHONY: setup demo test test-slow bench clean-runs
 
@@ -20,7 +20,7 @@ $(STAMP): requirements/base.txt requirements/test.txt requirements/lock.txt pypr
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -c requirements/lock.txt deepspeed==0.19.8
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip check
-	$(PY) -m attrdist.shm_allreduce  # JIT-builds DeepSpeed's shared-memory all-reduce once (~25 s); gloo if it cannot
+	$(PY) -m attrdist.train.shm_allreduce  # JIT-builds DeepSpeed's shared-memory all-reduce once (~25 s); gloo if it cannot
 	touch $(STAMP)
 
 demo: setup

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
             print(__version__)
         elif args.cmd == "inspect":
-            from attrdist.inspect import contact_sheet, summary
+            from attrdist.pack.inspect import contact_sheet, summary
 
             print(summary(args.shards))
             if args.sheet:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from attrdist import checkpoint
-from attrdist.config import Config, from_dict
+from attrdist.train import checkpoint
+from attrdist.core.config import Config, from_dict
 from attrdist.errors import AttrdistError
 from attrdist.models import build_model
-from attrdist.tasks import make_task
-from attrdist.transforms import decode_image, eval_transform
+from attrdist.core.tasks import make_task
+from attrdist.core.transforms import decode_image, eval_transform
 
 
 def load_for_inference(path: str | Path, device: str = "cpu"):
@@ -38,7 +38,7 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
         quiet.setLevel(level)
     model.load_state_dict(state)
     if hasattr(model, "set_classes"):  # detector: class embeddings from the (now loaded) frozen text tower
-        from attrdist.dior import prompt
+        from attrdist.pack.dior import prompt
 
         model.set_classes([prompt(n) for n in meta["attributes"]], novel=[prompt(n) for n in cfg.data.novel_classes])
     model.eval().to(device)
@@ -62,7 +62,7 @@ def predict_images(model, cfg: Config, attributes: list[str], images: list[str],
     """Top-k attributes per image. Runs as evaluation does: batches, the run's precision where this device
     has it (run.precision=auto -> bf16 on CPUs with native bf16 and on CUDA), channels_last if configured
     (one image per fp32 forward ran at 0.16x the bare model's throughput: bench/inference.py)."""
-    from attrdist.runtime import resolve_precision
+    from attrdist.train.runtime import resolve_precision
 
     mp = resolve_precision(cfg.run.precision if cfg.run.precision != "fp16" or device == "cuda" else "auto", device)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -87,8 +87,8 @@ def detect_images(model, attributes: list[str], images: list[str], out_dir: str 
     from PIL import Image, ImageDraw
 
     from attrdist import atomic
-    from attrdist.dior import prompt
-    from attrdist.inspect import _font
+    from attrdist.pack.dior import prompt
+    from attrdist.pack.inspect import _font
 
     names = list(classes) if classes else list(attributes)
     if classes:  # a name that had no training box is novel (its CLIP crop score weighs more)

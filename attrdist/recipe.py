@@ -14,97 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from dataclasses import replace
-from attrdist.config import Config, apply_overrides, help_text
+from attrdist.core.config import Config, apply_overrides, help_text
 from attrdist.errors import AttrdistError, user_errors
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ATTRDIST_CACHE") or Path.home() / ".cache" / "attrdist")
-
-
-def characters_demo_shards(spec=None) -> Path:
-    """The characters demo: an image folder (with offline-augmented copies) packed by the image-folder packer."""
-    from filelock import FileLock
-
-    from attrdist.demo_characters import CharactersSpec, ensure_characters
-    from attrdist.imagefolder import pack_imagefolder
-
-    spec = spec or CharactersSpec()
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_dir() / "demo.lock")):
-        root = ensure_characters(None, spec)
-        out = root.with_name(root.name + "-shards")
-        if not (out / "manifest.json").is_file():
-            # group by source (`A0012_aug1.png` -> `A0012`): augmented copies never straddle splits
-            pack_imagefolder(root, out, val=0.2, test=0.1, seed=spec.seed, group_by="prefix", group_sep="_",
-                             group_parts=1, dataset="characters-demo", progress=True)
-    return out
-
-
-def demo_shards(vocab_path: Path, spec=None) -> Path:
-    """The demo dataset, generated (COCO formats) and packed (COCO packer) once into the cache."""
-    from filelock import FileLock
-
-    from attrdist import demo
-    from attrdist.coco import SplitSource, pack_coco_captions
-    from attrdist.vocab import load_vocabulary
-
-    spec = spec or demo.DemoSpec()
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_dir() / "demo.lock")):
-        root = demo.ensure_demo(None, spec)
-        out = root / f"shards-{vocab_path.stem}"
-        if not (out / "manifest.json").is_file():
-            ann = root / "annotations"
-            splits = [SplitSource(s, root / "images", ann / f"captions_{s}.json", ann / f"instances_{s}.json")
-                      for s in ("train", "val", "test")]
-            pack_coco_captions(out, splits, load_vocabulary(vocab_path), dataset="coconut-demo",
-                               vocab_path=vocab_path, max_samples=1000, progress=True)
-    return out
-
-
-def cocottributes_demo_shards(spec=None) -> Path:
-    """Object crops of the demo scenes with simulated COCO Attributes votes, packed by the real
-    COCO Attributes packer from a real-format pickle (attrdist.demo_cocottributes)."""
-    from filelock import FileLock
-
-    from attrdist import demo
-    from attrdist.cocottributes import pack_cocottributes
-    from attrdist.demo_cocottributes import write_pickle
-
-    spec = spec or demo.DemoSpec()
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache_dir() / "demo.lock")):
-        root = demo.ensure_demo(None, spec)
-        out = root / "shards-cocottributes"
-        if not (out / "manifest.json").is_file():
-            pkl = write_pickle(root, root / "annotations" / "cocottributes_demo.pkl", seed=spec.seed)
-            ann = root / "annotations"
-            pack_cocottributes(out, pkl, [ann / "instances_train.json", ann / "instances_val.json"], [root / "images"],
-                               dataset="cocottributes-demo", min_size=12, max_samples=2000, progress=True)
-    return out
-
-
-def aerial_demo_data() -> Path:
-    """Procedural aerial scenes in DIOR's layout, packed by the real DIOR packer (attrdist.demo_aerial)."""
-    from attrdist.demo_aerial import aerial_demo_shards
-
-    return aerial_demo_shards()
-
-
-def demo_clip(cfg: Config) -> Config:
-    """model.pretrained=demo-clip: the tiny CLIP pretrained (once, cached) on the demo shards' box crops
-    and their class captions, standing in for RemoteCLIP's weights offline (attrdist.clip_pretrain)."""
-    if cfg.model.pretrained != "demo-clip":
-        return cfg
-    from attrdist.clip_pretrain import demo_clip_checkpoint
-
-    path = demo_clip_checkpoint(Path(cfg.data.shards))
-    return replace(cfg, model=replace(cfg.model, pretrained=str(path)))
 
 
 def parser(name: str) -> argparse.ArgumentParser:
@@ -140,7 +55,7 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
             print(help_text(cfg))
             return
         if args.print_config:
-            from attrdist.config import to_json
+            from attrdist.core.config import to_json
 
             print(to_json(cfg))
             return
@@ -151,13 +66,13 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
             cfg = replace(cfg, data=replace(cfg.data, shards=str(demo_data())))
         cfg = prepare(cfg)
         if cfg.data.task == "detection":
-            from attrdist.detection_trainer import DetectionTrainer as Trainer
+            from attrdist.train.detection_trainer import DetectionTrainer as Trainer
         else:
-            from attrdist.trainer import Trainer
+            from attrdist.train.trainer import Trainer
         try:
             Trainer(cfg, name).train()
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the gloo group outlives the run: see the function
-                from attrdist.runtime import exit_without_native_teardown
+                from attrdist.train.runtime import exit_without_native_teardown
 
                 exit_without_native_teardown()
         except RuntimeError as e:  # gloo/NCCL: "Timed out waiting 1800000ms for recv operation to complete"

@@ -9,7 +9,7 @@ variant, 3 rounds, medians:
   single    1 process x 2 threads, batch 32
   ddp       2 gloo ranks x 1 thread, 16 each, torch's DistributedDataParallel (buckets all-reduced during
             the backward), gloo's all-reduce: attrdist with run.shm_allreduce=off
-  ddp_shm   the same with attrdist's shared-memory all-reduce (attrdist/shm_allreduce.py, run.shm_allreduce=auto,
+  ddp_shm   the same with attrdist's shared-memory all-reduce (attrdist/train/shm_allreduce.py, run.shm_allreduce=auto,
             the default for CPU ranks on one host): DeepSpeed's shm kernel as DDP's comm hook, gradients as
             bucket views
   no_comm   the same 2 ranks with every step under `no_sync()`: no gradient traffic at all. This is the
@@ -47,7 +47,7 @@ def worker(rounds: int, steps: int) -> None:
     import torch.distributed as dist
     import torchvision
 
-    from attrdist.runtime import tune_malloc
+    from attrdist.malloc import tune_malloc
 
     tune_malloc("keep")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -56,7 +56,7 @@ def worker(rounds: int, steps: int) -> None:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
     if world > 1:
-        from attrdist import shm_allreduce
+        from attrdist.train import shm_allreduce
 
         assert shm_allreduce.setup("on", device="cpu", deepspeed="", timeout_s=600) == "shm"
     batch = 32 // world

@@ -84,9 +84,9 @@ def vocab_284(path: Path) -> Path:
 
 def demo_data(tmp: Path, n_val: int) -> tuple[Path, list[Path]]:
     """A small demo dataset (generated, packed by the COCO packer like the recipe's demo) -> (shards, val JPEGs)."""
-    from attrdist.coco import SplitSource, pack_coco_captions
-    from attrdist.demo import DemoSpec, ensure_demo
-    from attrdist.vocab import load_vocabulary
+    from attrdist.pack.coco import SplitSource, pack_coco_captions
+    from attrdist.demo.scenes import DemoSpec, ensure_demo
+    from attrdist.pack.vocab import load_vocabulary
 
     root = ensure_demo(tmp / "demo", DemoSpec(seed=0, n_train=64, n_val=n_val, n_test=8), progress=False)
     ann = root / "annotations"
@@ -99,8 +99,8 @@ def demo_data(tmp: Path, n_val: int) -> tuple[Path, list[Path]]:
 
 def coco284_data(tmp: Path, n_val: int) -> tuple[Path, list[Path]]:
     """COCO-like 640x480 JPEGs (bench.pack.make_dataset) packed with a 284-attribute vocabulary."""
-    from attrdist.coco import SplitSource, pack_coco_captions
-    from attrdist.vocab import load_vocabulary
+    from attrdist.pack.coco import SplitSource, pack_coco_captions
+    from attrdist.pack.vocab import load_vocabulary
 
     from bench.pack import make_dataset
 
@@ -138,13 +138,13 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
                 rounds: int, k_batches: int) -> tuple[list[dict], list[dict], list[str]]:
     import torch
 
-    from attrdist.config import apply_overrides
+    from attrdist.core.config import apply_overrides
     from attrdist.models import build_model
     from attrdist.predict import load_for_inference, predict_images
-    from attrdist.runtime import resolve_precision
-    from attrdist.trainer import Trainer
-    from attrdist.data import batch_images
-    from attrdist.transforms import decode_image, eval_transform
+    from attrdist.train.runtime import resolve_precision
+    from attrdist.train.trainer import Trainer
+    from attrdist.data.samples import batch_images
+    from attrdist.core.transforms import decode_image, eval_transform
 
     cfg = apply_overrides(cfg, [f"data.shards={shards}", f"run.out_dir={tmp / 'runs'}", "data.num_workers=0",
                                 f"run.device={device}"])

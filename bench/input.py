@@ -137,9 +137,9 @@ def loose_pass(ds, workers: int, epoch: int) -> int:
 def shard_dataset(shards: Path, data_cfg, seed: int, pixels_in_workers: bool = True, precision: str = "auto"):
     """SampleDataset as the trainer builds it on this CPU: `precision` is the run's (run.precision), which
     decides the dtype of the finished images (data.worker_dtype=auto: bfloat16 for a bf16 run)."""
-    from attrdist.data import SampleDataset, worker_image_dtype
-    from attrdist.runtime import resolve_precision
-    from attrdist.shards import ShardReader, load_manifest
+    from attrdist.data.samples import SampleDataset, worker_image_dtype
+    from attrdist.train.runtime import resolve_precision
+    from attrdist.data.shards import ShardReader, load_manifest
 
     manifest = load_manifest(shards)
     fields = [data_cfg.labels, *[f for f in data_cfg.eval_labels if f != data_cfg.labels]]  # as Trainer does
@@ -150,7 +150,8 @@ def shard_dataset(shards: Path, data_cfg, seed: int, pixels_in_workers: bool = T
 
 
 def shard_pass(ds, data_cfg, seed: int, epoch: int) -> int:
-    from attrdist.data import BatchPlan, make_loader
+    from attrdist.core.order import BatchPlan
+    from attrdist.data.loader import make_loader
 
     plan = BatchPlan(len(ds), data_cfg.batch_size, 1, 0, seed, epoch, shuffle=True, drop_last=True)
     n = 0
@@ -179,8 +180,8 @@ class DecodeOnly(Dataset):
     def __getitem__(self, item):
         import simplejpeg
 
-        from attrdist.data import IMAGE_KEYS
-        from attrdist.transforms import decode_image, decode_with_pil
+        from attrdist.data.samples import IMAGE_KEYS
+        from attrdist.core.transforms import decode_image, decode_with_pil
 
         index, _ = item
         raw = self.reader[index]
@@ -202,7 +203,8 @@ def _count(batch: list) -> int:
 
 
 def decode_pass(ds: DecodeOnly, seed: int, epoch: int, workers: int) -> int:
-    from attrdist.data import BatchPlan, tuned_workers
+    from attrdist.core.order import BatchPlan
+    from attrdist.data.loader import tuned_workers
 
     plan = BatchPlan(len(ds), BATCH, 1, 0, seed, epoch, shuffle=True, drop_last=True)
     # the same workers as attrdist's loader: run.malloc=keep (tune_malloc) in each
@@ -213,7 +215,7 @@ def decode_pass(ds: DecodeOnly, seed: int, epoch: int, workers: int) -> int:
 
 def draft_sizes(reader, min_side: int) -> list[tuple[int, int]]:
     """Per sample, the (w, h) PIL draft gives for min_side (header only, untimed)."""
-    from attrdist.data import IMAGE_KEYS
+    from attrdist.data.samples import IMAGE_KEYS
 
     out = []
     for i in range(len(reader)):
@@ -237,9 +239,9 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds = 200, 1
-    from attrdist.coco import AnnSource, SplitSource, pack_coco_captions, pack_coco_images
-    from attrdist.packing import default_workers
-    from attrdist.vocab import load_vocabulary
+    from attrdist.pack.coco import AnnSource, SplitSource, pack_coco_captions, pack_coco_images
+    from attrdist.pack.pipeline import default_workers
+    from attrdist.pack.vocab import load_vocabulary
 
     workers = default_workers()
     cfg = runpy.run_path(str(ROOT / "recipes" / "coconut.py"), run_name="coconut_recipe")["full"]()

@@ -83,8 +83,9 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds = 200, 1
-    from attrdist.coco import AnnSource, pack_coco_images
-    from attrdist.data import BatchPlan, make_loader, tuned_workers
+    from attrdist.pack.coco import AnnSource, pack_coco_images
+    from attrdist.core.order import BatchPlan
+    from attrdist.data.loader import make_loader, tuned_workers
     from bench.input import shard_dataset
     from bench.pack import make_dataset
 
@@ -122,8 +123,8 @@ def main(argv=None) -> list[dict]:
         def stages(n: int = 300) -> dict:
             import math
 
-            from attrdist import rng as rnglib
-            from attrdist.transforms import decode_image, photometric, train_geometry
+            from attrdist.core import rng as rnglib
+            from attrdist.core.transforms import decode_image, photometric, train_geometry
 
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # as in a worker

@@ -34,7 +34,7 @@ def worker(model: str, size: int, steps: int, mode: str) -> None:
     import torch
     import torchvision
 
-    from attrdist.runtime import tune_malloc
+    from attrdist.malloc import tune_malloc
 
     applied = tune_malloc(mode)
     torch.set_num_threads(2)

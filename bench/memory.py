@@ -24,7 +24,7 @@ Runs:
                   on both, then its usual end (checkpoint, val evaluation, inference timing, report)
 Start-up (wall time of the whole command, median of runs):
   attrdist --help (target <= 1 s), python recipes/coconut.py --help (same target), and for context
-  attrdist predict --help, python shards/coco.py --help, python -c pass, python -c "import attrdist.trainer".
+  attrdist predict --help, python shards/coco.py --help, python -c pass, python -c "import attrdist.train.trainer".
 First training step: `python recipes/coconut.py run.out_dir=TMP` (plain demo profile; the demo data are
 generated and packed into the cache by a warm-up beforehand, outside the timing), from launch until
 its "epoch 0 step 1/N" log line arrives on stdout (the trainer logs to stdout), then the run is
@@ -134,8 +134,8 @@ def pack_cmd(data: Path, out: Path) -> list[str]:
 
 def train_shards(tmp: Path, sizes: dict[str, Path], val: Path) -> dict[str, Path]:
     """Shards for the training runs: each size's images as train + the same val split (outside timing)."""
-    from attrdist.coco import SplitSource, pack_coco_captions
-    from attrdist.vocab import load_vocabulary
+    from attrdist.pack.coco import SplitSource, pack_coco_captions
+    from attrdist.pack.vocab import load_vocabulary
 
     out = {}
     for key, data in sizes.items():
@@ -221,7 +221,7 @@ def main(argv=None):
                   "attrdist predict --help": [*attrdist, "predict", "--help"],
                   "python shards/coco.py --help": [PY, str(ROOT / "shards" / "coco.py"), "--help"],
                   "python -c pass": [PY, "-c", "pass"],
-                  "python -c 'import attrdist.trainer'": [PY, "-c", "import attrdist.trainer"]}
+                  "python -c 'import attrdist.train.trainer'": [PY, "-c", "import attrdist.train.trainer"]}
         start_t = {}
         for what, cmd in starts.items():
             runs = help_runs if "trainer" not in what else max(1, help_runs // 2)

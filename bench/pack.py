@@ -66,7 +66,7 @@ def make_dataset(root: Path, n: int, seed: int = 0) -> Path:
             x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
             im = src.crop((x, y, x + cw, y + ch)).resize((640, 480), Image.BICUBIC)
         else:
-            from attrdist.demo import render_scene
+            from attrdist.demo.scenes import render_scene
 
             im = render_scene(np.random.default_rng([seed, i]), 480)[0].resize((640, 480))
         name = f"{i:012d}.jpg"
@@ -129,7 +129,7 @@ def image_folder(root: Path) -> Path:
 
 def pack_folder(folder: Path, out: Path, workers: int) -> None:
     """What `shards/imagefolder.py --root FOLDER --out OUT --on-leak warn` does, in-process."""
-    from attrdist.imagefolder import pack_imagefolder
+    from attrdist.pack.imagefolder import pack_imagefolder
 
     shutil.rmtree(out, ignore_errors=True)
     pack_imagefolder(folder, out, val=0.2, workers=workers, on_leak="warn", progress=False)
@@ -137,8 +137,8 @@ def pack_folder(folder: Path, out: Path, workers: int) -> None:
 
 def verify_only(root: Path, workers: int) -> None:
     """The least work a safe copy-through pack must do per image: one decode to verify + the leak hash."""
-    from attrdist.coco import verify_image
-    from attrdist.packing import parallel_map
+    from attrdist.pack.coco import verify_image
+    from attrdist.pack.pipeline import parallel_map
 
     list(parallel_map(verify_image, [str(p) for p in sorted((root / "images").iterdir())], workers))
 
@@ -153,15 +153,15 @@ def decode_encode(root: Path, workers: int) -> None:
 
 
 def _decode_encode_one(path: Path) -> int:
-    from attrdist.packing import resize_max_side
+    from attrdist.pack.pipeline import resize_max_side
 
     return len(resize_max_side(path.read_bytes(), 256)[0])
 
 
 def pack_copy(root: Path, out: Path, workers: int) -> None:
     """What `shards/coco.py --mode captions` does, in-process (no interpreter start-up in the timing)."""
-    from attrdist.coco import SplitSource, pack_coco_captions
-    from attrdist.vocab import load_vocabulary
+    from attrdist.pack.coco import SplitSource, pack_coco_captions
+    from attrdist.pack.vocab import load_vocabulary
 
     shutil.rmtree(out, ignore_errors=True)
     vocab = ROOT / "recipes" / "coconut_vocab.json"
@@ -171,7 +171,7 @@ def pack_copy(root: Path, out: Path, workers: int) -> None:
 
 def pack_resize(root: Path, out: Path, workers: int) -> None:
     """What `shards/coco.py --mode image --max-side 256` does, in-process."""
-    from attrdist.coco import AnnSource, pack_coco_images
+    from attrdist.pack.coco import AnnSource, pack_coco_images
 
     shutil.rmtree(out, ignore_errors=True)
     pack_coco_images(out, [AnnSource("train", root / "images", root / "instances.json")], max_side=256,
@@ -186,7 +186,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds = 120, 1
-    from attrdist.packing import default_workers
+    from attrdist.pack.pipeline import default_workers
 
     workers = default_workers()
     with tempfile.TemporaryDirectory(prefix="attrdist-bench-") as tmp:

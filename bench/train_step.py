@@ -16,7 +16,7 @@ comparison use the same batch objects.
 
 What runs, and exactly what is timed
 ------------------------------------
-attrdist (all items): the real `attrdist.trainer.Trainer`, built from a real `Config` (the recipe's, with the
+attrdist (all items): the real `attrdist.train.trainer.Trainer`, built from a real `Config` (the recipe's, with the
 overrides listed per item), subclassed here (`BenchTrainer`) in four places that are all OUTSIDE the timed
 region: `make_loader` yields the in-memory batches; `evaluate` returns a stub (no eval pass), `save` writes
 no checkpoint, `finish` skips the final report, and `plot_curves` is a no-op in this process. The loop sizes
@@ -33,7 +33,7 @@ everything after the last step are outside.
 
 bare (items 2, 3): a plain PyTorch loop in this process. Same model construction (torch.manual_seed(run.seed);
 attrdist.models.build_model(cfg.model) -> .to(channels_last)), same optimizer (attrdist's build_optimizer:
-same param groups, AdamW/Adam/SGD), same loss (the task's loss, attrdist.tasks -> attrdist.losses), same
+same param groups, AdamW/Adam/SGD), same loss (the task's loss, attrdist.core.tasks -> attrdist.core.losses), same
 gradient clipping (torch.nn.utils.clip_grad_norm_ when optim.clip_grad_norm > 0), same threads, same batches.
 Timed region = the timed steps only: per step, x = batch image .to(device) -> .contiguous(channels_last),
 `torch.autocast(bf16)` forward, loss, backward, clip, optimizer.step, zero_grad(set_to_none); clocks read
@@ -113,9 +113,9 @@ MAX_BATCHES = 4  # distinct in-memory batches, cycled
 
 def make_shards(tmp: Path) -> Path:
     """A small demo dataset (COCO formats) packed by the real COCO packer: 128 train, 16 val, 16 test."""
-    from attrdist.coco import SplitSource, pack_coco_captions
-    from attrdist.demo import DemoSpec, ensure_demo
-    from attrdist.vocab import load_vocabulary
+    from attrdist.pack.coco import SplitSource, pack_coco_captions
+    from attrdist.demo.scenes import DemoSpec, ensure_demo
+    from attrdist.pack.vocab import load_vocabulary
 
     root = ensure_demo(tmp / "demo", DemoSpec(seed=0, n_train=128, n_val=16, n_test=16), progress=False)
     out, ann = tmp / "shards", root / "annotations"
@@ -135,7 +135,7 @@ def load_recipe(name: str):
 
 
 def with_data(cfg, shards: Path, device: str, **data):
-    from attrdist.config import validate
+    from attrdist.core.config import validate
 
     cfg = replace(cfg, data=replace(cfg.data, shards=str(shards), num_workers=0, **data),
                   model=replace(cfg.model, pretrained=""), run=replace(cfg.run, device=device))
@@ -170,7 +170,8 @@ def collect_batches(ds, n: int, cfg, world: int = 1, rank: int = 0, k: int = MAX
     """The first k batches (this rank's slice) of the trainer's epoch-0 batch plan, decoded, collated and
     augmented once (both halves: the workers' uint8 geometry and the device's pixel-wise stage), so the
     trainer and the bare loop get the same float batches from memory."""
-    from attrdist.data import BatchPlan, batch_images, collate
+    from attrdist.core.order import BatchPlan
+    from attrdist.data.samples import batch_images, collate
 
     B = cfg.data.batch_size
     k = max(1, min(k, n // B))
@@ -185,8 +186,8 @@ def collect_batches(ds, n: int, cfg, world: int = 1, rank: int = 0, k: int = MAX
 
 def standalone_batches(cfg) -> tuple[list[dict], list[str]]:
     """(in-memory batches, attribute names) built exactly as the Trainer's train dataset builds them."""
-    from attrdist.data import SampleDataset
-    from attrdist.shards import ShardReader, load_manifest
+    from attrdist.data.samples import SampleDataset
+    from attrdist.data.shards import ShardReader, load_manifest
 
     manifest = load_manifest(cfg.data.shards)
     reader = ShardReader(manifest, cfg.data.train_split)
@@ -212,7 +213,7 @@ class MemoryLoader:
 
 
 def bench_trainer_class():
-    import attrdist.trainer as trainer_mod
+    import attrdist.train.trainer as trainer_mod
 
     trainer_mod.plot_curves = lambda *a, **k: None  # curves.png of a stub eval: not part of any timing
 
@@ -263,7 +264,7 @@ def reset_accelerate() -> None:
 
 
 def train_records(run_dir: Path) -> list[dict]:
-    from attrdist.tracking import read_records
+    from attrdist.train.tracking import read_records
 
     return [r for r in read_records(run_dir / "metrics.jsonl") if r.get("type") == "train"]
 
@@ -307,11 +308,11 @@ def bare_loop(cfg, batches, names, warmup: int, steps: int, *, precision: str, t
     DistributedDataParallel (the process group is already up; each rank passes its own slice of the batches)."""
     import torch
 
-    from attrdist import rng as rnglib
+    from attrdist.core import rng as rnglib
     from attrdist.models import build_model
-    from attrdist.runtime import choose_device
-    from attrdist.tasks import make_task
-    from attrdist.trainer import build_optimizer
+    from attrdist.train.runtime import choose_device
+    from attrdist.core.tasks import make_task
+    from attrdist.train.trainer import build_optimizer
 
     dev = torch.device(choose_device(cfg.run.device))
     if ddp and dev.type == "cuda":
@@ -404,7 +405,7 @@ def count_flops(cfg, batch: dict, names: list[str], n: int = 2) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from attrdist.models import build_model
-    from attrdist.tasks import make_task
+    from attrdist.core.tasks import make_task
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, len(names), names).train()
@@ -425,7 +426,7 @@ def count_flops(cfg, batch: dict, names: list[str], n: int = 2) -> dict:
 
 def worker(argv: list[str]) -> None:
     """One rank of a launched attrdist run: `bench/train_step.py --worker=SPEC.json [key=value ...]`."""
-    from attrdist.config import Config, apply_overrides, from_dict
+    from attrdist.core.config import Config, apply_overrides, from_dict
 
     spec_arg = next(a for a in argv if a.startswith("--worker="))
     spec = json.loads(Path(spec_arg.split("=", 1)[1]).read_text())
@@ -445,10 +446,10 @@ def bare_worker(argv: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    from attrdist.config import Config, from_dict
-    from attrdist.data import SampleDataset
-    from attrdist.runtime import choose_device, resolve_precision
-    from attrdist.shards import ShardReader, load_manifest
+    from attrdist.core.config import Config, from_dict
+    from attrdist.data.samples import SampleDataset
+    from attrdist.train.runtime import choose_device, resolve_precision
+    from attrdist.data.shards import ShardReader, load_manifest
 
     spec = json.loads(Path(next(a for a in argv if a.startswith("--bare-worker=")).split("=", 1)[1]).read_text())
     cfg = from_dict(Config, spec["config"])
@@ -474,8 +475,8 @@ def bare_worker(argv: list[str]) -> None:
 
 def launched_bare(cfg, nproc: int, warmup: int, steps: int, tmp: Path, tag: str, device: str, info: dict) -> float:
     """The bare loop in nproc fresh processes (torchrun for 2: DDP); returns rank 0's timed seconds."""
-    from attrdist.config import to_dict
-    from attrdist.runtime import available_cores
+    from attrdist.core.config import to_dict
+    from attrdist.train.runtime import available_cores
     from launch.local import free_port
 
     name = f"{tag}-{next(_RUN_IDS)}"
@@ -509,8 +510,8 @@ def launched_bare(cfg, nproc: int, warmup: int, steps: int, tmp: Path, tag: str,
 def launched(cfg, nproc: int, deepspeed: str, warmup: int, steps: int, tmp: Path, tag: str, device: str,
              info: dict) -> float:
     """An attrdist run through `python -m launch local`; returns the timed seconds (rank 0's records)."""
-    from attrdist.config import to_dict
-    from attrdist.runtime import available_cores
+    from attrdist.core.config import to_dict
+    from attrdist.train.runtime import available_cores
 
     run_dir = tmp / f"{tag}-{next(_RUN_IDS)}"
     threads = 1 if nproc > 1 else available_cores()
@@ -561,7 +562,7 @@ def step_medians(ia: dict, ib: dict) -> str:
 
 
 def run_overhead(shards: Path, device: str, rounds: int, quick: bool, tmp: Path) -> tuple[list[dict], list[dict]]:
-    from attrdist.runtime import available_cores, resolve_precision
+    from attrdist.train.runtime import available_cores, resolve_precision
 
     warmup, steps = (1, 4) if quick else (3, 30)
     rows, targets = [], []
@@ -596,7 +597,7 @@ def run_overhead(shards: Path, device: str, rounds: int, quick: bool, tmp: Path)
 
 def run_fastpath(shards: Path, device: str, rounds: int, quick: bool, tmp: Path,
                  recipe: str) -> tuple[list[dict], list[dict]]:
-    from attrdist.runtime import available_cores
+    from attrdist.train.runtime import available_cores
 
     warmup, steps = (1, 2) if quick else (2, 6)
     batch, size = (8, 96) if quick else (32, None)
@@ -710,7 +711,7 @@ def run_scaling(shards: Path, device: str, rounds: int, quick: bool, tmp: Path) 
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
-    from attrdist.runtime import tune_malloc
+    from attrdist.malloc import tune_malloc
 
     # Every process here (this one, whose bare loop alternates with the trainer, and the fresh bare and
     # attrdist workers) gets the allocator the trainer's process gets (run.malloc=keep, set in

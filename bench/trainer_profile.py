@@ -27,12 +27,12 @@ from bench.common import write_csv  # noqa: E402
 
 # (label, file suffix, function name) as cProfile names them
 PARTS = [
-    ("whole train() loop", "attrdist/trainer.py", "train"),
-    ("metrics record (Tracker.log)", "attrdist/tracking.py", "log"),
+    ("whole train() loop", "attrdist/train/trainer.py", "train"),
+    ("metrics record (Tracker.log)", "attrdist/train/tracking.py", "log"),
     ("tensor .item() reads", "~", "<method 'item' of 'torch._C.TensorBase' objects>"),
-    ("NaN/Inf check (step_is_finite)", "attrdist/trainer.py", "step_is_finite"),
-    ("BatchNorm buffer copy (_copy)", "attrdist/trainer.py", "_copy"),
-    ("dropout seed (seed_rng)", "attrdist/trainer.py", "seed_rng"),
+    ("NaN/Inf check (step_is_finite)", "attrdist/train/trainer.py", "step_is_finite"),
+    ("BatchNorm buffer copy (_copy)", "attrdist/train/trainer.py", "_copy"),
+    ("dropout seed (seed_rng)", "attrdist/train/trainer.py", "seed_rng"),
 ]
 
 
@@ -43,8 +43,8 @@ def main(argv=None) -> list[dict]:
     import torch
 
     import bench.train_step as ts
-    from attrdist.runtime import tune_malloc
-    from attrdist.trainer import seed_rng
+    from attrdist.malloc import tune_malloc
+    from attrdist.train.trainer import seed_rng
 
     tune_malloc("keep")
     steps = 10 if args.quick else 60

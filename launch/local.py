@@ -50,8 +50,9 @@ def build_command(script: str, nproc: int, overrides: list[str], *, device: str 
         # torchrun: accelerate's own DeepSpeed launcher wants a hostfile/pdsh; ACCELERATE_USE_CPU must stay
         # unset (it silently turns DeepSpeed into DDP); the first run JIT-builds a comm op: cache it.
         overrides = [*overrides, f"run.deepspeed={deepspeed}"]
-        env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-            os.path.expanduser("~"), ".cache", "attrdist", "torch_extensions")
+        from attrdist.train.shm_allreduce import extensions_dir
+
+        env["TORCH_EXTENSIONS_DIR"] = extensions_dir()
         if device == "cpu":
             overrides.append("run.device=cpu")
         if not gpus:

@@ -10,7 +10,7 @@
     python -m launch cancel JOBID
 
 Every job gets a fixed run directory at submission (printed), so a preempted or timed-out job that
-SLURM requeues resumes the same run (attrdist.slurm). Options come from, in order: the built-in
+SLURM requeues resumes the same run (attrdist.train.slurm_job). Options come from, in order: the built-in
 defaults, the `--profile` YAML file (keys are the long option names with underscores), the command line.
 The recipe's overrides are checked here, before anything is queued.
 """
@@ -153,7 +153,7 @@ def make_executor(opts: dict, name: str):
                   signal_delay_s=int(opts["signal_delay_s"]), additional_parameters=extra,
                   srun_args=["--kill-on-bad-exit=1", *opts["srun_args"]],  # one rank dies: the step ends now
                   setup=[f"export ATTRDIST_SIGNAL_DELAY_S={int(opts['signal_delay_s'])}",
-                         "export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/attrdist/torch_extensions}",
+                         "export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${ATTRDIST_CACHE:-$HOME/.cache/attrdist}/torch_extensions}",
                          *opts["setup"]],
                   array_parallelism=opts["array_parallelism"])
     for key in ("partition", "account", "qos", "constraint", "mem", "cpus_per_task"):
@@ -166,7 +166,7 @@ def make_executor(opts: dict, name: str):
 
 
 def jobs_index() -> Path:
-    from attrdist.recipe import cache_dir
+    from attrdist.cache import cache_dir
 
     return cache_dir() / "slurm-jobs"
 
@@ -181,7 +181,7 @@ def remember(job_id: str, info: dict) -> None:
 
 def submit(script: str, recipe_args: list[str], flags: dict, *, profile: str | None, sweeps: list[str],
            dry_run: bool, wait: bool) -> int:
-    from attrdist.slurm import RecipeJob
+    from attrdist.train.slurm_job import RecipeJob
 
     opts = resolve_options(flags, profile)
     cfg, args = check_recipe(script, recipe_args)
@@ -296,11 +296,11 @@ def submitit_outcome(info: dict) -> tuple[str, object] | None:
         return None
     err = folder / f"{jid}_0_log.err"
     text = err.read_text(errors="replace") if err.is_file() else ""
-    last_start = text.rfind("attrdist.slurm: slurm(job ")  # the last attempt's part of the appended log
+    last_start = text.rfind("attrdist.train.slurm_job: slurm(job ")  # the last attempt's part of the appended log
     attempt = text[last_start:] if last_start >= 0 else text
     if "Submitted job triggered an exception" in attempt:
         return "error", attempt
-    from attrdist.slurm import summary
+    from attrdist.train.slurm_job import summary
 
     return "success", summary(Path(info["run_dir"])) if info.get("run_dir") else {}
 
@@ -337,7 +337,7 @@ def status(job_id: str, *, wait: bool = False, poll_s: float = 2.0) -> int:
     run_dir = info.get("run_dir")
     if run_dir:
         print(f"  run dir:  {run_dir}")
-        from attrdist.slurm import read_restarts
+        from attrdist.train.slurm_job import read_restarts
 
         for r in read_restarts(Path(run_dir)):
             what = "requeued" if r.get("requeued", True) else "not requeued (limit reached)"
@@ -405,12 +405,12 @@ def cancel(job_id: str) -> int:
 def task(script: str, recipe_args: list[str], *, max_requeues: int) -> int:
     """`srun python -m launch task ...`: this task's rank of the recipe (the sbatch template's path)."""
     from attrdist.errors import AttrdistError
-    from attrdist.slurm import RecipeFailed, job_environment, run_task
+    from attrdist.train.slurm_job import RecipeFailed, job_environment, run_task
 
     try:
         env = job_environment()
         if env.global_rank == 0 and not os.environ.get("SLURM_RESTART_COUNT", "0").strip("0"):
-            from attrdist.slurm import _arg
+            from attrdist.train.slurm_job import _arg
 
             run_dir = _arg(recipe_args, "run.run_dir")
             remember(env.job_id, {"kind": "sbatch", "script": str(Path(script).resolve()), "args": recipe_args,
@@ -425,5 +425,5 @@ def task(script: str, recipe_args: list[str], *, max_requeues: int) -> int:
         print(str(e), file=sys.stderr, flush=True)
         return 1
     if env.global_rank == 0:
-        print(f"attrdist.slurm: done: {result['headline']} (report: {result['report']})", file=sys.stderr, flush=True)
+        print(f"attrdist.train.slurm_job: done: {result['headline']} (report: {result['report']})", file=sys.stderr, flush=True)
     return 0

@@ -24,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from attrdist.config import (AugmentConfig, Config, DataConfig, ModelConfig, OptimConfig, RunConfig,  # noqa: E402
+from attrdist.core.config import (AugmentConfig, Config, DataConfig, ModelConfig, OptimConfig, RunConfig,  # noqa: E402
                              ScheduleConfig)
-from attrdist.recipe import demo_shards, main  # noqa: E402
+from attrdist.demo.packs import demo_shards  # noqa: E402
+from attrdist.recipe import main
 
 HERE = Path(__file__).resolve().parent
 

@@ -21,9 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from attrdist.config import (AugmentConfig, Config, DataConfig, ModelConfig, OptimConfig, RunConfig,  # noqa: E402
+from attrdist.core.config import (AugmentConfig, Config, DataConfig, ModelConfig, OptimConfig, RunConfig,  # noqa: E402
                              ScheduleConfig)
-from attrdist.recipe import cocottributes_demo_shards, main  # noqa: E402
+from attrdist.demo.packs import cocottributes_demo_shards  # noqa: E402
+from attrdist.recipe import main
 
 
 def full() -> Config:

@@ -25,9 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from attrdist.config import (Config, DataConfig, DetectorConfig, ModelConfig, OptimConfig, RunConfig,  # noqa: E402
+from attrdist.core.config import (Config, DataConfig, DetectorConfig, ModelConfig, OptimConfig, RunConfig,  # noqa: E402
                              ScheduleConfig)
-from attrdist.recipe import aerial_demo_data, demo_clip, main  # noqa: E402
+from attrdist.demo.packs import aerial_demo_data, demo_clip  # noqa: E402
+from attrdist.recipe import main
 
 
 def full() -> Config:

@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attrdist.coco import (AnnSource, SplitSource, pack_coco_captions, pack_coco_images,  # noqa: E402
+from attrdist.pack.coco import (AnnSource, SplitSource, pack_coco_captions, pack_coco_images,  # noqa: E402
                            pack_coco_objects, summary_lines)
-from attrdist.packing import add_pack_args  # noqa: E402
+from attrdist.pack.pipeline import add_pack_args  # noqa: E402
 from attrdist.errors import AttrdistError, user_errors  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
         if args.mode == "captions":
             if args.vocab is None:
                 raise AttrdistError("--mode captions needs --vocab VOCAB.json (e.g. recipes/coconut_vocab.json)")
-            from attrdist.vocab import load_vocabulary
+            from attrdist.pack.vocab import load_vocabulary
 
             splits = []
             for s in args.split:

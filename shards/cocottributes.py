@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attrdist.cocottributes import pack_cocottributes, summary_line  # noqa: E402
-from attrdist.packing import add_pack_args  # noqa: E402
+from attrdist.pack.cocottributes import pack_cocottributes, summary_line  # noqa: E402
+from attrdist.pack.pipeline import add_pack_args  # noqa: E402
 from attrdist.errors import user_errors  # noqa: E402
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attrdist.dior import VARIANTS, pack_dior  # noqa: E402
+from attrdist.pack.dior import VARIANTS, pack_dior  # noqa: E402
 from attrdist.errors import user_errors  # noqa: E402
-from attrdist.packing import add_pack_args  # noqa: E402
+from attrdist.pack.pipeline import add_pack_args  # noqa: E402
 
 
 def main(argv=None) -> None:

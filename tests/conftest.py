@@ -18,7 +18,7 @@ DEMO_VOCAB = ROOT / "recipes" / "coconut_demo_vocab.json"
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory) -> Path:
     """A small demo dataset in COCO formats (train 96 / val 32 / test 32 images)."""
-    from attrdist.demo import DemoSpec, ensure_demo
+    from attrdist.demo.scenes import DemoSpec, ensure_demo
 
     root = tmp_path_factory.mktemp("demo") / "coco"
     return ensure_demo(root, DemoSpec(seed=0, n_train=96, n_val=32, n_test=32), progress=False)
@@ -26,8 +26,8 @@ def small_demo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_shards(small_demo, tmp_path_factory) -> Path:
-    from attrdist.coco import SplitSource, pack_coco_captions
-    from attrdist.vocab import load_vocabulary
+    from attrdist.pack.coco import SplitSource, pack_coco_captions
+    from attrdist.pack.vocab import load_vocabulary
 
     out = tmp_path_factory.mktemp("shards") / "demo-shards"
     ann = small_demo / "annotations"

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from attrdist.config import Config, apply_overrides, from_dict, help_text, to_dict, to_json
+from attrdist.core.config import Config, apply_overrides, from_dict, help_text, to_dict, to_json
 from attrdist.errors import AttrdistError
 from tests.conftest import ROOT
 

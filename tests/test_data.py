@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from attrdist.config import AugmentConfig, DataConfig
-from attrdist.data import BatchPlan, SampleDataset, batch_images, collate, epoch_order, make_loader
-from attrdist.rng import fold
-from attrdist.shards import ShardReader, load_manifest
-from attrdist.transforms import decode_image, train_geometry, train_transform
+from attrdist.core.config import AugmentConfig, DataConfig
+from attrdist.core.order import BatchPlan, epoch_order
+from attrdist.data.samples import SampleDataset, batch_images, collate
+from attrdist.data.loader import make_loader
+from attrdist.core.rng import fold
+from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.core.transforms import decode_image, train_geometry, train_transform
 
 
 def test_epoch_order_is_a_pure_permutation():
@@ -127,7 +129,7 @@ def test_augmentation_identical_across_worker_and_process_counts(small_shards):
 
 
 def test_rotate_hue_keeps_luma_and_grey_and_turns_full_circle():
-    from attrdist.transforms import rotate_hue
+    from attrdist.core.transforms import rotate_hue
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g)
@@ -144,7 +146,7 @@ def test_rotate_hue_keeps_luma_and_grey_and_turns_full_circle():
 def test_colour_jitter_is_torchvisions_steps_in_one_affine_map():
     from torchvision.transforms.v2 import functional as F
 
-    from attrdist.transforms import colour_jitter
+    from attrdist.core.transforms import colour_jitter
 
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(3, 32, 32, generator=g) * 180 + 30).to(torch.uint8)  # away from 0/255: no clipping
@@ -160,7 +162,7 @@ def test_photometric_is_the_colour_map_clamped_then_normalised_then_erased():
     clipping included (strong contrast and brightness push pixels past 0 and 255)."""
     from torchvision.transforms.v2 import functional as F
 
-    from attrdist.transforms import IMAGENET_MEAN, IMAGENET_STD, colour_jitter, colour_matrix, photometric
+    from attrdist.core.transforms import IMAGENET_MEAN, IMAGENET_STD, colour_jitter, colour_matrix, photometric
 
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, 256, (4, 3, 24, 20), generator=g, dtype=torch.uint8)

@@ -11,7 +11,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from attrdist.transforms import decode_image
+from attrdist.core.transforms import decode_image
 from tests.conftest import SHARED_DATA
 
 

@@ -1,4 +1,4 @@
-"""attrdist.demo: deterministic COCO-format demo data with true attributes and weak captions."""
+"""attrdist.demo.scenes: deterministic COCO-format demo data with true attributes and weak captions."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attrdist import demo as demo_mod
-from attrdist.demo import (DEMO_ATTRIBUTES, SPLITS, DemoSpec, _generate_one, ensure_demo,
+from attrdist.demo import scenes as demo_mod
+from attrdist.demo.scenes import (DEMO_ATTRIBUTES, SPLITS, DemoSpec, _generate_one, ensure_demo,
                            make_captions, render_scene, true_attributes)
 from attrdist.errors import AttrdistError
-from attrdist.vocab import load_vocabulary
+from attrdist.pack.vocab import load_vocabulary
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SMALL = DemoSpec(seed=7, n_train=40, n_val=10, n_test=10)

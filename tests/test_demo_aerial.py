@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from attrdist.demo_aerial import AERIAL_CLASSES, HBB_DIR, OBB_DIR, AerialSpec, aerial_demo_shards, ensure_aerial
-from attrdist.dior import CLASS_NAMES, DIOR_CLASSES, parse_dior_xml
-from attrdist.shards import ShardReader, load_manifest
+from attrdist.demo.aerial import AERIAL_CLASSES, HBB_DIR, OBB_DIR, AerialSpec, aerial_demo_shards, ensure_aerial
+from attrdist.pack.dior import CLASS_NAMES, DIOR_CLASSES, parse_dior_xml
+from attrdist.data.shards import ShardReader, load_manifest
+
 
 pytestmark = pytest.mark.packers
 SPEC = AerialSpec(seed=3, n_train=24, n_val=8, n_test=8)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from attrdist.detection_data import DetectionDataset, augment, collate
-from attrdist.detection_eval import coco_evaluate, shuffled_labels, to_coco_detections
+from attrdist.data.detection import DetectionDataset, augment, collate
+from attrdist.core.detection_eval import coco_evaluate, shuffled_labels, to_coco_detections
 from attrdist.errors import AttrdistError
 from attrdist.models.detector import (CropScorer, DetectorConfig, build_clip, build_detector, ensemble, layout_of,
                                       load_clip_checkpoint)
@@ -245,7 +245,7 @@ def _jpeg(w: int, h: int) -> bytes:
 
 
 class ListReader(list):
-    """Stands in for attrdist.shards.ShardReader (reader[i] -> {"jpg": bytes, "json": bytes})."""
+    """Stands in for attrdist.data.shards.ShardReader (reader[i] -> {"jpg": bytes, "json": bytes})."""
 
 
 def _reader() -> ListReader:
@@ -333,7 +333,7 @@ def test_ensemble_hand_computed():
 def test_crops_are_squares_inside_the_image_as_pretraining_cut_them():
     """The scorer's crops (roi_align on the normalised tensor) match clip_pretrain.crop (PIL, the pairs
     the demo CLIP learnt from) for the same box, also where the square must shift inside the image."""
-    from attrdist import clip_pretrain as cp
+    from attrdist.demo.scenes import clip_pretrain as cp
 
     yy, xx = np.mgrid[0:96, 0:128]
     pixels = np.stack([xx * 2, yy * 2, (xx + yy) % 256], -1).astype(np.uint8)  # smooth, asymmetric
@@ -405,8 +405,8 @@ def test_mismatched_or_foreign_checkpoints_are_reported(tmp_path, caplog):
 
 def test_real_dior_shards_round_trip_through_dataset_and_eval(tmp_path):
     """Pack the real DIOR sample, read it back at 128 px, and score its own (scaled) boxes: mAP 1."""
-    from attrdist.dior import CLASS_NAMES, pack_dior
-    from attrdist.shards import ShardReader, load_manifest
+    from attrdist.pack.dior import CLASS_NAMES, pack_dior
+    from attrdist.data.shards import ShardReader, load_manifest
     from tests.conftest import SHARED_DATA
 
     root = SHARED_DATA / "dior"

@@ -3,7 +3,7 @@
 What "correct" means here, and what these tests control:
 
 * The data a step sees is a pure function of (seed, epoch, step): every rank takes its slice of the
-  same *global* batch (attrdist/data.py BatchPlan). `run.log_samples=true` writes the gathered indices
+  same *global* batch (attrdist/data/samples.py BatchPlan). `run.log_samples=true` writes the gathered indices
   of each step's global batch into metrics.jsonl, so 1 and 2 processes can be compared step by step.
 * The maths is then the same up to float summation order, provided nothing depends on how the global
   batch is split over ranks. Two things in the coconut demo model would:
@@ -139,7 +139,7 @@ def runs(small_shards, tmp_path_factory) -> dict[int, Path]:
 
 def test_one_and_two_processes_see_the_same_batches_and_losses(runs):
     """Same global batches step by step, in the order data.py defines; losses within 1e-5 relative."""
-    from attrdist.data import epoch_order
+    from attrdist.core.order import epoch_order
 
     one, two = train_records(runs[1]), train_records(runs[2])
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
@@ -221,7 +221,9 @@ def write_uneven(src: Path, dst: Path, sizes: dict[str, list[int]]) -> Path:
     """Re-shard a packed dataset into shards of the given sizes (a real manifest: counts, sha256)."""
     import webdataset as wds
 
-    from attrdist.shards import ShardReader, load_manifest, sha256_file
+    from attrdist.data.shards import ShardReader, load_manifest
+
+    from attrdist.atomic import sha256_file
 
     m = load_manifest(src)
     data = json.loads((src / "manifest.json").read_text())
@@ -259,7 +261,7 @@ def test_uneven_shards_two_ranks_two_workers_complete(small_shards, tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "45 samples, global batch 8 (4 per rank x 2 ranks), 5 batches/epoch; the last 5 samples" in log
     assert "train loop done: optimizer steps per rank [4, 4] (global samples seen, per rank: [64, 64])" in log
-    from attrdist.data import epoch_order
+    from attrdist.core.order import epoch_order
 
     recs = train_records(run_dir)
     assert sorted(recs) == [1, 2, 3, 4] and all(len(r["samples"]) == 16 for r in recs.values())
@@ -286,7 +288,7 @@ def test_bf16_under_ddp_on_cpu(runs, small_shards, tmp_path):
 
 
 def test_shm_and_gloo_all_reduce_give_identical_training(small_shards, tmp_path):
-    """The shared-memory all-reduce (run.shm_allreduce=auto, the CPU default; attrdist/shm_allreduce.py) against
+    """The shared-memory all-reduce (run.shm_allreduce=auto, the CPU default; attrdist/train/shm_allreduce.py) against
     gloo, with 2 micro-batches per step (DDP's no_sync step, then the reduced one, with the gradients as bucket
     views): every loss and every weight equal (==). With 2 ranks each gradient element is a/2 + b/2 either way."""
     got = {}
@@ -323,7 +325,7 @@ def test_norm_options_in_one_process():
     frozen-stage norms; freeze_bn_stats makes a sample's output independent of its batch."""
     from dataclasses import replace
 
-    from attrdist.config import ModelConfig
+    from attrdist.core.config import ModelConfig
     from attrdist.models import build_model, convert_sync_batchnorm, freeze_batchnorm_stats
 
     cfg = replace(ModelConfig(), backbone="resnet18", feature_level=3, pretrained="", frozen_stages=1, dim=64,

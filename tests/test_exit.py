@@ -50,7 +50,7 @@ def run_exit_script(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
     script.write_text(textwrap.dedent(f"""
         import atexit, logging, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from attrdist.runtime import exit_without_native_teardown
+        from attrdist.train.runtime import exit_without_native_teardown
         atexit.register(lambda: open({str(marker)!r}, "w").write("ran"))  # stands for the teardown
         logging.basicConfig(filename={str(tmp_path / "log.txt")!r}, level=logging.INFO)
         print("work done")  # buffered: must still reach the pipe

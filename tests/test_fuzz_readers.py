@@ -105,7 +105,7 @@ def flip(data: bytes):
 
 @pytest.mark.parametrize("n", BUDGET)
 def test_config_overrides(n):
-    from attrdist.config import Config, apply_overrides, flatten
+    from attrdist.core.config import Config, apply_overrides, flatten
 
     keys = sorted(flatten(Config()))
     value = (st.text(max_size=30) | st.sampled_from(["nan", "inf", "-inf", "1e400", "0", "-1", "1e300", "true", "none",
@@ -116,7 +116,7 @@ def test_config_overrides(n):
 
 @pytest.mark.parametrize("n", BUDGET)
 def test_saved_config_json(n):
-    from attrdist.config import Config, from_dict, to_dict
+    from attrdist.core.config import Config, from_dict, to_dict
 
     def check(d):
         cfg = ours(from_dict, Config, d, "run/config.json", names="run/config.json")
@@ -138,7 +138,7 @@ def shards_copy(small_shards, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("n", BUDGET)
 def test_manifest(n, shards_copy):
-    from attrdist.shards import MANIFEST, ShardReader, load_manifest
+    from attrdist.data.shards import MANIFEST, ShardReader, load_manifest
 
     path = shards_copy / MANIFEST
     good = path.read_bytes()
@@ -163,9 +163,9 @@ def test_manifest(n, shards_copy):
 def test_shard_bytes(n, shards_copy):
     """Random damage to a real shard (bytes changed anywhere, cut short): the reader and the dataset give
     samples or count them as corrupt; nothing else."""
-    from attrdist.config import DataConfig
-    from attrdist.data import SampleDataset
-    from attrdist.shards import ShardReader, load_manifest
+    from attrdist.core.config import DataConfig
+    from attrdist.data.samples import SampleDataset
+    from attrdist.data.shards import ShardReader, load_manifest
 
     shard = shards_copy / "train-000002.tar"
     good = shard.read_bytes()
@@ -199,7 +199,7 @@ PANOPTIC = {**COCO, "annotations": [{"image_id": 1, "file_name": "a.png", "segme
 
 @pytest.mark.parametrize("n", BUDGET)
 def test_coco_json(n, tmp_path_factory):
-    from attrdist.coco import load_coco, load_detections
+    from attrdist.pack.coco import load_coco, load_detections
 
     path = tmp_path_factory.mktemp("coco") / "instances.json"
 
@@ -219,8 +219,8 @@ def test_coco_packers_end_to_end(n, tmp_path_factory):
     (with what it could not use counted) or one AttrdistError naming a file."""
     from PIL import Image
 
-    from attrdist.coco import AnnSource, SplitSource, pack_coco_captions, pack_coco_images, pack_coco_objects
-    from attrdist.vocab import Vocabulary
+    from attrdist.pack.coco import AnnSource, SplitSource, pack_coco_captions, pack_coco_images, pack_coco_objects
+    from attrdist.pack.vocab import Vocabulary
 
     d = tmp_path_factory.mktemp("cocopack")
     images = d / "images"
@@ -254,7 +254,7 @@ PICKLE_DATA = {"ann_vecs": {1: np.array([1.0, 0.0, np.nan], dtype=np.float32), 2
 
 @pytest.mark.parametrize("n", BUDGET)
 def test_cocottributes_pickle(n, tmp_path_factory):
-    from attrdist.cocottributes import load_cocottributes
+    from attrdist.pack.cocottributes import load_cocottributes
 
     path = tmp_path_factory.mktemp("pkl") / "cocottributes_eccv_version.pkl"
     leaves = json_scalars | st.binary(max_size=10) | st.builds(np.asarray, st.lists(st.floats(), max_size=4))
@@ -298,7 +298,7 @@ XXE = b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd"
 
 @pytest.mark.parametrize("n", BUDGET)
 def test_dior_xml_and_split_files(n, tmp_path_factory):
-    from attrdist.dior import parse_dior_xml, read_split_ids
+    from attrdist.pack.dior import parse_dior_xml, read_split_ids
 
     d = tmp_path_factory.mktemp("dior")
     xml, ids = d / "00001.xml", d / "train.txt"
@@ -318,8 +318,8 @@ def test_dior_xml_and_split_files(n, tmp_path_factory):
 
 @pytest.mark.parametrize("n", BUDGET)
 def test_vocabulary_and_group_csv(n, tmp_path_factory):
-    from attrdist.imagefolder import read_group_csv
-    from attrdist.vocab import load_vocabulary
+    from attrdist.pack.imagefolder import read_group_csv
+    from attrdist.pack.vocab import load_vocabulary
 
     d = tmp_path_factory.mktemp("vocab")
     vocab, csv = d / "vocab.json", d / "groups.csv"

@@ -31,7 +31,7 @@ def test_sheet(small_shards, tmp_path):
     out = tmp_path / "sheet.png"
     p = _cli(small_shards, "--sheet", out, "--n", 10, "--split", "val", "--seed", 1)
     assert p.returncode == 0, p.stderr
-    from attrdist.inspect import contact_sheet  # noqa: F401 (same layout rules as the CLI)
+    from attrdist.pack.inspect import contact_sheet  # noqa: F401 (same layout rules as the CLI)
 
     im = Image.open(out)
     assert im.format == "PNG" and im.size == (8 * 230 + 6, 2 * (224 + 86 + 6) + 6)
@@ -41,8 +41,8 @@ def test_sheet(small_shards, tmp_path):
 def test_sheet_with_boxes(tmp_path):
     import io
 
-    from attrdist.inspect import contact_sheet
-    from attrdist.shards import PackWriter
+    from attrdist.pack.inspect import contact_sheet
+    from attrdist.pack.writer import PackWriter
 
     buf = io.BytesIO()
     Image.new("RGB", (100, 60), (0, 90, 0)).save(buf, "JPEG")

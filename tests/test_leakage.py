@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from attrdist.errors import AttrdistError
-from attrdist.leakage import DEFAULT_MAX_DISTANCE, apply_policy, find_leaks, fingerprint
+from attrdist.pack.leakage import DEFAULT_MAX_DISTANCE, apply_policy, find_leaks, fingerprint
 
 pytestmark = pytest.mark.packers
 COCO = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "coco" / "images").glob("*.jpg"))
@@ -56,7 +56,7 @@ def test_near_duplicates_found(photos, aug):
     copies = [AUGS[aug](Image.open(io.BytesIO(d))) for d in photos[:8]]
     rep = find_leaks(_items({"train": photos, "val": copies}))
     assert rep["exact"] == 0
-    # of these 8 photos, detected at the default distance (measured; see attrdist/leakage.py docstring)
+    # of these 8 photos, detected at the default distance (measured; see attrdist/pack/leakage.py docstring)
     need = {"jpeg_q60": 8, "brightness+10%": 8, "hflip": 7, "resize_0.8": 5, "crop_1%": 5}[aug]
     assert rep["pairs"]["train|val"]["near"] >= need, rep
     assert {e["a"].split("/")[1] for e in rep["examples"]} <= {str(i) for i in range(8)}
@@ -69,7 +69,7 @@ def test_distinct_photos_no_leak(photos):
 
 
 def test_distinct_demo_no_leak(tmp_path):
-    from attrdist.demo import DemoSpec, ensure_demo
+    from attrdist.demo.scenes import DemoSpec, ensure_demo
 
     root = ensure_demo(tmp_path / "demo", DemoSpec(n_train=400, n_val=100, n_test=100), progress=False)
     files = {s: [p.read_bytes() for p in sorted((root / "images" / s).glob("*.jpg"))] for s in ("train", "val", "test")}

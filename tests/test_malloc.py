@@ -1,4 +1,4 @@
-"""run.malloc=keep (`runtime.tune_malloc`): big tensors stop costing a page fault per 4 KiB page, in the
+"""run.malloc=keep (`attrdist.malloc.tune_malloc`): big tensors stop costing a page fault per 4 KiB page, in the
 training process and in the data workers. Page-fault counts are exact, unlike timings (those are in bench/)."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import torch
     from torch.utils.data import Dataset
-    from attrdist.data import BatchPlan, make_loader
-    from attrdist.runtime import tune_malloc
+    from attrdist.core.order import BatchPlan
+    from attrdist.data.loader import make_loader
+    from attrdist.malloc import tune_malloc
 
     def faults_of_64mib_tensors(n=10):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

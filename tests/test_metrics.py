@@ -1,4 +1,4 @@
-"""Tests for attrdist.metrics, cross-checked against scikit-learn."""
+"""Tests for attrdist.core.metrics, cross-checked against scikit-learn."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
-from attrdist import metrics as M
+from attrdist.core import metrics as M
 
 
 def _data(seed, n=200, a=7, density=0.15, decimals=None, masked=False):

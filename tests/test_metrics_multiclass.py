@@ -1,7 +1,7 @@
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
 
-from attrdist.metrics_multiclass import evaluate_multiclass
+from attrdist.core.metrics_multiclass import evaluate_multiclass
 
 
 def test_against_sklearn():

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from attrdist.config import ModelConfig
+from attrdist.core.config import ModelConfig
 from attrdist.errors import AttrdistError
 from attrdist.models import build_model, count_parameters
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from attrdist.coco import AnnSource, SplitSource, load_detections, pack_coco_captions, pack_coco_images, pack_coco_objects
+from attrdist.pack.coco import AnnSource, SplitSource, load_detections, pack_coco_captions, pack_coco_images, pack_coco_objects
 from attrdist.errors import AttrdistError
-from attrdist.shards import ShardReader, load_manifest
-from attrdist.vocab import load_vocabulary
+from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.pack.vocab import load_vocabulary
 from tests.conftest import ROOT, SHARED_DATA, run_env
 
 pytestmark = [pytest.mark.packers,

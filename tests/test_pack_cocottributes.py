@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attrdist.cocottributes import load_cocottributes, load_pickle, pack_cocottributes
+from attrdist.pack.cocottributes import load_cocottributes, load_pickle, pack_cocottributes
 from attrdist.errors import AttrdistError
-from attrdist.shards import ShardReader, load_manifest
+from attrdist.data.shards import ShardReader, load_manifest
 from tests.conftest import ROOT, SHARED_DATA, run_env
 
 pytestmark = [pytest.mark.packers,
@@ -133,8 +133,8 @@ def test_pack_cli_exact_accounting(fixture, tmp_path):
 
 def test_loader_reads_labels_ignore(fixture, tmp_path):
     """The data loader masks labels_ignore out (mask False) and keeps the positives."""
-    from attrdist.config import DataConfig
-    from attrdist.data import SampleDataset
+    from attrdist.core.config import DataConfig
+    from attrdist.data.samples import SampleDataset
 
     out = tmp_path / "out"
     pack_cocottributes(out, fixture["pkl"], fixture["instances"], [fixture["images"]], workers=1, progress=False,

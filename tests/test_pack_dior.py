@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from attrdist.errors import AttrdistError
-from attrdist.shards import ShardReader, load_manifest
+from attrdist.data.shards import ShardReader, load_manifest
 from tests.conftest import ROOT, SHARED_DATA, run_env
 
 pytestmark = pytest.mark.packers
@@ -92,7 +92,7 @@ def make_dior(root: Path, fixture=FIXTURE, splits=SPLITS, images: dict | None = 
 
 
 def pack(root, out, **kw):
-    from attrdist.dior import pack_dior
+    from attrdist.pack.dior import pack_dior
 
     return pack_dior(root, out, workers=kw.pop("workers", 2), progress=False, **kw)
 
@@ -146,7 +146,7 @@ def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None
 
 
 def test_class_names_and_prompts():
-    from attrdist.dior import CLASS_NAMES, PROMPTS, class_index
+    from attrdist.pack.dior import CLASS_NAMES, PROMPTS, class_index
 
     assert len(CLASS_NAMES) == 20 == len(set(CLASS_NAMES)) == len(PROMPTS)
     assert all(n == n.lower() and " " not in n and "-" not in n for n in CLASS_NAMES)
@@ -169,7 +169,7 @@ def test_real_sample_cli(tmp_path):
     rep = m["report"]["train"]
     assert rep["packed"] == 1 and rep["dropped"]["missing_image"] == 23
     assert m["splits"]["train"]["nsamples"] == 1 and "val" not in m["splits"]  # val.txt is empty
-    from attrdist.dior import CLASS_NAMES, PROMPTS
+    from attrdist.pack.dior import CLASS_NAMES, PROMPTS
 
     assert m["attributes"] == CLASS_NAMES and m["options"]["prompts"] == PROMPTS
     (s,) = samples(out, "train")
@@ -194,7 +194,7 @@ def test_real_sample_oriented_matches_horizontal(tmp_path):
 
 @pytest.mark.parametrize("boxes", ["horizontal", "oriented"])
 def test_fixture_both_variants(tmp_path, boxes):
-    from attrdist.dior import CLASS_NAMES
+    from attrdist.pack.dior import CLASS_NAMES
 
     root = make_dior(tmp_path / "DIOR")
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 from attrdist.errors import AttrdistError
-from attrdist.shards import ShardReader, load_manifest
+from attrdist.data.shards import ShardReader, load_manifest
 from tests.conftest import ROOT, run_env
 
 pytestmark = pytest.mark.packers
@@ -55,7 +55,7 @@ def make_folder(root: Path, sources: int = 6, augs: int = 3) -> Path:
 
 
 def pack(root, out, **kw):
-    from attrdist.imagefolder import pack_imagefolder
+    from attrdist.pack.imagefolder import pack_imagefolder
 
     return pack_imagefolder(root, out, workers=kw.pop("workers", 2), progress=False, **kw)
 
@@ -97,7 +97,7 @@ def assert_one_line_error(p, *needles):
 
 
 def test_group_split_unit():
-    from attrdist.imagefolder import ImageFile, group_split, prefix_group
+    from attrdist.pack.imagefolder import ImageFile, group_split, prefix_group
 
     assert prefix_group("cat/A_0012_aug3.jpg") == "A_0012"
     assert prefix_group("x/A-1-b.png", "-", 1) == "A" and prefix_group("x/plain.jpg") == "plain"
@@ -270,7 +270,7 @@ def test_bad_inputs(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(reason="attrdist.leakage at its default max_distance=2 misses some re-encoded/brightened copies of "
+@pytest.mark.xfail(reason="attrdist.pack.leakage at its default max_distance=2 misses some re-encoded/brightened copies of "
                           "these smooth synthetic images (measured: q95->q70 re-encode 0-5 bits, brightness +15% "
                           "1-10 bits, rotation 10 deg 16-33 bits); group ids remain the real fix", strict=False)
 def test_leak_catches_every_photometric_copy(tmp_path):

@@ -1,4 +1,4 @@
-"""The packers' shared machinery (attrdist/packing.py): the ordered parallel map, the one-decode verify pass,
+"""The packers' shared machinery (attrdist/pack/pipeline.py): the ordered parallel map, the one-decode verify pass,
 and pass 2's check that a file did not change since pass 1. Real JPEG bytes from the demo and real worker
 processes and threads."""
 
@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from attrdist.errors import AttrdistError
-from attrdist.leakage import perceptual_hash
-from attrdist.packing import ItemError, ItemFailure, parallel_map, read_checked, verify_bytes
+from attrdist.pack.leakage import perceptual_hash
+from attrdist.pack.pipeline import ItemError, ItemFailure, parallel_map, read_checked, verify_bytes
 from tests.conftest import ROOT
 
 
@@ -66,8 +66,8 @@ def test_verify_decodes_jpegs_to_pils_grey_draft_pixels(small_demo, monkeypatch)
     """The verify pass decodes YCbCr/grey JPEGs through simplejpeg: the grey image must be PIL's
     draft("L") image, bit for bit (so the perceptual hash is PIL's), for every subsampling, progressive and
     grey files and sizes at each DCT scale; CMYK and files libjpeg warns about go to PIL as before."""
-    from attrdist.leakage import DRAFT_SIZE
-    from attrdist.packing import _gray_draft
+    from attrdist.pack.leakage import DRAFT_SIZE
+    from attrdist.pack.pipeline import _gray_draft
     from tests.test_decode import encode, photos, variants
 
     cases = dict(variants(small_demo))
@@ -122,7 +122,7 @@ def test_packing_imports_no_torch(small_demo, tmp_path):
     """A pack needs no torch (~600 MB of RSS and ~2 s to import; bench/memory.py): the shards are written with
     the standard library's tarfile. A real pack, in a fresh interpreter."""
     ann = small_demo / "annotations" / "instances_train.json"
-    code = ("import sys\nfrom pathlib import Path\nfrom attrdist.coco import AnnSource, pack_coco_images\n"
+    code = ("import sys\nfrom pathlib import Path\nfrom attrdist.pack.coco import AnnSource, pack_coco_images\n"
             f"m = pack_coco_images(Path({str(tmp_path / 'out')!r}), [AnnSource('train', Path({str(small_demo / 'images')!r}), "
             f"Path({str(ann)!r}))], workers=2, progress=False)\n"
             "assert m['splits']['train']['nsamples'] == 96, m['splits']\n"
@@ -136,7 +136,7 @@ def test_packing_imports_no_torch(small_demo, tmp_path):
 def test_pass_2_of_every_packer_refuses_a_file_changed_since_pass_1(packer, small_demo, tmp_path):
     import importlib
 
-    encode = importlib.import_module(f"attrdist.{packer}")._encode
+    encode = importlib.import_module(f"attrdist.pack.{packer}")._encode
     data, _ = _jpeg(small_demo)
     p = tmp_path / "a.jpg"
     p.write_bytes(data)

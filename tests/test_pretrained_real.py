@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from attrdist.config import ModelConfig
+from attrdist.core.config import ModelConfig
 from attrdist.errors import AttrdistError
 from attrdist.models import build_model
 from attrdist.models.backbone import load_pretrained

@@ -86,8 +86,8 @@ def test_attribute_queries_from_a_text_tower_never_see_labels():
 @pytest.fixture(scope="module")
 def cocottributes_shards(small_demo, tmp_path_factory) -> Path:
     """The demo's objects with simulated COCO Attributes votes, through the real pickle packer."""
-    from attrdist.cocottributes import pack_cocottributes
-    from attrdist.demo_cocottributes import OBJECT_ATTRIBUTES, write_pickle
+    from attrdist.pack.cocottributes import pack_cocottributes
+    from attrdist.demo.cocottributes import OBJECT_ATTRIBUTES, write_pickle
 
     tmp = tmp_path_factory.mktemp("cocottributes")
     pkl = write_pickle(small_demo, tmp / "votes.pkl")
@@ -99,7 +99,7 @@ def cocottributes_shards(small_demo, tmp_path_factory) -> Path:
 
 
 def test_cocottributes_demo_trains_with_ignore_mask_and_epoch_checkpoints(cocottributes_shards, tmp_path):
-    from attrdist.shards import ShardReader, load_manifest
+    from attrdist.data.shards import ShardReader, load_manifest
 
     reader = ShardReader(load_manifest(cocottributes_shards), "train")
     metas = [json.loads(reader[i]["json"]) for i in range(len(reader))]
@@ -140,8 +140,8 @@ def test_coco_attributes_demo_reports_per_attribute_table_and_inference_speed(sm
 @pytest.fixture(scope="module")
 def aerial_shards(tmp_path_factory) -> Path:
     """Small procedural aerial scenes in DIOR's layout, through the real DIOR packer."""
-    from attrdist.demo_aerial import AerialSpec, ensure_aerial
-    from attrdist.dior import pack_dior
+    from attrdist.demo.aerial import AerialSpec, ensure_aerial
+    from attrdist.pack.dior import pack_dior
 
     tmp = tmp_path_factory.mktemp("aerial")
     root = ensure_aerial(tmp / "dior", AerialSpec(n_train=64, n_val=16, n_test=16), progress=False)

@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attrdist.config import DataConfig
-from attrdist.data import CorruptTally, SampleDataset, SampleError
+from attrdist.core.config import DataConfig
+from attrdist.data.samples import CorruptTally, SampleDataset, SampleError
 from attrdist.errors import AttrdistError
-from attrdist.shards import PackWriter, ShardError, ShardReader, load_manifest, sha256_file
+from attrdist.pack.writer import PackWriter
+from attrdist.data.shards import ShardError, ShardReader, load_manifest
+from attrdist.atomic import sha256_file
 from tests.conftest import DEMO_VOCAB, FAST, ROOT, run_env, run_recipe
 
 pytestmark = pytest.mark.reliability
@@ -376,8 +378,8 @@ def shards_intact(out: Path) -> dict:
 
 
 def test_disk_full_while_packing_keeps_the_previous_pack_and_resumes(small_demo, small_disk, caplog):
-    from attrdist.coco import SplitSource, pack_coco_captions
-    from attrdist.vocab import load_vocabulary
+    from attrdist.pack.coco import SplitSource, pack_coco_captions
+    from attrdist.pack.vocab import load_vocabulary
 
     vocab, ann = load_vocabulary(DEMO_VOCAB), small_demo / "annotations"
     splits = [SplitSource(s, small_demo / "images", ann / f"captions_{s}.json") for s in ("train", "val", "test")]
@@ -441,8 +443,8 @@ def hostile_names(outside: Path) -> list[str]:
 
 
 def test_coco_packers_refuse_file_names_outside_the_images(small_demo, outside, tmp_path):
-    from attrdist.coco import AnnSource, SplitSource, pack_coco_captions, pack_coco_images, pack_coco_objects
-    from attrdist.vocab import load_vocabulary
+    from attrdist.pack.coco import AnnSource, SplitSource, pack_coco_captions, pack_coco_images, pack_coco_objects
+    from attrdist.pack.vocab import load_vocabulary
 
     data = tmp_path / "data"
     shutil.copytree(small_demo, data)
@@ -471,7 +473,7 @@ def test_coco_packers_refuse_file_names_outside_the_images(small_demo, outside, 
 
 
 def test_cocottributes_refuses_file_names_outside_the_images(outside, tmp_path):
-    from attrdist.cocottributes import pack_cocottributes
+    from attrdist.pack.cocottributes import pack_cocottributes
 
     images = tmp_path / "coco" / "images"
     images.mkdir(parents=True)
@@ -508,7 +510,7 @@ def dior_tree(root: Path, filename: str = "00001.jpg", ids: str = "00001\n") -> 
 
 
 def test_dior_refuses_file_names_and_ids_outside_the_root(outside, tmp_path):
-    from attrdist.dior import pack_dior
+    from attrdist.pack.dior import pack_dior
 
     root = tmp_path / "DIOR"
     for name in hostile_names(outside):
@@ -526,7 +528,7 @@ def test_dior_refuses_file_names_and_ids_outside_the_root(outside, tmp_path):
 
 
 def test_imagefolder_refuses_group_csv_paths_outside_the_root(outside, tmp_path):
-    from attrdist.imagefolder import pack_imagefolder
+    from attrdist.pack.imagefolder import pack_imagefolder
 
     root = tmp_path / "folder"
     for cls in ("cat", "dog"):
@@ -561,7 +563,7 @@ def test_hostile_pickles_are_refused_before_anything_runs(tmp_path):
     """Beyond tests/test_pack_cocottributes.py (os.system, eval, Popen): a numpy function that is a
     code-execution gadget (numpy.load with allow_pickle of a second, evil pickle), classes that are not
     numpy's, the protocol-0 INST opcode, and getattr. Plain pickle.loads really runs the first payload."""
-    from attrdist.cocottributes import load_pickle
+    from attrdist.pack.cocottributes import load_pickle
 
     marker = tmp_path / "pwned"
     evil_npy = tmp_path / "evil.npy"
@@ -589,7 +591,7 @@ def test_hostile_pickles_are_refused_before_anything_runs(tmp_path):
 
 
 def test_enormous_annotation_json_is_refused_with_its_size(small_demo, tmp_path, monkeypatch):
-    from attrdist.coco import JSON_MEMORY_FACTOR, _available_memory, read_coco_json
+    from attrdist.pack.coco import JSON_MEMORY_FACTOR, _available_memory, read_coco_json
 
     caps = small_demo / "annotations" / "captions_train.json"
     size = caps.stat().st_size
@@ -621,7 +623,7 @@ def test_running_out_of_memory_while_parsing_is_one_line(tmp_path):
     with open(big, "w") as f:
         f.write('{"images": [], "annotations": [], "pad": [' + "1.5," * 10_000_000 + '1]}')
     code = ("import resource, sys\n"
-            "from attrdist.coco import read_coco_json\n"
+            "from attrdist.pack.coco import read_coco_json\n"
             "from attrdist.errors import user_errors\n"
             "used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
             "resource.setrlimit(resource.RLIMIT_AS, (used + (150 << 20), used + (150 << 20)))\n"

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attrdist import checkpoint
+from attrdist.train import checkpoint
 from attrdist.errors import AttrdistError
 from tests.conftest import ROOT, assert_tensors_equal, run_env, run_recipe, train_steps
 from tests.test_distributed import launch
@@ -384,7 +384,7 @@ def test_a_second_run_on_a_live_run_dir_is_refused_naming_the_holder_then_resume
 
 
 def test_a_lock_held_from_another_host_says_the_run_may_be_alive_there(tmp_path):
-    from attrdist.trainer import _lock_run_dir
+    from attrdist.train.trainer import _lock_run_dir
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from attrdist.config import ScheduleConfig
-from attrdist.losses import masked_bce, multi_positive_contrastive
-from attrdist.schedules import lr_factor
+from attrdist.core.config import ScheduleConfig
+from attrdist.core.losses import masked_bce, multi_positive_contrastive
+from attrdist.core.schedules import lr_factor
 
 
 def f(cfg, step, spe=10, total=100):
@@ -51,7 +51,7 @@ def test_rank_split_with_global_counts_equals_the_global_batch_mean():
     """Two 'ranks' holding unequal numbers of labelled entries and positives: with mean_counts (the
     all-reduce mean of their counts) the average of their losses and gradients is exactly the loss
     and gradient of the whole batch in one process; with per-rank counts it is not."""
-    from attrdist.losses import attribute_loss, loss_counts
+    from attrdist.core.losses import attribute_loss, loss_counts
 
     g = torch.Generator().manual_seed(0)
     B, A, D = 6, 5, 8

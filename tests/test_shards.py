@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from attrdist.coco import SplitSource, load_coco, pack_coco_captions
+from attrdist.pack.coco import SplitSource, load_coco, pack_coco_captions
 from attrdist.errors import AttrdistError
-from attrdist.shards import ShardReader, load_manifest, sha256_file
-from attrdist.vocab import load_vocabulary
+from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.atomic import sha256_file
+from attrdist.pack.vocab import load_vocabulary
 from tests.conftest import DEMO_VOCAB, ROOT, SHARED_DATA
 
 
@@ -113,7 +114,7 @@ def _samples(n):
 
 
 def test_interrupted_pack_resumes_without_redoing_finished_shards(tmp_path):
-    from attrdist.shards import PackWriter
+    from attrdist.pack.writer import PackWriter
 
     out = tmp_path / "out"
     kw = dict(dataset="t", attributes=["a", "b", "c"], label_fields=["labels"], max_samples=10, job={"x": 1})
@@ -147,7 +148,7 @@ def test_interrupted_pack_resumes_without_redoing_finished_shards(tmp_path):
 
 
 def test_resume_refuses_changed_inputs(tmp_path):
-    from attrdist.shards import PackWriter
+    from attrdist.pack.writer import PackWriter
 
     kw = dict(dataset="t", attributes=["a", "b", "c"], label_fields=["labels"], max_samples=10)
     with pytest.raises(RuntimeError):
@@ -167,7 +168,7 @@ def test_shard_writer_writes_what_tarfile_writes_byte_for_byte(tmp_path):
     its sha256 the file's."""
     import hashlib
 
-    from attrdist.shards import TarShardWriter, member_header
+    from attrdist.pack.writer import TarShardWriter, member_header
 
     rng = np.random.default_rng(0)
     samples = [(f"{i:012d}", {"jpg": rng.bytes(int(rng.integers(0, 3000))), "json": b'{"labels": []}'})
@@ -198,7 +199,7 @@ def test_shard_writer_raises_its_thread_s_write_error(tmp_path):
     later add, before the shard could be taken for finished."""
     import errno
 
-    from attrdist.shards import TarShardWriter
+    from attrdist.pack.writer import TarShardWriter
 
     w = TarShardWriter(Path("/dev/full"))
     with pytest.raises(OSError) as e:

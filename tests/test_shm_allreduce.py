@@ -1,4 +1,4 @@
-"""The shared-memory gradient all-reduce (attrdist/shm_allreduce.py, `run.shm_allreduce`) on real ranks.
+"""The shared-memory gradient all-reduce (attrdist/train/shm_allreduce.py, `run.shm_allreduce`) on real ranks.
 
 * Same bits as gloo: tests/test_distributed.py::test_shm_and_gloo_all_reduce_give_identical_training.
 * A peer that dies mid-reduction does not leave the survivor spinning: the watchdog stops it, naming the rank;
@@ -7,7 +7,7 @@
   /dev/shm.
 
 The scenario tests start two plain processes with torchrun's environment (as srun's tasks get it from
-attrdist.slurm), not under torchrun: its agent would stop the survivor itself and hide the watchdog.
+attrdist.train.slurm_job), not under torchrun: its agent would stop the survivor itself and hide the watchdog.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def scenario(name: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from attrdist import shm_allreduce
+    from attrdist.train import shm_allreduce
     from attrdist.errors import AttrdistError
 
     torch.set_num_threads(1)

@@ -257,7 +257,7 @@ def test_sbatch_template_runs_the_demo_to_completion_through_a_requeue(two_ranks
     assert "world_size=2" in report["runtime"] and f"launcher=slurm(job {jid}, 1 node x 2 tasks" in report["runtime"]
     assert "restart 1)" in report["runtime"]
     tl = launch(work, "tail", jid, "-n", "2000")
-    assert f"attrdist: job {jid} restart 1 on" in tl.stdout and "attrdist.slurm: done: val mAP" in tl.stdout
+    assert f"attrdist: job {jid} restart 1 on" in tl.stdout and "attrdist.train.slurm_job: done: val mAP" in tl.stdout
     assert_same_weights(rd, run_dir(two_ranks.stdout))
 
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from attrdist import interrupt
-from attrdist.slurm import distributed_env, master_port, parse_duration, stop_reason
+from attrdist.train import interrupt
+from attrdist.train.slurm_job import distributed_env, master_port, parse_duration, stop_reason
 from tests.conftest import FAST, ROOT, run_env
 from tests.test_slurm import assert_same_weights, train_steps, wait_for
 

@@ -218,8 +218,8 @@ def test_bad_input_one_line(args, message, small_shards, tmp_path):
 
 def test_characters_multiclass_recipe_trains_and_reports(tmp_path):
     """The softmax path: image folder (with augmented copies) -> group-aware pack -> characters recipe."""
-    from attrdist.demo_characters import CharactersSpec, ensure_characters
-    from attrdist.imagefolder import pack_imagefolder
+    from attrdist.demo.characters import CharactersSpec, ensure_characters
+    from attrdist.pack.imagefolder import pack_imagefolder
 
     root = ensure_characters(tmp_path / "letters", CharactersSpec(classes=4, sources_per_class=12, copies=1, size=48))
     m = pack_imagefolder(root, tmp_path / "shards", val=0.25, test=0.0, group_by="prefix", group_sep="_",

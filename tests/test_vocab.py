@@ -1,4 +1,4 @@
-"""attrdist.vocab: keyword matching rules, label vectors, vocabulary files and their errors."""
+"""attrdist.pack.vocab: keyword matching rules, label vectors, vocabulary files and their errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attrdist.errors import AttrdistError
-from attrdist.vocab import Vocabulary, count_positives, load_vocabulary
+from attrdist.pack.vocab import Vocabulary, count_positives, load_vocabulary
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -132,7 +132,7 @@ def test_recipe_vocabularies_load():
 
 
 def test_demo_vocab_matches_demo_attributes():
-    from attrdist.demo import DEMO_ATTRIBUTES
+    from attrdist.demo.scenes import DEMO_ATTRIBUTES
 
     demo = load_vocabulary(RECIPES / "coconut_demo_vocab.json")
     assert demo.names == DEMO_ATTRIBUTES

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from attrdist.config import ModelConfig
+from attrdist.core.config import ModelConfig
 from attrdist.errors import AttrdistError
 
 
@@ -17,7 +17,7 @@ def build_model(cfg: ModelConfig, num_attributes: int, names: list[str] | None =
 
         return CrossModalAttributes(cfg, num_attributes, names)
     if cfg.name == "open_vocab_detector":
-        from attrdist.dior import prompt
+        from attrdist.pack.dior import prompt
         from attrdist.models.detector import build_detector
 
         if not names:

@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from attrdist.config import ModelConfig
+from attrdist.core.config import ModelConfig
 from attrdist.errors import AttrdistError
 from attrdist.models.backbone import load_pretrained
 

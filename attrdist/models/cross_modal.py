@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attrdist.config import ModelConfig
+from attrdist.core.config import ModelConfig
 from attrdist.errors import AttrdistError
 from attrdist.models.backbone import create_backbone, freeze_stages
 

@@ -1,7 +1,7 @@
 """Open-vocabulary detector: a CLIP ResNet image tower inside torchvision's Faster R-CNN, regions
 classified by cosine similarity against the frozen CLIP text embeddings of class prompts.
 
-    from attrdist.dior import PROMPTS                        # "a satellite image of an airplane", ...
+    from attrdist.pack.dior import PROMPTS                        # "a satellite image of an airplane", ...
     model = build_detector(DetectorConfig(), base_prompts, clip="RN50",             # full size, 800 px
                            checkpoint="/models/RemoteCLIP-RN50.pt")
     model = build_detector(DetectorConfig.tiny(), base_prompts, clip="tiny")      # CPU demo, 128 px
@@ -62,7 +62,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, roi_align
 
-from attrdist.config import DetectorConfig
+from attrdist.core.config import DetectorConfig
 from attrdist.errors import AttrdistError
 
 log = logging.getLogger("attrdist")

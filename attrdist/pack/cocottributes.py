@@ -1,0 +1,341 @@
+"""COCO Attributes (Patterson & Hays, ECCV 2016) -> object crops with 204 attribute labels.
+
+The released `cocottributes_eccv_version.pkl` is a pickle of a dict:
+    ann_vecs            patch_id -> 204 float votes (numpy array)
+    patch_id_to_ann_id  patch_id -> COCO annotation id
+    split               patch_id -> 'train2014' | 'val2014'
+    attributes          [{"id", "name"}]; sorted by id = the vote-vector order
+
+It is read with a restricted unpickler (`load_pickle`): only builtin containers/scalars and the
+numpy functions that rebuild arrays and scalars are admitted; any other global (os.system,
+subprocess, eval, ...) is refused with a one-line error before anything runs.
+
+Labels: vote >= threshold (default 0.5) -> positive ("labels"). Unlabelled entries -- a NaN or a
+negative vote (the pickle has no other marker) -- go to "labels_ignore" and are masked out of
+loss and metrics by the data loader. A patch with no vote vector at all is dropped ("no_votes");
+one whose vector has the wrong length is dropped ("bad_vector").
+
+Each object is located through its COCO annotation id in one or more instances JSONs
+(`instances`, 2014 and/or 2017: ids are the same in both, images moved between splits); the
+first JSON holding the id wins. Its image is looked for under each `images` directory, by the
+JSON's file name, then by the 2017 name (000000xxxxxx.jpg) and the 2014 names
+(COCO_{train,val}2014_000000xxxxxx.jpg). Output split = the pickle's split ('train2014' ->
+train, 'val2014' -> val, anything starting with train/val likewise). Crops as in
+`attrdist.pack.coco.pack_coco_objects` (margin, min size, JPEG quality).
+
+Every patch that is not packed is counted by reason per split: no_votes, bad_vector,
+unknown_split, no_annotation_id, crowd, bad_box, box_too_small, image_missing, not_an_image,
+corrupt_image, leak. Sample JSON: {"id" (image id), "ann_id", "patch_id", "category_id",
+"labels", "labels_ignore", "box", "crop_box", "box_in_crop", "width", "height", "file_name"}.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from attrdist.pack.coco import (_safe_join, box_in_crop, check_box, check_leakage, crop_items,
+                           load_detections, verify_all)
+from attrdist.errors import AttrdistError
+from attrdist.pack.pipeline import ItemError, job_identity, parallel_map
+from attrdist.pack.writer import PackWriter, source_entry
+
+
+REASONS = ("no_votes", "bad_vector", "unknown_split", "no_annotation_id", "crowd", "bad_box", "box_too_small",
+           "image_missing", "not_an_image", "corrupt_image", "leak")
+_RENAME = {"missing_image": "image_missing", "too_small": "box_too_small"}
+REQUIRED_KEYS = ("ann_vecs", "patch_id_to_ann_id", "split", "attributes")
+
+
+def _np_core():
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric
+    return multiarray, numeric
+
+
+def _allowed() -> dict[tuple[str, str], object]:
+    import _codecs
+    import builtins
+    import collections
+
+    multiarray, numeric = _np_core()
+    ok: dict[tuple[str, str], object] = {}
+    for name in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float",
+                 "complex", "bool", "slice", "range"):
+        ok[("builtins", name)] = getattr(builtins, name)
+        ok[("__builtin__", name)] = getattr(builtins, name)  # Python 2 pickles
+    ok[("__builtin__", "unicode")] = str
+    ok[("__builtin__", "long")] = int
+    ok[("copy_reg", "_reconstructor")] = ok[("copyreg", "_reconstructor")] = _safe_reconstructor
+    ok[("collections", "OrderedDict")] = collections.OrderedDict
+    ok[("collections", "defaultdict")] = collections.defaultdict
+    ok[("_codecs", "encode")] = _codecs.encode  # bytes in protocol-2 pickles written by Python 3
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        ok[(mod, "_reconstruct")] = multiarray._reconstruct
+        ok[(mod, "scalar")] = multiarray.scalar
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        ok[(mod, "_frombuffer")] = numeric._frombuffer
+    ok[("numpy", "ndarray")] = np.ndarray
+    ok[("numpy", "dtype")] = np.dtype
+    for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+              "uint64", "bool_"):
+        ok[("numpy", t)] = getattr(np, t)
+    return ok
+
+
+def _safe_reconstructor(cls, base, state):
+    """copyreg._reconstructor for old-protocol pickles; cls/base already passed `find_class`."""
+    import copyreg
+
+    if not (isinstance(cls, type) and isinstance(base, type)):
+        raise pickle.UnpicklingError(f"copyreg._reconstructor({cls!r}, {base!r})")
+    return copyreg._reconstructor(cls, base, state)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Admits builtin containers/scalars and numpy array/scalar reconstruction; refuses every other global."""
+
+    def __init__(self, f, path: Path):
+        super().__init__(f, encoding="latin1")  # Python 2 pickles (the released file is one)
+        self.path = path
+        self.allowed = _allowed()
+
+    def find_class(self, module: str, name: str):
+        obj = self.allowed.get((module, name))
+        if obj is None:
+            raise AttrdistError(f"{self.path}: pickle refers to {module}.{name}, which is not allowed (only builtin "
+                                f"containers and numpy arrays); refusing to load it: use the released "
+                                f"cocottributes_eccv_version.pkl or re-save it as plain dicts + numpy arrays")
+        return obj
+
+
+def load_pickle(path: str | os.PathLike):
+    path = Path(path)
+    if not path.is_file():
+        raise AttrdistError(f"{path}: COCO Attributes pickle not found; pass the path of cocottributes_eccv_version.pkl")
+    try:
+        with open(path, "rb") as f:
+            return RestrictedUnpickler(f, path).load()
+    except AttrdistError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated / not a pickle
+        raise AttrdistError(f"{path}: not a readable pickle ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
+                            f"re-download cocottributes_eccv_version.pkl") from None
+
+
+def load_cocottributes(path: str | os.PathLike) -> dict:
+    """The pickle, checked: {"ann_vecs", "patch_id_to_ann_id", "split", "attributes" (sorted by id)}."""
+    path = Path(path)
+    data = load_pickle(path)
+    if not isinstance(data, dict):
+        raise AttrdistError(f"{path}: expected a pickled dict with keys {', '.join(REQUIRED_KEYS)}, got "
+                            f"{type(data).__name__}")
+    data = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in data.items()}
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise AttrdistError(f"{path}: missing keys {missing} (have {sorted(map(str, data))[:8]}); "
+                            f"expected the COCO Attributes ECCV pickle")
+    for k in ("ann_vecs", "patch_id_to_ann_id", "split"):
+        if not isinstance(data[k], dict):
+            raise AttrdistError(f"{path}: {k!r} is a {type(data[k]).__name__}, expected a dict keyed by patch id")
+        bad = next((p for p in data[k] if not isinstance(p, (int, np.integer, str, bytes)) or isinstance(p, bool)), None)
+        if bad is not None:
+            raise AttrdistError(f"{path}: {k!r} has the key {bad!r} ({type(bad).__name__}); patch ids are integers "
+                                f"(or strings): expected the COCO Attributes ECCV pickle")
+    attrs = data["attributes"]
+    try:
+        if not isinstance(attrs, (list, tuple)) or not all(isinstance(a, dict) for a in attrs):
+            raise TypeError("not a list of dicts")
+        attrs = sorted(({"id": int(a["id"]), "name": str(a["name"])} for a in attrs), key=lambda a: a["id"])
+    except (TypeError, KeyError, ValueError, OverflowError):
+        raise AttrdistError(f"{path}: 'attributes' must be a list of {{'id', 'name'}} entries") from None
+    if len({a["name"] for a in attrs}) != len(attrs) or len({a["id"] for a in attrs}) != len(attrs):
+        raise AttrdistError(f"{path}: duplicate attribute ids or names in 'attributes'")
+    data["attributes"] = attrs
+    return data
+
+
+def vote_labels(vec, n: int, threshold: float) -> tuple[list[int], list[int]] | None:
+    """(positives, unlabelled) indices, or None if the vector is not n numbers."""
+    try:
+        v = np.asarray(vec, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    if v.shape[0] != n:
+        return None
+    unl = np.isnan(v) | (v < 0)
+    pos = (v >= threshold) & ~unl
+    return [int(i) for i in np.flatnonzero(pos)], [int(i) for i in np.flatnonzero(unl)]
+
+
+def output_split(value) -> str | None:
+    v = value.decode("latin1") if isinstance(value, bytes) else str(value)
+    for name in ("train", "val"):
+        if v.startswith(name):
+            return name
+    return None
+
+
+def _image_candidates(dirs: list[Path], file_name: str, image_id: int, ann_file: Path) -> list[str]:
+    names = [file_name, f"{image_id:012d}.jpg", f"COCO_train2014_{image_id:012d}.jpg",
+             f"COCO_val2014_{image_id:012d}.jpg"]
+    out = []
+    for d in dirs:
+        for n in dict.fromkeys(names):
+            out.append(str(_safe_join(d, n, ann_file)))
+    return out
+
+
+def pack_cocottributes(out_dir: str | os.PathLike, pkl: str | os.PathLike, instances: list[str | os.PathLike],
+                       images: list[str | os.PathLike], *, dataset: str = "cocottributes", threshold: float = 0.5,
+                       margin: float = 0.1, min_size: float = 16, max_side: int = 0, quality: int = 90,
+                       max_samples: int = 1000, limit: int = 0, workers: int | None = None, on_leak: str = "error",
+                       progress: bool = True, overwrite: bool = False) -> dict:
+    """Pack every COCO Attributes patch as a crop sample, or count why not. Returns the manifest."""
+    pkl = Path(pkl)
+    image_dirs = [Path(d) for d in images]
+    for d in image_dirs:
+        if not d.is_dir():
+            raise AttrdistError(f"{d}: image directory not found; check --images")
+    if not instances:
+        raise AttrdistError("no --instances JSON given; pass the COCO 2014 and/or 2017 instances files")
+    if margin < 0 or min_size < 0:
+        raise AttrdistError(f"--margin {margin} / --min-size {min_size}: must be >= 0")
+    data = load_cocottributes(pkl)
+    attrs = data["attributes"]
+    dets = [load_detections(p) for p in instances]
+    for det in dets:
+        if det.format != "instances":
+            raise AttrdistError(f"{det.path}: a panoptic JSON has no COCO annotation ids; pass an instances JSON")
+
+    patches = sorted(data["patch_id_to_ann_id"], key=lambda p: (str(type(p)), p))
+    if limit:
+        patches = patches[:limit]
+    split_names = ["train", "val"]
+    drops = {s: Counter({r: 0 for r in REASONS}) for s in split_names}
+    unsplit = Counter({r: 0 for r in REASONS})  # patches whose split is unknown
+    totals = Counter()
+    objs: dict[str, list] = {s: [] for s in split_names}  # (image_id, ann_id, patch_id, ann, det, pos, ignore)
+    for pid in patches:
+        split = output_split(data["split"].get(pid, ""))
+        if split is None:
+            unsplit["unknown_split"] += 1
+            continue
+        totals[split] += 1
+        vec = data["ann_vecs"].get(pid)
+        if vec is None:
+            drops[split]["no_votes"] += 1
+            continue
+        lab = vote_labels(vec, len(attrs), threshold)
+        if lab is None:
+            drops[split]["bad_vector"] += 1
+            continue
+        try:
+            ann_id = int(data["patch_id_to_ann_id"][pid])
+        except (TypeError, ValueError, OverflowError):
+            drops[split]["no_annotation_id"] += 1
+            continue
+        det = next((d for d in dets if ann_id in d.anns), None)
+        if det is None:
+            drops[split]["no_annotation_id"] += 1
+            continue
+        ann = det.anns[ann_id]
+        if ann.get("image_id") not in det.imgs:
+            drops[split]["no_annotation_id"] += 1  # annotation points at an image the JSON does not list
+            continue
+        if ann.get("iscrowd", 0):
+            drops[split]["crowd"] += 1
+            continue
+        objs[split].append((ann["image_id"], ann_id, pid, ann, det, lab[0], lab[1]))
+
+    jobs, seen = [], set()
+    for split in split_names:
+        objs[split].sort(key=lambda o: (o[0], o[1], str(o[2])))
+        for image_id, _, _, _, det, _, _ in objs[split]:
+            if (split, image_id) not in seen:
+                seen.add((split, image_id))
+                fn = det.imgs[image_id]["file_name"]
+                jobs.append((split, f"{image_id:012d}", _image_candidates(image_dirs, fn, image_id, det.path)))
+    verified = verify_all(jobs, workers, progress, "verify")
+    leak_report, leak_drop = check_leakage(verified, split_names, on_leak, str(out_dir))
+    report: dict = {"leakage": leak_report}
+    sources = [source_entry(pkl)] + [source_entry(p) for p in instances]
+    job = job_identity(verified, sources=sources, threshold=threshold, margin=margin, min_size=min_size,
+                       max_side=max_side, quality=quality)
+    with PackWriter(out_dir, dataset=dataset, attributes=[a["name"] for a in attrs], label_fields=["labels"],
+                    max_samples=max_samples, overwrite=overwrite, job=job) as writer:
+        for split in split_names:
+            dropped = drops[split]
+            by_image: dict[int, list] = {}
+            for o in objs[split]:
+                by_image.setdefault(o[0], []).append(o)
+            todo = []
+            for image_id in sorted(by_image):
+                key = f"{image_id:012d}"
+                v, group = verified[(split, key)], by_image[image_id]
+                if isinstance(v, ItemError):
+                    dropped[_RENAME.get(v.reason, v.reason)] += len(group)
+                    continue
+                if key in leak_drop.get(split, ()):
+                    dropped["leak"] += len(group)
+                    continue
+                keep = []
+                for o in group:
+                    reason, visible, crop = check_box(o[3], v["width"], v["height"], min_size, margin)
+                    if reason:
+                        dropped[_RENAME.get(reason, reason)] += 1
+                    else:
+                        keep.append((o, visible, crop))
+                if keep:
+                    todo.append((image_id, v, keep))
+            items = ((v["path"], v["sha1"], [c for _, _, c in keep], max_side, quality) for _, v, keep in todo)
+            results = parallel_map(crop_items, items, workers)
+            packed = 0
+            for (image_id, v, keep), r in zip(todo, tqdm(results, total=len(todo), desc=f"write {split}",
+                                                         unit="img", disable=not progress)):
+                if isinstance(r, ItemError):
+                    dropped[_RENAME.get(r.reason, r.reason)] += len(keep)
+                    continue
+                for (o, visible, crop), (jpg, size) in zip(keep, r):
+                    _, ann_id, pid, ann, det, pos, ignore = o
+                    meta = {"id": image_id, "ann_id": ann_id, "patch_id": _plain(pid),
+                            "category_id": ann.get("category_id"), "labels": pos, "labels_ignore": ignore,
+                            "box": [float(t) for t in ann["bbox"]], "crop_box": crop,
+                            "box_in_crop": box_in_crop(visible, crop, size), "width": size[0], "height": size[1],
+                            "file_name": os.path.basename(v["path"])}
+                    writer.add(split, f"{image_id:012d}_{ann_id}_{_plain(pid)}", {"jpg": jpg, "json": meta})
+                    packed += 1
+            assert packed + sum(dropped.values()) == totals[split], (split, packed, dict(dropped), totals[split])
+            report[split] = {"objects": totals[split], "packed": packed, "dropped": dict(dropped)}
+        report["unassigned"] = {"objects": sum(unsplit.values()), "dropped": {"unknown_split": unsplit["unknown_split"]}}
+        matched = sum(report[s]["packed"] for s in split_names)
+        total = len(patches)
+        report["summary"] = {"matched": matched, "objects": total,
+                             "dropped": dict(sum((Counter(report[s]["dropped"]) for s in split_names), unsplit))}
+        return writer.commit(sources=sources, report=report, options={
+            "mode": "cocottributes", "threshold": threshold,
+            "unlabelled": "NaN or negative vote -> labels_ignore; no vote vector -> dropped (no_votes)",
+            "margin": margin, "min_size": min_size, "max_side": max_side, "quality": quality,
+            "max_samples": max_samples, "limit": limit, "on_leak": on_leak,
+            "pickle": str(pkl), "instances": [str(p) for p in instances], "images": [str(d) for d in image_dirs]})
+
+
+def _plain(pid):
+    if isinstance(pid, (np.integer, np.floating)):
+        return pid.item()
+    if isinstance(pid, bytes):
+        return pid.decode("latin1")
+    return pid
+
+
+def summary_line(manifest: dict) -> str:
+    s = manifest["report"]["summary"]
+    drops = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items(), key=lambda kv: -kv[1]) if v) or "none"
+    return f"matched {s['matched']} of {s['objects']} objects; not matched: {drops}"

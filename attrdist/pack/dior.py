@@ -1,0 +1,383 @@
+"""DIOR (remote-sensing object detection, 20 classes) in its official layout -> attrdist shards.
+
+Layout read (as distributed):
+
+    <root>/JPEGImages-trainval/<id>.jpg      <root>/JPEGImages-test/<id>.jpg
+    <root>/Annotations/Horizontal Bounding Boxes/<id>.xml    (VOC-style, <bndbox>)
+    <root>/Annotations/Oriented Bounding Boxes/<id>.xml      (<robndbox> corner points + <angle>)
+    <root>/ImageSets/Main/{train,val,test}.txt               (one id per line)
+
+Each listed id with its image becomes one sample per official split:
+
+    <id>.jpg   the original bytes (or re-encoded when --max-side shrinks it)
+    <id>.json  {"id", "image_id" (id in coco_<split>.json), "file_name", "width", "height",
+                "labels": sorted unique classes present (image-level multi-hot),
+                "boxes": [[x, y, w, h] in pixels of the stored image], "box_labels", "ann_ids"}
+
+Boxes come from <bndbox> where present, else the axis-aligned hull of the oriented corners. They
+are clipped to the image; zero-area and fully-outside boxes are dropped and counted. An id whose
+image is missing is counted ("missing_image"), not fatal. `coco_<split>.json` (COCO instances
+of exactly the packed images, categories 1..20) is published with the shards for pycocotools.
+
+Two passes: pass 1 (worker processes) parses, decodes and fingerprints each image and keeps
+only small metadata; then the cross-split leakage check; pass 2 writes the samples in order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import zlib
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from attrdist.errors import AttrdistError
+from attrdist.pack.pipeline import (ItemError, ItemFailure, default_workers, parallel_map, read_checked, resize_max_side,
+                              verify_bytes)
+from attrdist.pack.writer import PackWriter, _check_replaceable, source_entry  # (raw DIOR spelling, canonical snake_case name), in DIOR's official class order (COCO ids 1..20).
+
+
+DIOR_CLASSES: list[tuple[str, str]] = [
+    ("airplane", "airplane"), ("airport", "airport"), ("baseballfield", "baseball_field"),
+    ("basketballcourt", "basketball_court"), ("bridge", "bridge"), ("chimney", "chimney"), ("dam", "dam"),
+    ("Expressway-Service-area", "expressway_service_area"), ("Expressway-toll-station", "expressway_toll_station"),
+    ("golffield", "golf_field"), ("groundtrackfield", "ground_track_field"), ("harbor", "harbor"),
+    ("overpass", "overpass"), ("ship", "ship"), ("stadium", "stadium"), ("storagetank", "storage_tank"),
+    ("tenniscourt", "tennis_court"), ("trainstation", "train_station"), ("vehicle", "vehicle"),
+    ("windmill", "windmill"),
+]
+CLASS_NAMES = [c for _, c in DIOR_CLASSES]
+VARIANTS = {"horizontal": "Horizontal Bounding Boxes", "oriented": "Oriented Bounding Boxes"}
+IMAGE_DIRS = ("JPEGImages-trainval", "JPEGImages-test")
+SPLITS = ("train", "val", "test")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name).lower()
+
+
+_INDEX = {_norm(raw): i for i, (raw, _) in enumerate(DIOR_CLASSES)} | {_norm(c): i for i, c in enumerate(CLASS_NAMES)}
+
+
+def class_index(raw: str) -> int | None:
+    """Index into CLASS_NAMES of a raw DIOR class spelling (case, '-', '_' and spaces ignored)."""
+    return _INDEX.get(_norm(raw))
+
+
+def prompt(name: str) -> str:
+    words = name.replace("_", " ")
+    return f"a satellite image of {'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+
+PROMPTS = [prompt(c) for c in CLASS_NAMES]
+
+
+def _safe_name(name: str, where: Path) -> str:
+    p = Path(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name or "\x00" in name:
+        raise AttrdistError(f"{where}: file name {name!r} is empty, absolute or contains '..'; "
+                            f"refusing to read outside the dataset root; fix the entry")
+    return name
+
+
+@dataclass(frozen=True)
+class DiorObject:
+    label: int
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 (original image pixels, unclipped)
+
+
+@dataclass(frozen=True)
+class DiorAnnotation:
+    file_name: str
+    width: int | None
+    height: int | None
+    objects: tuple[DiorObject, ...]
+
+
+def _num(el: ET.Element, path: Path) -> float:
+    try:
+        v = float((el.text or "").strip())
+    except ValueError:
+        raise AttrdistError(f"{path}: <{el.tag}> is {el.text!r}, not a number; fix or re-download the file") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise AttrdistError(f"{path}: <{el.tag}> is {el.text!r}, not a finite number; fix or re-download the file")
+    return v
+
+
+def parse_dior_xml(path: str | os.PathLike) -> DiorAnnotation:
+    """Parse either DIOR XML variant; raises AttrdistError (one line naming the file) when bad."""
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+    except FileNotFoundError:
+        raise AttrdistError(f"{path}: annotation file not found; check --root (expects the official DIOR layout)") from None
+    except OSError as e:
+        raise AttrdistError(f"{path}: cannot read annotation file ({e.strerror}); check its permissions") from None
+    except ET.ParseError as e:
+        raise AttrdistError(f"{path}: malformed XML ({' '.join(str(e).split())[:160]}); re-download the "
+                            f"annotation") from None
+    if root.tag != "annotation":
+        raise AttrdistError(f"{path}: root element is <{root.tag}>, not <annotation>; not a DIOR annotation file")
+    fname = (root.findtext("filename") or "").strip() or f"{path.stem}.jpg"
+    _safe_name(fname, path)
+    w = root.find("size/width")
+    h = root.find("size/height")
+    width, height = (int(_num(w, path)) if w is not None else None), (int(_num(h, path)) if h is not None else None)
+    objects = []
+    for k, obj in enumerate(root.iter("object")):
+        raw = (obj.findtext("name") or "").strip()
+        label = class_index(raw)
+        if label is None:
+            raise AttrdistError(f"{path}: object {k} has unknown class {raw!r} (DIOR has: "
+                                f"{', '.join(r for r, _ in DIOR_CLASSES)}); fix the name in the XML")
+        bb = obj.find("bndbox")
+        if bb is not None:
+            coords = {}
+            for t in ("xmin", "ymin", "xmax", "ymax"):
+                el = bb.find(t)
+                if el is None:
+                    raise AttrdistError(f"{path}: object {k} <bndbox> has no <{t}>; fix or re-download the file")
+                coords[t] = _num(el, path)
+            box = (coords["xmin"], coords["ymin"], coords["xmax"], coords["ymax"])
+        else:
+            # oriented variant: <robndbox> x_left_top/y_left_top... or <polygon> x1..y4: hull of the corners
+            ob = obj.find("robndbox")
+            if ob is None:
+                ob = obj.find("polygon")
+            if ob is None:
+                raise AttrdistError(f"{path}: object {k} has neither <bndbox> nor <robndbox>/<polygon>; "
+                                    f"fix or re-download the file")
+            xs = [_num(el, path) for el in ob if el.tag.lower().startswith("x")]
+            ys = [_num(el, path) for el in ob if el.tag.lower().startswith("y")]
+            if len(xs) < 2 or len(xs) != len(ys):
+                raise AttrdistError(f"{path}: object {k} <{ob.tag}> has {len(xs)} x and {len(ys)} y corner "
+                                    f"coordinates; fix or re-download the file")
+            box = (min(xs), min(ys), max(xs), max(ys))
+        objects.append(DiorObject(label, box))
+    return DiorAnnotation(fname, width, height, tuple(objects))
+
+
+def clip_boxes(objects, width: int, height: int) -> tuple[list[list[float]], list[int], Counter]:
+    """Clip (x0, y0, x1, y1) boxes to the image; return kept [x, y, w, h], labels, and counts of
+    dropped ('zero_area', 'outside_image') and 'clipped' boxes."""
+    boxes, labels, counts = [], [], Counter()
+    for o in objects:
+        x0, y0, x1, y1 = o.box
+        if x1 <= x0 or y1 <= y0:
+            counts["zero_area"] += 1
+            continue
+        cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
+        if cx1 <= cx0 or cy1 <= cy0:
+            counts["outside_image"] += 1
+            continue
+        if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+            counts["clipped"] += 1
+        boxes.append([cx0, cy0, cx1 - cx0, cy1 - cy0])
+        labels.append(o.label)
+    return boxes, labels, counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-item work (module level: run in worker processes)
+# ----------------------------------------------------------------------------------------------
+
+
+def _probe(item: tuple[str, str, tuple[str, ...]]) -> dict:
+    """Pass 1: parse the XML, find + decode once (verified) + fingerprint the image; small metadata only."""
+    xml, root, image_dirs = item
+    ann = parse_dior_xml(xml)
+    img = next((Path(root) / d / ann.file_name for d in image_dirs if (Path(root) / d / ann.file_name).is_file()), None)
+    if img is None:
+        raise ItemFailure("missing_image", ann.file_name)
+    v = verify_bytes(img.read_bytes(), str(img))  # one decode: verified and fingerprinted
+    w, h = v["width"], v["height"]
+    boxes, labels, counts = clip_boxes(ann.objects, w, h)
+    return {"path": str(img), "file_name": ann.file_name, "width": w, "height": h, "sha1": v["sha1"], "phash": v["phash"],
+            "boxes": boxes, "box_labels": labels, "box_counts": dict(counts),
+            "size_mismatch": ann.width is not None and (ann.width, ann.height) != (w, h)}
+
+
+def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int, int]:
+    """Pass 2: the bytes to store (original, or shrunk to max_side and re-encoded) and their crc32; they must
+    still be those pass 1 verified (else changed_during_pack)."""
+    path, sha1, max_side, quality = item
+    data = read_checked(path, sha1)
+    if max_side:
+        try:
+            data, (w, h), _ = resize_max_side(data, max_side, quality)
+        except UnidentifiedImageError:
+            raise ItemFailure("not_an_image") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ItemFailure("corrupt_image", str(e)) from None
+    with Image.open(io.BytesIO(data)) as im:
+        fmt, (w, h) = im.format, im.size
+    return data, ("png" if fmt == "PNG" else "jpg"), w, h, zlib.crc32(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------
+
+
+def _annotation_dir(root: Path, boxes: str) -> Path:
+    if boxes not in VARIANTS:
+        raise AttrdistError(f"--boxes {boxes!r}: expected one of {', '.join(VARIANTS)}")
+    first = root / "Annotations" / VARIANTS[boxes]
+    if first.is_dir():
+        return first
+    other = root / "Annotations" / VARIANTS["oriented" if boxes == "horizontal" else "horizontal"]
+    if other.is_dir():
+        return other
+    raise AttrdistError(f"{first}: annotation directory not found (nor {other.name}); --root must be the DIOR "
+                        f"root holding Annotations/, ImageSets/ and JPEGImages-*")
+
+
+def read_split_ids(path: Path) -> list[str]:
+    if not path.is_file():
+        raise AttrdistError(f"{path}: split file not found; choose --splits among those in {path.parent}")
+    try:
+        lines = path.read_text().split()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AttrdistError(f"{path}: cannot read split file ({' '.join(str(e).split())[:160]}); re-download "
+                            f"ImageSets/Main") from None
+    ids = []
+    for s in lines:
+        _safe_name(s, path)
+        if "/" in s:
+            raise AttrdistError(f"{path}: id {s!r} contains '/'; ImageSets lists bare image ids, fix the file")
+        ids.append(s)
+    return ids
+
+
+def _scale_box(b: list[float], sx: float, sy: float) -> list[float]:
+    return [round(b[0] * sx, 2), round(b[1] * sy, 2), round(b[2] * sx, 2), round(b[3] * sy, 2)]
+
+
+def pack_dior(root: str | os.PathLike, out_dir: str | os.PathLike, *, splits: list[str] | None = None,
+              boxes: str = "horizontal", max_side: int = 0, quality: int = 90, workers: int | None = None,
+              on_leak: str = "error", dataset: str = "dior", max_samples: int = 1000, limit: int = 0,
+              overwrite: bool = False, progress: bool = True) -> dict:
+    """Pack the official DIOR splits (ImageSets/Main/<split>.txt). Returns the manifest."""
+    from attrdist.pack.leakage import apply_policy, find_leaks
+
+    root = Path(root)
+    if not root.is_dir():
+        raise AttrdistError(f"{root}: DIOR root directory not found; check --root")
+    if on_leak not in ("error", "warn", "drop"):
+        raise AttrdistError(f"--on-leak {on_leak!r}: expected error, warn or drop")
+    ann_dir = _annotation_dir(root, boxes)
+    sets = root / "ImageSets" / "Main"
+    if splits is None:
+        splits = [s for s in SPLITS if (sets / f"{s}.txt").is_file()]
+        if not splits:
+            raise AttrdistError(f"{sets}: no train.txt/val.txt/test.txt here; --root must be the DIOR root")
+    workers = default_workers() if workers is None else workers
+    image_dirs = tuple(d for d in IMAGE_DIRS if (root / d).is_dir())
+
+    ids: dict[str, list[str]] = {}
+    report: dict = {}
+    for split in splits:
+        raw = read_split_ids(sets / f"{split}.txt")
+        uniq = list(dict.fromkeys(raw))
+        ids[split] = uniq[:limit] if limit else uniq
+        report[split] = {"listed": len(raw), "packed": 0,
+                         "dropped": Counter({"duplicate_id": len(raw) - len(uniq)}),
+                         "boxes": 0, "boxes_dropped": Counter(), "boxes_clipped": 0, "size_mismatch": 0,
+                         "box_counts": {c: 0 for c in CLASS_NAMES}}
+
+    _check_replaceable(Path(out_dir), dataset, overwrite)  # fail fast, before reading anything
+    # pass 1: parse + decode + fingerprint (workers); keep small metadata only
+    order = [(split, i) for split in splits for i in ids[split]]
+    jobs = ((str(ann_dir / f"{i}.xml"), str(root), image_dirs) for _, i in order)
+    kept: dict[str, list[tuple[str, dict]]] = {s: [] for s in splits}
+    missing_examples: dict[str, list[str]] = {s: [] for s in splits}
+    bar = tqdm(parallel_map(_probe, jobs, workers), total=len(order), desc="dior: read+verify",
+               unit="img", disable=not progress, dynamic_ncols=True)
+    for (split, i), res in zip(order, bar):
+        rep = report[split]
+        if isinstance(res, ItemError):
+            rep["dropped"][res.reason] += 1
+            if res.reason == "missing_image" and len(missing_examples[split]) < 5:
+                missing_examples[split].append(i)
+            continue
+        c = res.pop("box_counts")
+        rep["boxes_clipped"] += c.pop("clipped", 0)
+        rep["boxes_dropped"].update(c)
+        rep["size_mismatch"] += int(res.pop("size_mismatch"))
+        kept[split].append((i, res))
+    bar.close()
+
+    # leakage across the official splits (same or near-duplicate images)
+    leaks = find_leaks({s: [(i, m["sha1"], m["phash"]) for i, m in kept[s]] for s in splits})
+    drop = apply_policy(leaks, on_leak, str(root))
+    report["leakage"] = leaks
+    for s in splits:
+        gone = drop.get(s, set())
+        if gone:
+            report[s]["dropped"]["leak"] += sum(i in gone for i, _ in kept[s])
+            kept[s] = [(i, m) for i, m in kept[s] if i not in gone]
+
+    options = {"root": str(root), "annotations": str(ann_dir.relative_to(root)), "splits": splits,
+               "max_side": max_side, "quality": quality, "limit": limit, "on_leak": on_leak,
+               "box_format": "xywh pixels of the stored image", "prompts": PROMPTS,
+               "raw_class_names": [r for r, _ in DIOR_CLASSES]}
+    writer = PackWriter(out_dir, dataset=dataset, attributes=CLASS_NAMES, label_fields=["labels"],
+                        max_samples=max_samples, overwrite=overwrite, job=options)
+    with writer:
+        # pass 2: encode (workers) and write in order; COCO instances per split
+        order2 = [(s, i, m) for s in splits for i, m in kept[s]]
+        jobs2 = ((m["path"], m["sha1"], max_side, quality) for _, _, m in order2)
+        coco: dict[str, dict] = {}
+        numeric = {s: all(i.isdigit() for i, _ in kept[s]) for s in splits}
+        bar = tqdm(parallel_map(_encode, jobs2, workers, threads=not max_side),  # no max_side: copied through
+                   total=len(order2), desc="dior: write", unit="img", disable=not progress, dynamic_ncols=True)
+        for (split, i, m), res in zip(order2, bar):
+            rep = report[split]
+            if isinstance(res, ItemError):  # changed on disk since pass 1
+                rep["dropped"][res.reason] += 1
+                continue
+            data, ext, w, h, crc = res
+            sx, sy = w / m["width"], h / m["height"]
+            c = coco.setdefault(split, {"images": [], "annotations": [], "next_ann": 1})
+            image_id = int(i) if numeric[split] else len(c["images"]) + 1
+            bxs = [_scale_box(b, sx, sy) for b in m["boxes"]]
+            ann_ids = list(range(c["next_ann"], c["next_ann"] + len(bxs)))
+            c["next_ann"] += len(bxs)
+            stored_name = f"{i}.{ext}"
+            c["images"].append({"id": image_id, "file_name": stored_name, "width": w, "height": h})
+            for aid, b, lab in zip(ann_ids, bxs, m["box_labels"]):
+                c["annotations"].append({"id": aid, "image_id": image_id, "category_id": lab + 1, "bbox": b,
+                                         "area": round(b[2] * b[3], 4), "iscrowd": 0})
+                rep["box_counts"][CLASS_NAMES[lab]] += 1
+            meta = {"id": i, "image_id": image_id, "file_name": m["file_name"], "width": w, "height": h,
+                    "labels": sorted(set(m["box_labels"])), "boxes": bxs, "box_labels": m["box_labels"],
+                    "ann_ids": ann_ids}
+            writer.add(split, i, {ext: data, "json": meta}, crc32={ext: crc})
+            rep["packed"] += 1
+            rep["boxes"] += len(bxs)
+        bar.close()
+
+        coco_files = {}
+        categories = [{"id": k + 1, "name": n, "supercategory": "dior"} for k, n in enumerate(CLASS_NAMES)]
+        for split, c in coco.items():
+            name = f"coco_{split}.json"
+            with open(writer.staging / name, "w") as f:
+                json.dump({"info": {"description": f"{dataset} {split} (attrdist pack)"}, "licenses": [],
+                           "images": c["images"], "annotations": c["annotations"], "categories": categories}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            coco_files[split] = name
+        for s in splits:
+            rep = report[s]
+            rep["dropped"] = dict(rep["dropped"])
+            rep["boxes_dropped"] = dict(rep["boxes_dropped"])
+            rep["missing_image_examples"] = missing_examples[s]
+        sources = [source_entry(sets / f"{s}.txt") for s in splits]
+        return writer.commit(sources=sources, report=report, options={**options, "coco_instances": coco_files})

@@ -1,0 +1,11 @@
+"""The imperative shell of a run: the trainer and everything with side effects around it.
+
+  trainer      builds the run (runtime, data, model, optimizer) and drives the loop
+  detection_trainer   boxes: detection samples, torchvision's losses, COCO evaluation
+  runtime      accelerate / DeepSpeed set-up, device and precision, process checks
+  checkpoint   crash-safe checkpoints, resume, damaged ones set aside
+  zero         DeepSpeed ZeRO glue; shm_allreduce: the CPU ranks' shared-memory all-reduce
+  interrupt    SIGTERM/SIGUSR2 -> checkpoint at the end of the step
+  tracking     metrics.jsonl, TensorBoard, curves.png; report: report.md / report.json
+  slurm_job    what runs inside a SLURM job (rendezvous from SLURM, requeue bookkeeping)
+"""
