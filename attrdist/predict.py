@@ -18,7 +18,7 @@ from attrdist.train import checkpoint
 from attrdist.core.config import Config, from_dict
 from attrdist.errors import AttrdistError
 from attrdist.models import build_model
-from attrdist.core.tasks import make_task
+from attrdist.tasks import make_task
 from attrdist.core.transforms import decode_image, eval_transform
 
 
@@ -67,7 +67,7 @@ def predict_images(model, cfg: Config, attributes: list[str], images: list[str],
     mp = resolve_precision(cfg.run.precision if cfg.run.precision != "fp16" or device == "cuda" else "auto", device)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
-    task, k, out = make_task(cfg.data.task), min(top, len(attributes)), []
+    task, k, out = make_task(cfg), min(top, len(attributes)), []
     for i in range(0, len(images), batch_size):
         x = torch.stack([_decode(p, cfg) for p in images[i:i + batch_size]]).to(device, memory_format=fmt)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)

@@ -65,10 +65,7 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
                                     "data.shards=DIR, or run the demo profile")
             cfg = replace(cfg, data=replace(cfg.data, shards=str(demo_data())))
         cfg = prepare(cfg)
-        if cfg.data.task == "detection":
-            from attrdist.train.detection_trainer import DetectionTrainer as Trainer
-        else:
-            from attrdist.train.trainer import Trainer
+        from attrdist.train.trainer import Trainer
         try:
             Trainer(cfg, name).train()
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the gloo group outlives the run: see the function

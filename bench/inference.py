@@ -23,7 +23,7 @@ each over the same N = K x eval-batch images:
   measure_inference  Trainer.measure_inference(val, batches=K, warmup=1): the report's "inference
                      images/s" (the trainer's model as accelerate prepared it, no_grad + autocast,
                      one real eval batch repeated; warm-up batch not timed)
-  eval               Trainer.predict_split on a dataset serving the same decoded samples from memory:
+  eval               the trainer's evaluation pass on a dataset serving the same decoded samples from memory:
                      the evaluation loop as the product runs it (DataLoader collate, channels_last,
                      forward, loss, probabilities, gather) minus decoding
 And end to end on JPEG files (decode included), alternating:
@@ -115,7 +115,7 @@ def coco284_data(tmp: Path, n_val: int) -> tuple[Path, list[Path]]:
 
 
 class MemoryDataset:
-    """Serves already decoded eval samples (same dict layout as SampleDataset) to Trainer.predict_split."""
+    """Serves already decoded eval samples (same dict layout as SampleDataset) to the evaluation pass."""
 
     def __init__(self, samples: list[dict], real):
         self.samples, self.real = samples, real
@@ -126,6 +126,17 @@ class MemoryDataset:
     def __getitem__(self, item):
         index, _epoch = item
         return self.real.blank(index) if index < 0 else self.samples[index]
+
+
+def eval_pass(tr, ds, n: int):
+    """The trainer's evaluation pass (attrdist.train.evaluation) over the first n samples of `ds`."""
+    from attrdist.core.order import BatchPlan
+    from attrdist.data.samples import CorruptTally
+    from attrdist.train.evaluation import evaluation_pass
+
+    plan = BatchPlan(n, tr.data.eval_batch, tr.acc.num_processes, tr.acc.process_index, 0, 0, shuffle=False,
+                     drop_last=False)
+    return evaluation_pass(tr.acc, tr.model, tr.task, tr.loader(ds, plan), tr.env, CorruptTally("eval"), n)
 
 
 def per_round_ratio(a: list[float], n_a: int, b: list[float], n_b: int) -> tuple[float, float, float]:
@@ -152,7 +163,7 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     with contextlib.redirect_stdout(log_buf):  # the Trainer's log handler binds to this buffer
         tr = Trainer(cfg, recipe)
     val = cfg.data.val_split
-    names = list(tr.attributes)
+    names = list(tr.manifest.attributes)
     dev = tr.acc.device
     mp = resolve_precision(cfg.run.precision, dev.type)
     assert mp == tr.rt.mixed_precision, (mp, tr.rt.mixed_precision)
@@ -161,8 +172,8 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     # the same decoded eval samples for every contender
-    ds, n_split = tr.eval_dataset(val)
-    b = tr.eval_batch
+    reader, n_split = tr.eval_split(val)
+    ds, b = tr.dataset(reader, train=False), tr.data.eval_batch
     n = min(n_split, k_batches * b)
     k = n // b
     n = k * b
@@ -202,7 +213,7 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
         return r["batch"] * r["batches"] / r["images_per_s"]
 
     def t_eval() -> float:
-        return tr.predict_split(mem, n)["seconds"]
+        return eval_pass(tr, mem, n).seconds
 
     str_files = [str(p) for p in files]
     size, resize = cfg.data.image_size, cfg.data.eval_resize
@@ -224,12 +235,12 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
         fn()
     notes = []
     # same model, same images: the product's eval scores against the bare loop's
-    res = tr.predict_split(mem, n)
+    res = eval_pass(tr, mem, n)
     with torch.inference_mode(), autocast():
         p_bare = torch.cat([tr.task.probs(bare(x)["logits"].float()) for x in batches]).cpu().numpy()
     with torch.no_grad():
         p_pred = torch.cat([tr.task.probs(pmodel(x)["logits"]) for x in singles]).cpu().numpy()
-    d_eval, d_pred = float(abs(res["scores"] - p_bare).max()), float(abs(p_pred - p_bare).max())
+    d_eval, d_pred = float(abs(res.per_sample["scores"] - p_bare).max()), float(abs(p_pred - p_bare).max())
     notes.append(f"{key}: max |prob difference| vs bare: eval {d_eval:.2e}, predict (fp32) {d_pred:.2e}")
 
     t = alternate(mem_fns, rounds)
@@ -261,7 +272,7 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     targets = [
         target_row("inference", f"{label}: Trainer.measure_inference / bare loop (images/s)",
                    *per_round_ratio(t["measure_inference"], n, t["bare"], n), ">=", 0.9),
-        target_row("inference", f"{label}: evaluation (Trainer.predict_split, batches from memory) / bare loop",
+        target_row("inference", f"{label}: evaluation (the trainer's evaluation pass, batches from memory) / bare loop",
                    *per_round_ratio(t["eval"], n, t["bare"], n), ">=", 0.9),
         target_row("inference", f"{label}: predict_images (attrdist predict, incl. decode) / bare loop incl. decode",
                    *per_round_ratio(t["predict"], len(files), t["bare_e2e"], len(files)), ">=", 0.9,

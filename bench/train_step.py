@@ -18,7 +18,7 @@ What runs, and exactly what is timed
 ------------------------------------
 attrdist (all items): the real `attrdist.train.trainer.Trainer`, built from a real `Config` (the recipe's, with the
 overrides listed per item), subclassed here (`BenchTrainer`) in four places that are all OUTSIDE the timed
-region: `make_loader` yields the in-memory batches; `evaluate` returns a stub (no eval pass), `save` writes
+region: `loader` yields the in-memory batches; `evaluate` returns a stub (no eval pass), `save` writes
 no checkpoint, `finish` skips the final report, and `plot_curves` is a no-op in this process. The loop sizes
 (n_train, batches/epoch, steps/epoch, total steps) are set so that run.max_steps = warmup + timed steps all
 fall in epoch 0 (the real shards have only 4 batches). `train()` runs unchanged. Timed region = the
@@ -33,7 +33,7 @@ everything after the last step are outside.
 
 bare (items 2, 3): a plain PyTorch loop in this process. Same model construction (torch.manual_seed(run.seed);
 attrdist.models.build_model(cfg.model) -> .to(channels_last)), same optimizer (attrdist's build_optimizer:
-same param groups, AdamW/Adam/SGD), same loss (the task's loss, attrdist.core.tasks -> attrdist.core.losses), same
+same param groups, AdamW/Adam/SGD), same loss (the task's loss, attrdist.tasks -> attrdist.core.losses), same
 gradient clipping (torch.nn.utils.clip_grad_norm_ when optim.clip_grad_norm > 0), same threads, same batches.
 Timed region = the timed steps only: per step, x = batch image .to(device) -> .contiguous(channels_last),
 `torch.autocast(bf16)` forward, loss, backward, clip, optimizer.step, zero_grad(set_to_none); clocks read
@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -199,7 +200,7 @@ def standalone_batches(cfg) -> tuple[list[dict], list[str]]:
 
 
 class MemoryLoader:
-    """len(plan) batches cycled from memory: what make_loader returns for training in the benchmark."""
+    """len(plan) batches cycled from memory: what Trainer.loader returns for training in the benchmark."""
 
     def __init__(self, batches: list[dict], n: int):
         self.batches, self.n = batches, n
@@ -224,26 +225,25 @@ def bench_trainer_class():
             super().__init__(cfg, recipe)
             acc = self.acc
             self.mem_batches = batches if batches is not None else collect_batches(
-                self.train_ds, self.n_train, cfg, acc.num_processes, acc.process_index)
+                self.train_ds, self.data.n_train, cfg, acc.num_processes, acc.process_index)
             ga, steps = cfg.optim.grad_accum, cfg.run.max_steps
             # every step of the run in epoch 0 (the loop itself is unchanged)
-            self.batches_per_epoch = steps * ga
-            self.n_train = self.batches_per_epoch * cfg.data.batch_size
-            self.steps_per_epoch = steps
-            self.total_steps = steps
+            self.data = dataclasses.replace(self.data, batches_per_epoch=steps * ga,
+                                            n_train=steps * ga * cfg.data.batch_size, steps_per_epoch=steps,
+                                            total_steps=steps)
 
-        def make_loader(self, ds, plan):
+        def loader(self, ds, plan):
             if ds is self.train_ds:
                 return MemoryLoader(self.mem_batches, len(plan))
-            return super().make_loader(ds, plan)
+            return super().loader(ds, plan)
 
-        def evaluate(self, split, tune=False, per_attribute=False):
-            return {self.cfg.run.monitor: 0.0, "_details": None}
+        def evaluate(self, split, tune=False):
+            return {self.monitor(): 0.0}, None
 
         def save(self, pointers=("last",), metric=None):
             pass
 
-        def finish(self, val_split):
+        def finish(self):
             self.tracker.close()
             self.acc.wait_for_everyone()
             self.acc.end_training()
@@ -311,7 +311,7 @@ def bare_loop(cfg, batches, names, warmup: int, steps: int, *, precision: str, t
     from attrdist.core import rng as rnglib
     from attrdist.models import build_model
     from attrdist.train.runtime import choose_device
-    from attrdist.core.tasks import make_task
+    from attrdist.tasks import make_task
     from attrdist.train.trainer import build_optimizer
 
     dev = torch.device(choose_device(cfg.run.device))
@@ -329,7 +329,7 @@ def bare_loop(cfg, batches, names, warmup: int, steps: int, *, precision: str, t
     params = [p for p in model.parameters() if p.requires_grad]
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    task, f, clip = make_task(cfg.data.task), cfg.data.labels, cfg.optim.clip_grad_norm
+    task, f, clip = make_task(cfg), cfg.data.labels, cfg.optim.clip_grad_norm
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     amp = (lambda: torch.autocast(device_type=dev.type, dtype=dtype)) if dtype else contextlib.nullcontext
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -405,11 +405,11 @@ def count_flops(cfg, batch: dict, names: list[str], n: int = 2) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from attrdist.models import build_model
-    from attrdist.core.tasks import make_task
+    from attrdist.tasks import make_task
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, len(names), names).train()
-    task, f = make_task(cfg.data.task), cfg.data.labels
+    task, f = make_task(cfg), cfg.data.labels
     sl = slice(0, n)
     with FlopCounterMode(display=False) as fwd:
         out = model(batch["image"][sl])

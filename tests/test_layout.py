@@ -17,7 +17,8 @@ ALLOWED = {
     "data": {"core", "errors", "atomic", "malloc"},
     "pack": {"core", "data", "errors", "atomic"},
     "models": {"core", "pack", "errors", "atomic", "cache"},
-    "train": {"core", "data", "pack", "models", *FOUNDATION},
+    "tasks": {"core", "data", "pack", "models", "errors"},
+    "train": {"core", "data", "pack", "models", "tasks", *FOUNDATION},
     "demo": {"core", "data", "pack", "models", *FOUNDATION},
 }
 

@@ -384,7 +384,7 @@ def test_a_second_run_on_a_live_run_dir_is_refused_naming_the_holder_then_resume
 
 
 def test_a_lock_held_from_another_host_says_the_run_may_be_alive_there(tmp_path):
-    from attrdist.train.trainer import _lock_run_dir
+    from attrdist.train.rundir import _lock_run_dir
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

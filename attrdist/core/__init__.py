@@ -6,7 +6,7 @@
   transforms   decode and augmentation, keyed per sample
   losses       the attribute BCE + contrastive loss
   metrics      multilabel AP/F1 and their trivial baselines; metrics_multiclass: accuracy & co.
-  tasks        what is learned: loss, probabilities and evaluation of each task kind
+  loop         the training loop's state, its pure transitions and `itstime` predicates
   schedules    the learning-rate factor of a step
   detection_eval   COCO mAP through pycocotools, base/novel classes, shuffled-label baseline
 

@@ -65,3 +65,17 @@ def attribute_loss(out: dict, labels: torch.Tensor, mask: torch.Tensor, valid: t
         total = total + contrastive_weight * con
         parts["contrastive"] = con.detach()
     return total, parts
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor,
+                  mean_counts=None) -> torch.Tensor:
+    """Mean cross-entropy over valid one-label samples: `labels` one-hot (multi-hot rows with != 1 positive,
+    or any unlabelled entry, are left out). `mean_counts`: as in `attribute_loss` (several ranks: divide by
+    the global count)."""
+    target = labels.argmax(1)
+    keep = valid & (mask.all(1)) & (labels.sum(1) == 1)
+    per = F.cross_entropy(logits.float(), target, reduction="none")
+    count = keep.float().sum()
+    if mean_counts is not None:
+        count = mean_counts(count[None])[0]
+    return (per * keep.float()).sum() / count.clamp_min(1e-6)

@@ -5,7 +5,7 @@
     base = [i for i, n in enumerate(manifest.attributes) if n not in novel]    # label k+1 = base[k]
     ds = DetectionDataset(reader, seed=3, train=True, classes=base)            # novel objects dropped
     plan = BatchPlan(len(ds), global_batch=16, world=W, rank=r, seed=3, epoch=e, shuffle=True, drop_last=True)
-    for batch in make_loader(ds, plan, num_workers=2):
+    for batch in make_loader(ds, plan, num_workers=2, collate_fn=collate):   # attrdist.data.loader
         keep = batch["valid"].tolist()
         images = [x for x, k in zip(batch["images"], keep) if k]; targets = ...  # -> model(images, targets)
 
@@ -33,15 +33,13 @@ import json
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import box_convert, remove_small_boxes
 from torchvision.transforms.v2 import functional as F
 
 from attrdist.core import rng as rnglib
 from attrdist.data.samples import IMAGE_KEYS, sample_error
-from attrdist.core.order import BatchPlan
-from attrdist.data.loader import tuned_workers
 from attrdist.data.shards import ShardReader, check_checksums
 from attrdist.core.transforms import decode_image
 
@@ -132,10 +130,3 @@ def collate(samples: list[dict]) -> dict:
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
             "valid": torch.tensor([s["valid"] for s in samples], dtype=torch.bool),
             "errors": [s["error"] for s in samples if "error" in s]}
-
-
-def make_loader(dataset: DetectionDataset, plan: BatchPlan, num_workers: int, malloc: str = "keep") -> DataLoader:
-    """Whole batches of (index, epoch) go to each worker, like attrdist.data.loader.make_loader."""
-    return DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=False, worker_init_fn=tuned_workers(malloc),
-                      prefetch_factor=2 if num_workers else None)

@@ -6,11 +6,12 @@ one by one.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from attrdist.core.order import BatchPlan
-from attrdist.data.samples import SampleDataset, collate
+from attrdist.data.samples import collate
 
 
 def tuned_workers(malloc: str):
@@ -27,8 +28,10 @@ def _init_worker(tune, malloc: str, worker_id: int) -> None:
     tune(malloc)
 
 
-def make_loader(dataset: SampleDataset, plan: BatchPlan, num_workers: int, pin_memory: bool = False,
-                malloc: str = "keep") -> DataLoader:
-    return DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=collate,
+def make_loader(dataset: Dataset, plan: BatchPlan, num_workers: int, pin_memory: bool = False,
+                malloc: str = "keep", collate_fn: Callable = collate) -> DataLoader:
+    """Batches of `plan` (its global batch's slice for this rank), read, decoded and collated by
+    `num_workers` worker processes (`collate_fn`: `samples.collate`, or a task's own)."""
+    return DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, persistent_workers=False, worker_init_fn=tuned_workers(malloc),
                       prefetch_factor=2 if num_workers else None)

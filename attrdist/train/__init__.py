@@ -1,7 +1,8 @@
 """The imperative shell of a run: the trainer and everything with side effects around it.
 
-  trainer      builds the run (runtime, data, model, optimizer) and drives the loop
-  detection_trainer   boxes: detection samples, torchvision's losses, COCO evaluation
+  trainer      builds the run (runtime, run directory, task, data, model, optimizer) and drives the loop
+  evaluation   the one ordered evaluation pass of every task, corrupt samples counted per shard
+  rundir       the run directory: chosen by rank 0, locked while a run writes to it, train.log
   runtime      accelerate / DeepSpeed set-up, device and precision, process checks
   checkpoint   crash-safe checkpoints, resume, damaged ones set aside
   zero         DeepSpeed ZeRO glue; shm_allreduce: the CPU ranks' shared-memory all-reduce
