@@ -1,17 +1,11 @@
 """COCO-format readers and packers: captions (weak labels), image-level categories, object crops.
 
-Three packers share one two-pass scheme:
-
-  pass 1  every image is read and decoded once in worker processes (`packing.verify_bytes`: a
-          JPEG's entropy-coded data in full, DCT-downscaled; a truncated or corrupt file fails
-          here and is counted as "corrupt_image") and fingerprinted from that decode (sha1 +
-          perceptual hash); only small metadata comes back to this process.
-  check   `attrdist.pack.leakage.find_leaks` over all splits; `--on-leak error|warn|drop`
-          (`apply_policy`); its report is stored in the manifest under report["leakage"].
-  pass 2  samples are written in a deterministic order (image id, then annotation id). Resizing
-          and cropping run in worker processes; bytes copied through are read (and checked
-          against pass 1's sha1) by threads, since sending them back from a process would cost
-          more than the read. Results in order.
+Each packer is a `PackFormat` (`CaptionsFormat`, `ImagesFormat`, `ObjectsFormat`) run by
+`attrdist.pack.pipeline.pack`: pass 1 reads, decodes and fingerprints every image once in worker
+processes (a truncated or corrupt file is counted as "corrupt_image"), the leak check runs over all
+splits (`--on-leak error|warn|drop`, its report under report["leakage"]), and pass 2 writes the
+samples in a deterministic order (image id, then annotation id). Resizing and cropping run in worker
+processes; bytes copied through are read (and checked against pass 1's sha1) by threads.
 
 Nothing is dropped silently: every image / object that is not packed is counted by reason per
 split in the manifest report (`report[split]["dropped"]`).

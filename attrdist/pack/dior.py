@@ -19,8 +19,9 @@ are clipped to the image; zero-area and fully-outside boxes are dropped and coun
 image is missing is counted ("missing_image"), not fatal. `coco_<split>.json` (COCO instances
 of exactly the packed images, categories 1..20) is published with the shards for pycocotools.
 
-Two passes: pass 1 (worker processes) parses, decodes and fingerprints each image and keeps
-only small metadata; then the cross-split leakage check; pass 2 writes the samples in order.
+`DiorFormat` is run by `attrdist.pack.pipeline.pack`: pass 1 (worker processes) parses the XML,
+decodes and fingerprints each image and keeps only small metadata; then the cross-split leakage
+check; pass 2 writes the samples in order.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ augmented copies that carry no group id, so the cross-split leakage check (conte
 hash, attrdist.pack.leakage) runs on the result: `--on-leak error` (default) fails, `drop` removes the
 leaked copies from the later split, `warn` only reports.
 
-Unreadable or corrupt files are counted by reason in the manifest report, never fatal.
+`ImageFolderFormat` is run by `attrdist.pack.pipeline.pack` (verify, leak check, write). Unreadable or
+corrupt files are counted by reason in the manifest report, never fatal.
 """
 
 from __future__ import annotations
