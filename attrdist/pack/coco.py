@@ -379,7 +379,8 @@ class CaptionsFormat(PackFormat):
         check_split_names([s.name for s in splits])
         self.dataset, self.attributes, self.splits = dataset, list(vocab.names), [s.name for s in splits]
         self.label_fields = ["labels"] + (["true_labels"] if any(s.instances for s in splits) else [])
-        self.tally = Tally(self.splits, ("missing_image", "not_an_image", "corrupt_image", "no_true_attributes", "leak"))
+        self.tally = Tally(self.splits, ("missing_image", "not_an_image", "corrupt_image", "no_true_attributes",
+                                         "leak"))
         self.vocab, self.index = vocab, {n: i for i, n in enumerate(vocab.names)}
         self.sources = [source_entry(vocab_path)] if vocab_path else []
         self.loaded: dict[str, tuple] = {}  # split -> (SplitSource, captions COCO, instances COCO | None, ids)
@@ -401,13 +402,14 @@ class CaptionsFormat(PackFormat):
         self.limit = limit
         self.rows: dict[str, list] = {s: [] for s in self.splits}  # label vectors packed
         self.no_hit = Counter()
-        self._options = {"mode": "captions", "vocab": str(vocab_path) if vocab_path else vocab.name,
-                         "max_samples": max_samples, "limit": limit, "on_leak": on_leak,
-                         "splits": {s.name: {"images": str(s.images), "captions": str(s.captions),
-                                             "instances": str(s.instances) if s.instances else None} for s in splits}}
+        self.options = {"mode": "captions", "vocab": str(vocab_path) if vocab_path else vocab.name,
+                        "max_samples": max_samples, "limit": limit, "on_leak": on_leak,
+                        "splits": {s.name: {"images": str(s.images), "captions": str(s.captions),
+                                            "instances": str(s.instances) if s.instances else None} for s in splits}}
 
     def images(self) -> list[ImageItem]:
-        return [ImageItem(split.name, _image_key(i), str(safe_join(split.images, caps.imgs[i]["file_name"], split.captions)), i)
+        return [ImageItem(split.name, _image_key(i),
+                          str(safe_join(split.images, caps.imgs[i]["file_name"], split.captions)), i)
                 for split, caps, _, ids in self.loaded.values() for i in ids]
 
     def _true(self, image: ImageItem) -> list[int] | None:
@@ -437,9 +439,6 @@ class CaptionsFormat(PackFormat):
 
     def job(self, verified: dict) -> dict:
         return job_identity(verified, mode="captions", sources=self.sources, limit=self.limit)
-
-    def options(self) -> dict:
-        return self._options
 
     def report(self, verified: dict) -> dict:
         report = {}
@@ -508,9 +507,10 @@ class _DetectionsFormat(PackFormat):
         return ImageItem(s.name, _image_key(image_id), str(safe_join(s.images, det.imgs[image_id]["file_name"],
                                                                       s.annotations)), image_id, **kw)
 
-    def _options(self, mode: dict, rest: dict) -> dict:
-        return {**mode, **rest, "categories": _category_options(self.categories),
-                "splits": {s.name: {"images": str(s.images), "annotations": str(s.annotations)} for s, _ in self.loaded}}
+    def _options_with(self, **options) -> dict:
+        return {**options, "categories": _category_options(self.categories),
+                "splits": {s.name: {"images": str(s.images), "annotations": str(s.annotations)}
+                           for s, _ in self.loaded}}
 
 
 class ImagesFormat(_DetectionsFormat):
@@ -526,8 +526,8 @@ class ImagesFormat(_DetectionsFormat):
         self.ids = {s.name: (sorted(det.imgs)[:limit] if limit else sorted(det.imgs)) for s, det in self.loaded}
         self.box_drops = {s: Counter({"unknown_category": 0, "bad_box": 0}) for s in self.splits}
         self.no_labels, self.nboxes = Counter(), Counter()
-        self._opts = self._options({"mode": "image"}, {"max_side": max_side, "quality": quality if max_side else None,
-                                                       "max_samples": max_samples, "limit": limit, "on_leak": on_leak})
+        self.options = self._options_with(mode="image", max_side=max_side, quality=quality if max_side else None,
+                                          max_samples=max_samples, limit=limit, on_leak=on_leak)
 
     def images(self) -> list[ImageItem]:
         return [self._image(s, det, i) for s, det in self.loaded for i in self.ids[s.name]]
@@ -564,9 +564,6 @@ class ImagesFormat(_DetectionsFormat):
     def job(self, verified: dict) -> dict:
         return job_identity(verified, mode="image", sources=self.sources, limit=self.limit, max_side=self.max_side,
                             quality=self.quality)
-
-    def options(self) -> dict:
-        return self._opts
 
     def report(self, verified: dict) -> dict:
         return {s: {"images": len(self.ids[s]), "packed": self.tally.packed[s], "dropped": self.tally.dropped(s),
@@ -622,9 +619,8 @@ class ObjectsFormat(_DetectionsFormat):
                 else:
                     candidates.setdefault(ann["image_id"], []).append(ann)
             self.total[s.name], self.candidates[s.name] = len(anns), candidates
-        self._opts = self._options({"mode": "objects"}, {"margin": margin, "min_size": min_size, "max_side": max_side,
-                                                         "quality": quality, "max_samples": max_samples,
-                                                         "limit": limit, "on_leak": on_leak})
+        self.options = self._options_with(mode="objects", margin=margin, min_size=min_size, max_side=max_side,
+                                          quality=quality, max_samples=max_samples, limit=limit, on_leak=on_leak)
 
     def images(self) -> list[ImageItem]:
         return [self._image(s, det, i, samples=len(self.candidates[s.name][i]))
@@ -655,9 +651,6 @@ class ObjectsFormat(_DetectionsFormat):
     def job(self, verified: dict) -> dict:
         return job_identity(verified, mode="objects", sources=self.sources, limit=self.limit, max_side=self.max_side,
                             quality=self.quality, margin=self.margin, min_size=self.min_size)
-
-    def options(self) -> dict:
-        return self._opts
 
     def report(self, verified: dict) -> dict:
         report = {}

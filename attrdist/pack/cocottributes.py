@@ -220,12 +220,12 @@ class CocottributesFormat(PackFormat):
         self.margin, self.min_size, self.max_side, self.quality = margin, min_size, max_side, quality
         self._job = {"threshold": threshold, "margin": margin, "min_size": min_size, "max_side": max_side,
                      "quality": quality}
-        self._options = {"mode": "cocottributes", "threshold": threshold,
-                         "unlabelled": "NaN or negative vote -> labels_ignore; no vote vector -> dropped (no_votes)",
-                         "margin": margin, "min_size": min_size, "max_side": max_side, "quality": quality,
-                         "max_samples": max_samples, "limit": limit, "on_leak": on_leak,
-                         "pickle": str(pkl), "instances": [str(p) for p in instances],
-                         "images": [str(d) for d in image_dirs]}
+        self.options = {"mode": "cocottributes", "threshold": threshold,
+                        "unlabelled": "NaN or negative vote -> labels_ignore; no vote vector -> dropped (no_votes)",
+                        "margin": margin, "min_size": min_size, "max_side": max_side, "quality": quality,
+                        "max_samples": max_samples, "limit": limit, "on_leak": on_leak,
+                        "pickle": str(pkl), "instances": [str(p) for p in instances],
+                        "images": [str(d) for d in image_dirs]}
 
         patches = sorted(data["patch_id_to_ann_id"], key=lambda p: (str(type(p)), p))
         self.patches = patches[:limit] if limit else patches
@@ -301,9 +301,6 @@ class CocottributesFormat(PackFormat):
     def job(self, verified: dict) -> dict:
         return job_identity(verified, sources=self.sources, **self._job)
 
-    def options(self) -> dict:
-        return self._options
-
     def report(self, verified: dict) -> dict:
         report = {}
         for split in self.splits:
@@ -311,7 +308,8 @@ class CocottributesFormat(PackFormat):
             assert packed + sum(dropped.values()) == self.totals[split], (split, packed, dropped, self.totals[split])
             report[split] = {"objects": self.totals[split], "packed": packed, "dropped": dropped}
         unsplit = Counter(self.tally.dropped("unassigned"))
-        report["unassigned"] = {"objects": sum(unsplit.values()), "dropped": {"unknown_split": unsplit["unknown_split"]}}
+        report["unassigned"] = {"objects": sum(unsplit.values()),
+                                "dropped": {"unknown_split": unsplit["unknown_split"]}}
         report["summary"] = {"matched": sum(report[s]["packed"] for s in self.splits), "objects": len(self.patches),
                              "dropped": dict(sum((Counter(report[s]["dropped"]) for s in self.splits), unsplit))}
         return report

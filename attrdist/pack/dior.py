@@ -338,8 +338,9 @@ class DiorFormat(PackFormat):
             for split, c in self.coco.items()}
 
     def job(self, verified: dict) -> dict:
-        return self._options
+        return self._options  # resumed when the options match (the inputs are not digested)
 
+    @property
     def options(self) -> dict:
         return {**self._options, "coco_instances": {split: f"coco_{split}.json" for split in self.coco}}
 

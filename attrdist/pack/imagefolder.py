@@ -264,15 +264,16 @@ class ImageFolderFormat(PackFormat):
                                                      parts=group_parts, groups_csv=groups_csv, fractions=fractions,
                                                      seed=seed)
         self.dataset, self.attributes, self.splits, self.where = dataset, classes, list(self.per_split), str(root)
-        self.root, self.max_side, self.quality, self.threads = root, max_side, quality, not max_side  # no max_side: copied
+        self.root, self.max_side, self.quality = root, max_side, quality
+        self.threads = not max_side  # no max_side: bytes mostly copied through
         self.cindex = {c: i for i, c in enumerate(classes)}
         self.tally = Tally(self.splits)
         self.class_counts = {s: dict.fromkeys(classes, 0) for s in self.splits}
         self.sources = [source_entry(groups_csv)] if groups_csv else []
-        self._options = {"root": str(root), "split_dirs": split_dirs, "fractions": None if split_dirs else fractions,
-                         "seed": seed, "group_by": group_by, "group_sep": group_sep, "group_parts": group_parts,
-                         "groups": str(groups_csv) if groups_csv else None, "max_side": max_side, "quality": quality,
-                         "on_leak": on_leak, "splits": self.splits}
+        self.options = {"root": str(root), "split_dirs": split_dirs, "fractions": None if split_dirs else fractions,
+                        "seed": seed, "group_by": group_by, "group_sep": group_sep, "group_parts": group_parts,
+                        "groups": str(groups_csv) if groups_csv else None, "max_side": max_side, "quality": quality,
+                        "on_leak": on_leak, "splits": self.splits}
         self.planned = 0  # sample keys number the images planned for pass 2, across splits
 
     def images(self) -> list[ImageItem]:
@@ -286,14 +287,12 @@ class ImageFolderFormat(PackFormat):
         data, ext, w, h, crc = result
         f = image.info
         self.class_counts[image.split][f.cls] += 1
-        sample = {"id": f.rel, "class": f.cls, "group": f.group, "labels": [self.cindex[f.cls]], "width": w, "height": h}
+        sample = {"id": f.rel, "class": f.cls, "group": f.group, "labels": [self.cindex[f.cls]], "width": w,
+                  "height": h}
         yield task.info, {ext: data, "json": sample}, {ext: crc}
 
     def job(self, verified: dict) -> dict:
-        return self._options
-
-    def options(self) -> dict:
-        return self._options
+        return self.options  # resumed when the options match (the inputs are not digested)
 
     def report(self, verified: dict) -> dict:
         return {"scan": self.scan, **{s: {"files": len(fs), "groups": len({f.group for f in fs}),

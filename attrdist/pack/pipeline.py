@@ -359,7 +359,7 @@ class PackFormat:
 
     Its constructor reads the annotations and lists the images (bad input fails there, before any image
     is read); it sets `dataset`, `attributes`, `splits` and `tally`, and where they differ from the
-    defaults `label_fields`, `sources`, `where` and `threads`.
+    defaults `label_fields`, `sources`, `options`, `where` and `threads`.
     """
 
     dataset: str
@@ -368,6 +368,7 @@ class PackFormat:
     tally: Tally
     label_fields: tuple[str, ...] = ("labels",)  # sample JSON fields holding label indices (counted in the manifest)
     sources: list[dict] | tuple = ()  # `attrdist.pack.writer.source_entry` of the annotation files read
+    options: dict = {}          # the manifest's options (what the pack was asked to do)
     where: str | None = None    # what a leak error names (default: the output directory)
     verify = staticmethod(verify_image)       # pass 1, in workers: ImageItem.path -> metadata with sha1, phash
     produce = staticmethod(load_image_item)   # pass 2, in workers: Task.arg -> what `samples` turns into samples
@@ -392,11 +393,7 @@ class PackFormat:
 
     def job(self, verified: dict) -> dict:
         """What an interrupted pack must match to be resumed (`PackWriter`'s `job`)."""
-        return job_identity(verified, **self.options())
-
-    def options(self) -> dict:
-        """The manifest's options."""
-        return {}
+        return job_identity(verified, **self.options)
 
     def report(self, verified: dict) -> dict:
         """The manifest's report besides "leakage": by default {split: {"packed", "dropped"}}."""
@@ -444,7 +441,7 @@ def pack(fmt: PackFormat, out_dir: str | os.PathLike, *, max_samples: int = 1000
                 tally.packed[im.split] += 1
         for name, data in fmt.files().items():
             write_synced(writer.staging / name, data)
-        return writer.commit(sources=fmt.sources, options=fmt.options(),
+        return writer.commit(sources=fmt.sources, options=fmt.options,
                              report={"leakage": leakage, **fmt.report(verified)})
 
 
