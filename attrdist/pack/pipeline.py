@@ -13,7 +13,7 @@
           `attrdist.pack.writer.PackWriter`, which `commit`s the pack whole.
 
 A source format (coco, cocottributes, dior, imagefolder) is a `PackFormat`: it lists its images
-(`Image`: split, key, path, its own data) and turns one image's pass-2 result into samples; the
+(`ImageItem`: split, key, path, its own data) and turns one image's pass-2 result into samples; the
 pipeline does the rest. Every image or sample not packed is counted by reason per split in one
 place, the format's `Tally`, which its report puts in the manifest (`report[split]["dropped"]`).
 
@@ -357,9 +357,9 @@ class PackFormat:
     image's pass-2 result into samples (`samples`); the defaults verify each image file (`verify_image`),
     copy its bytes through (`load_image_item`) and report packed/dropped per split.
 
-    Its constructor reads the annotations and lists the images (bad input fails there, before any image
-    is read); it sets `dataset`, `attributes`, `splits` and `tally`, and where they differ from the
-    defaults `label_fields`, `sources`, `options`, `where` and `threads`.
+    Its constructor reads the annotations (bad input fails there, before any image is read); it sets
+    `dataset`, `attributes`, `splits` and `tally`, and where they differ from the defaults
+    `label_fields`, `sources`, `options`, `where` and `threads`.
     """
 
     dataset: str
