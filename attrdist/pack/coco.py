@@ -1,17 +1,11 @@
 """COCO-format readers and packers: captions (weak labels), image-level categories, object crops.
 
-Three packers share one two-pass scheme:
-
-  pass 1  every image is read and decoded once in worker processes (`packing.verify_bytes`: a
-          JPEG's entropy-coded data in full, DCT-downscaled; a truncated or corrupt file fails
-          here and is counted as "corrupt_image") and fingerprinted from that decode (sha1 +
-          perceptual hash); only small metadata comes back to this process.
-  check   `attrdist.pack.leakage.find_leaks` over all splits; `--on-leak error|warn|drop`
-          (`apply_policy`); its report is stored in the manifest under report["leakage"].
-  pass 2  samples are written in a deterministic order (image id, then annotation id). Resizing
-          and cropping run in worker processes; bytes copied through are read (and checked
-          against pass 1's sha1) by threads, since sending them back from a process would cost
-          more than the read. Results in order.
+Each packer is a `PackFormat` (`CaptionsFormat`, `ImagesFormat`, `ObjectsFormat`) run by
+`attrdist.pack.pipeline.pack`: pass 1 reads, decodes and fingerprints every image once in worker
+processes (a truncated or corrupt file is counted as "corrupt_image"), the leak check runs over all
+splits (`--on-leak error|warn|drop`, its report under report["leakage"]), and pass 2 writes the
+samples in a deterministic order (image id, then annotation id). Resizing and cropping run in worker
+processes; bytes copied through are read (and checked against pass 1's sha1) by threads.
 
 Nothing is dropped silently: every image / object that is not packed is counted by reason per
 split in the manifest report (`report[split]["dropped"]`).
@@ -46,22 +40,18 @@ import io
 import json
 import math
 import os
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from PIL import Image
-from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
-from attrdist.pack.pipeline import (ItemError, ItemFailure, encode_jpeg, job_identity, open_image, parallel_map, read_ahead,
-                              read_checked, resize_max_side, verify_bytes)
-from attrdist.pack.writer import PackWriter, source_entry
+from attrdist.pack.pipeline import (ImageItem, PackFormat, Task, Tally, check_split_names, encode_jpeg, job_identity,
+                                    load_image_item, open_image, pack, read_checked, verify_image)
 from attrdist.pack.vocab import Vocabulary, count_positives
-
-LEAK_POLICIES = ("error", "warn", "drop")
+from attrdist.pack.writer import source_entry
 
 
 @dataclass(frozen=True)
@@ -281,7 +271,7 @@ def load_detections(path: str | os.PathLike) -> Detections:
     return Detections(path, fmt, coco, sorted(cats, key=lambda c: c["id"]))
 
 
-def _safe_join(root: Path, name: str, ann_file: Path) -> Path:
+def safe_join(root: Path, name: str, ann_file: Path) -> Path:
     rel = Path(name)
     if rel.is_absolute() or ".." in rel.parts:
         raise AttrdistError(f"{ann_file}: image file name {name!r} is absolute or contains '..'; refusing to read outside "
@@ -310,42 +300,6 @@ def true_attribute_ids(coco, image_id: int, index: dict[str, int], ann_file: Pat
 # ------------------------------------------------------------------------------------------
 # Per-image work (module level: runs in worker processes)
 # ------------------------------------------------------------------------------------------
-
-
-def verify_image(paths: str | list[str]) -> dict:
-    """Pass 1: read + decode one image once (`packing.verify_bytes`), fingerprint it. The first existing path is used.
-
-    Returns {"path", "width", "height", "format", "sha1", "phash"}; raises ItemFailure with
-    reason missing_image / not_an_image / corrupt_image / decompression_bomb.
-    """
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    path = next((str(p) for p in paths if os.path.isfile(p)), None)
-    if path is None:
-        raise ItemFailure("missing_image", str(paths[0]))
-    with open(path, "rb") as f:
-        data = f.read()
-    return {"path": path, **verify_bytes(data, path)}
-
-
-def load_image_item(item: tuple) -> tuple[bytes, str, tuple[int, int], int]:
-    """Pass 2, image-level: (path, sha1, format, max_side, quality) -> (bytes, ext, (w, h), crc32 of the bytes).
-
-    Without max_side, JPEG and PNG bytes are copied through unchanged; other formats are
-    re-encoded as JPEG. The crc32 (the sample's checksum, `PackWriter.add`) is taken here, in a pass-2
-    thread or worker, not in the writing thread.
-    """
-    path, sha1, fmt, max_side, quality = item
-    data = read_checked(path, sha1)
-    if max_side:
-        out, size, _ = resize_max_side(data, max_side, quality)
-        if out is not data:
-            return out, "jpg", size, zlib.crc32(out)
-    if fmt in ("JPEG", "PNG"):
-        with Image.open(io.BytesIO(data)) as im:
-            return data, "jpg" if fmt == "JPEG" else "png", im.size, zlib.crc32(data)
-    im = open_image(data)
-    out = encode_jpeg(im, quality)
-    return out, "jpg", im.size, zlib.crc32(out)
 
 
 def crop_items(item: tuple) -> list[tuple[bytes, tuple[int, int]]]:
@@ -406,65 +360,95 @@ def box_in_crop(visible: list[float], crop: list[int], stored: tuple[int, int]) 
 
 
 # ------------------------------------------------------------------------------------------
-# Shared pass machinery
-# ------------------------------------------------------------------------------------------
-
-
-def verify_all(jobs: list[tuple[str, Any, Any]], workers: int | None, progress: bool, desc: str) -> dict:
-    """Pass 1 over [(split, key, paths)] -> {(split, key): metadata dict | ItemError}."""
-    out = {}
-    paths = read_ahead((p for _, _, p in jobs), path_of=lambda p: p if isinstance(p, (str, os.PathLike)) else p[0])
-    results = parallel_map(verify_image, paths, workers)
-    for (split, key, _), r in zip(jobs, tqdm(results, total=len(jobs), desc=desc, unit="img", disable=not progress)):
-        out[(split, key)] = r
-    return out
-
-
-def check_leakage(verified: dict, split_names: list[str], policy: str, where: str) -> tuple[dict, dict[str, set]]:
-    """Leak report over all verified images + the keys to drop per split (policy error|warn|drop)."""
-    from attrdist.pack.leakage import apply_policy, find_leaks
-
-    if policy not in LEAK_POLICIES:
-        raise AttrdistError(f"--on-leak {policy!r}: expected one of {', '.join(LEAK_POLICIES)}")
-    items: dict[str, list] = {s: [] for s in split_names}
-    for (split, key), r in verified.items():
-        if not isinstance(r, ItemError):
-            items[split].append((key, r["sha1"], r["phash"]))
-    report = find_leaks(items)
-    drop = apply_policy(report, policy, where) or {}
-    return _jsonable(report), {s: set(v) for s, v in drop.items()}
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (set, frozenset)):
-        return sorted((_jsonable(v) for v in x), key=str)
-    if hasattr(x, "item") and callable(x.item):  # numpy scalars
-        return x.item()
-    return x
-
-
-def _check_split_names(names: list[str]) -> None:
-    if len(set(names)) != len(names):
-        raise AttrdistError(f"splits {names}: a split name is given twice; give each --split a unique name")
-    for n in names:
-        if n == "leakage" or not n or "/" in n or n.startswith("."):
-            raise AttrdistError(f"split name {n!r} is not allowed (reserved, empty, or a path); choose another name")
-
-
-def _dropped(*reasons: str) -> Counter:
-    c: Counter = Counter()
-    for r in reasons:
-        c[r] = 0
-    return c
-
-
-# ------------------------------------------------------------------------------------------
 # Captions packer
 # ------------------------------------------------------------------------------------------
+
+
+def _image_key(image_id: int) -> str:
+    return f"{image_id:012d}"
+
+
+class CaptionsFormat(PackFormat):
+    """COCO captions (+ optional instances with true attributes) -> image-level samples (`pack_coco_captions`)."""
+
+    verify = staticmethod(verify_image)
+    produce = staticmethod(load_image_item)  # bytes copied through
+
+    def __init__(self, splits: list[SplitSource], vocab: Vocabulary, *, dataset: str, max_samples: int, limit: int,
+                 vocab_path: str | os.PathLike | None, on_leak: str):
+        check_split_names([s.name for s in splits])
+        self.dataset, self.attributes, self.splits = dataset, list(vocab.names), [s.name for s in splits]
+        self.label_fields = ["labels"] + (["true_labels"] if any(s.instances for s in splits) else [])
+        self.tally = Tally(self.splits, ("missing_image", "not_an_image", "corrupt_image", "no_true_attributes",
+                                         "leak"))
+        self.vocab, self.index = vocab, {n: i for i, n in enumerate(vocab.names)}
+        self.sources = [source_entry(vocab_path)] if vocab_path else []
+        self.loaded: dict[str, tuple] = {}  # split -> (SplitSource, captions COCO, instances COCO | None, ids)
+        for split in splits:
+            caps = load_coco(split.captions)
+            for i, a in enumerate(caps.dataset["annotations"]):
+                if not isinstance(a.get("caption"), str):
+                    raise AttrdistError(f"{split.captions}: annotations[{i}] has no string \"caption\"; pass a COCO captions "
+                                        f"file (captions_*.json) as the captions of split {split.name!r}")
+            self.sources.append(source_entry(split.captions))
+            inst = None
+            if split.instances:
+                inst = load_coco(split.instances)
+                self.sources.append(source_entry(split.instances))
+            if not split.images.is_dir():
+                raise AttrdistError(f"{split.images}: image directory not found; check --split {split.name} ...")
+            ids = sorted(caps.imgs)
+            self.loaded[split.name] = (split, caps, inst, ids[:limit] if limit else ids)
+        self.limit = limit
+        self.rows: dict[str, list] = {s: [] for s in self.splits}  # label vectors packed
+        self.no_hit = Counter()
+        self.options = {"mode": "captions", "vocab": str(vocab_path) if vocab_path else vocab.name,
+                        "max_samples": max_samples, "limit": limit, "on_leak": on_leak,
+                        "splits": {s.name: {"images": str(s.images), "captions": str(s.captions),
+                                            "instances": str(s.instances) if s.instances else None} for s in splits}}
+
+    def images(self) -> list[ImageItem]:
+        return [ImageItem(split.name, _image_key(i),
+                          str(safe_join(split.images, caps.imgs[i]["file_name"], split.captions)), i)
+                for split, caps, _, ids in self.loaded.values() for i in ids]
+
+    def _true(self, image: ImageItem) -> list[int] | None:
+        split, _, inst, _ = self.loaded[image.split]
+        if inst is None or image.info not in inst.imgs:
+            return None
+        return true_attribute_ids(inst, image.info, self.index, split.instances)
+
+    def reject(self, image: ImageItem, meta: dict) -> str | None:
+        if self.loaded[image.split][2] is not None and self._true(image) is None:
+            return "no_true_attributes"
+        return None
+
+    def samples(self, image, meta, task, result):
+        data, ext, (w, h), crc = result
+        caps = self.loaded[image.split][1]
+        captions = [a["caption"] for a in caps.imgToAnns.get(image.info, [])]
+        labels = self.vocab.labels(captions)
+        sample = {"id": image.info, "file_name": caps.imgs[image.info]["file_name"], "width": w, "height": h,
+                  "captions": captions, "labels": [int(i) for i in labels.nonzero()[0]]}
+        true = self._true(image)
+        if true is not None:
+            sample["true_labels"] = true
+        self.no_hit[image.split] += int(labels.sum() == 0)
+        self.rows[image.split].append(labels)
+        yield image.key, {ext: data, "json": sample}, {ext: crc}
+
+    def job(self, verified: dict) -> dict:
+        return job_identity(verified, mode="captions", sources=self.sources, limit=self.limit)
+
+    def report(self, verified: dict) -> dict:
+        report = {}
+        for name, (_, _, _, ids) in self.loaded.items():
+            rows = self.rows[name]
+            counts = count_positives(rows) if rows else [0] * len(self.vocab)
+            report[name] = {"images": len(ids), "packed": len(rows), "dropped": self.tally.dropped(name),
+                            "images_without_caption_hit": self.no_hit[name],
+                            "caption_positives": {n: int(c) for n, c in zip(self.vocab.names, counts)}}
+        return report
 
 
 def pack_coco_captions(out_dir: str | os.PathLike, splits: list[SplitSource], vocab: Vocabulary, *,
@@ -472,87 +456,10 @@ def pack_coco_captions(out_dir: str | os.PathLike, splits: list[SplitSource], vo
                        vocab_path: str | os.PathLike | None = None, progress: bool = True,
                        workers: int | None = None, on_leak: str = "error", overwrite: bool = False) -> dict:
     """Pack image-level samples with caption-derived labels. Returns the manifest."""
-    _check_split_names([s.name for s in splits])
-    index = {n: i for i, n in enumerate(vocab.names)}
-    has_true = any(s.instances for s in splits)
-    fields = ["labels"] + (["true_labels"] if has_true else [])
-    sources = [source_entry(vocab_path)] if vocab_path else []
-    loaded = []
-    jobs = []
-    for split in splits:
-        caps = load_coco(split.captions)
-        for i, a in enumerate(caps.dataset["annotations"]):
-            if not isinstance(a.get("caption"), str):
-                raise AttrdistError(f"{split.captions}: annotations[{i}] has no string \"caption\"; pass a COCO captions "
-                                    f"file (captions_*.json) as the captions of split {split.name!r}")
-        sources.append(source_entry(split.captions))
-        inst = None
-        if split.instances:
-            inst = load_coco(split.instances)
-            sources.append(source_entry(split.instances))
-        if not split.images.is_dir():
-            raise AttrdistError(f"{split.images}: image directory not found; check --split {split.name} ...")
-        ids = sorted(caps.imgs)
-        if limit:
-            ids = ids[:limit]
-        for image_id in ids:
-            path = _safe_join(split.images, caps.imgs[image_id]["file_name"], split.captions)
-            jobs.append((split.name, f"{image_id:012d}", str(path)))
-        loaded.append((split, caps, inst, ids))
-    verified = verify_all(jobs, workers, progress, "verify")
-    leak_report, leak_drop = check_leakage(verified, [s.name for s in splits], on_leak, str(out_dir))
-    report: dict = {"leakage": leak_report}
-    job = job_identity(verified, mode="captions", sources=sources, limit=limit)
-    with PackWriter(out_dir, dataset=dataset, attributes=list(vocab.names), label_fields=fields,
-                    max_samples=max_samples, overwrite=overwrite, job=job) as writer:
-        for split, caps, inst, ids in loaded:
-            dropped = _dropped("missing_image", "not_an_image", "corrupt_image", "no_true_attributes", "leak")
-            no_hit = 0
-            rows = []
-            todo = []
-            for image_id in ids:
-                key = f"{image_id:012d}"
-                v = verified[(split.name, key)]
-                if isinstance(v, ItemError):
-                    dropped[v.reason] += 1
-                    continue
-                true = None
-                if inst is not None:
-                    true = true_attribute_ids(inst, image_id, index, split.instances) if image_id in inst.imgs else None
-                    if true is None:
-                        dropped["no_true_attributes"] += 1
-                        continue
-                if key in leak_drop.get(split.name, ()):
-                    dropped["leak"] += 1
-                    continue
-                todo.append((image_id, key, v, true))
-            items = ((v["path"], v["sha1"], v["format"], 0, 90) for _, _, v, _ in todo)
-            results = parallel_map(load_image_item, items, workers, threads=True)  # bytes copied through
-            for (image_id, key, v, true), r in zip(todo, tqdm(results, total=len(todo), desc=f"write {split.name}",
-                                                             unit="img", disable=not progress)):
-                if isinstance(r, ItemError):
-                    dropped[r.reason] += 1
-                    continue
-                data, ext, (w, h), crc = r
-                img = caps.imgs[image_id]
-                captions = [a["caption"] for a in caps.imgToAnns.get(image_id, [])]
-                labels = vocab.labels(captions)
-                meta = {"id": image_id, "file_name": img["file_name"], "width": w, "height": h,
-                        "captions": captions, "labels": [int(i) for i in labels.nonzero()[0]]}
-                if true is not None:
-                    meta["true_labels"] = true
-                no_hit += int(labels.sum() == 0)
-                writer.add(split.name, key, {ext: data, "json": meta}, crc32={ext: crc})
-                rows.append(labels)
-            counts = count_positives(rows) if rows else [0] * len(vocab)
-            report[split.name] = {"images": len(ids), "packed": len(rows), "dropped": dict(dropped),
-                                  "images_without_caption_hit": no_hit,
-                                  "caption_positives": {n: int(c) for n, c in zip(vocab.names, counts)}}
-        return writer.commit(sources=sources, report=report, options={
-            "mode": "captions", "vocab": str(vocab_path) if vocab_path else vocab.name, "max_samples": max_samples,
-            "limit": limit, "on_leak": on_leak,
-            "splits": {s.name: {"images": str(s.images), "captions": str(s.captions),
-                                "instances": str(s.instances) if s.instances else None} for s in splits}})
+    fmt = CaptionsFormat(splits, vocab, dataset=dataset, max_samples=max_samples, limit=limit, vocab_path=vocab_path,
+                         on_leak=on_leak)
+    return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
+                progress=progress)
 
 
 # ------------------------------------------------------------------------------------------
@@ -561,7 +468,7 @@ def pack_coco_captions(out_dir: str | os.PathLike, splits: list[SplitSource], vo
 
 
 def _load_splits(splits: list[AnnSource]) -> tuple[list[tuple[AnnSource, Detections]], list[dict]]:
-    _check_split_names([s.name for s in splits])
+    check_split_names([s.name for s in splits])
     loaded = []
     cats = None
     for s in splits:
@@ -582,82 +489,177 @@ def _category_options(categories: list[dict]) -> list[dict]:
     return [{k: c[k] for k in ("id", "name", "supercategory", "isthing") if k in c} for c in categories]
 
 
+class _DetectionsFormat(PackFormat):
+    """What the image and object packers share: splits of an image directory + an instances/panoptic JSON."""
+
+    verify = staticmethod(verify_image)
+
+    def __init__(self, splits: list[AnnSource], *, dataset: str, reasons: tuple[str, ...]):
+        self.loaded, categories = _load_splits(splits)
+        self.dataset, self.splits = dataset, [s.name for s in splits]
+        self.attributes, self.categories = [c["name"] for c in categories], categories
+        self.cat_index = {c["id"]: i for i, c in enumerate(categories)}
+        self.tally = Tally(self.splits, reasons)
+        self.sources = [source_entry(s.annotations) for s in splits]
+        self.dets = {s.name: det for s, det in self.loaded}
+
+    def _image(self, s: AnnSource, det: Detections, image_id: int, **kw) -> ImageItem:
+        return ImageItem(s.name, _image_key(image_id), str(safe_join(s.images, det.imgs[image_id]["file_name"],
+                                                                      s.annotations)), image_id, **kw)
+
+    def _options_with(self, **options) -> dict:
+        return {**options, "categories": _category_options(self.categories),
+                "splits": {s.name: {"images": str(s.images), "annotations": str(s.annotations)}
+                           for s, _ in self.loaded}}
+
+
+class ImagesFormat(_DetectionsFormat):
+    """Image-level multi-hot over the categories of instances/panoptic JSONs (`pack_coco_images`)."""
+
+    produce = staticmethod(load_image_item)
+
+    def __init__(self, splits: list[AnnSource], *, dataset: str, max_samples: int, limit: int, max_side: int,
+                 quality: int, on_leak: str):
+        super().__init__(splits, dataset=dataset, reasons=("missing_image", "not_an_image", "corrupt_image", "leak"))
+        self.limit, self.max_side, self.quality = limit, max_side, quality
+        self.threads = not max_side  # no max_side: copied through
+        self.ids = {s.name: (sorted(det.imgs)[:limit] if limit else sorted(det.imgs)) for s, det in self.loaded}
+        self.box_drops = {s: Counter({"unknown_category": 0, "bad_box": 0}) for s in self.splits}
+        self.no_labels, self.nboxes = Counter(), Counter()
+        self.options = self._options_with(mode="image", max_side=max_side, quality=quality if max_side else None,
+                                          max_samples=max_samples, limit=limit, on_leak=on_leak)
+
+    def images(self) -> list[ImageItem]:
+        return [self._image(s, det, i) for s, det in self.loaded for i in self.ids[s.name]]
+
+    def plan(self, image, meta):
+        return Task((meta["path"], meta["sha1"], meta["format"], self.max_side, self.quality))
+
+    def samples(self, image, meta, task, result):
+        data, ext, (w, h), crc = result
+        det, box_drops = self.dets[image.split], self.box_drops[image.split]
+        sx, sy = w / meta["width"], h / meta["height"]
+        labels, boxes, box_labels, crowd = set(), [], [], []
+        for ann in det.anns_of(image.info):
+            ci = self.cat_index.get(ann.get("category_id"))
+            if ci is None:
+                box_drops["unknown_category"] += 1
+                continue
+            labels.add(ci)
+            try:
+                x, y, bw, bh = (float(t) for t in ann["bbox"])
+                assert all(math.isfinite(t) for t in (x, y, bw, bh)) and bw > 0 and bh > 0
+            except (KeyError, TypeError, ValueError, AssertionError):
+                box_drops["bad_box"] += 1  # the label counts; the box is unusable
+                continue
+            boxes.append([round(x * sx, 2), round(y * sy, 2), round(bw * sx, 2), round(bh * sy, 2)])
+            box_labels.append(ci)
+            crowd.append(int(bool(ann.get("iscrowd", 0))))
+        sample = {"id": image.info, "file_name": det.imgs[image.info]["file_name"], "width": w, "height": h,
+                  "labels": sorted(labels), "boxes": boxes, "box_labels": box_labels, "box_iscrowd": crowd}
+        self.nboxes[image.split] += len(boxes)
+        self.no_labels[image.split] += not labels
+        yield image.key, {ext: data, "json": sample}, {ext: crc}
+
+    def job(self, verified: dict) -> dict:
+        return job_identity(verified, mode="image", sources=self.sources, limit=self.limit, max_side=self.max_side,
+                            quality=self.quality)
+
+    def report(self, verified: dict) -> dict:
+        return {s: {"images": len(self.ids[s]), "packed": self.tally.packed[s], "dropped": self.tally.dropped(s),
+                    "images_without_labels": self.no_labels[s], "boxes": self.nboxes[s],
+                    "annotations_not_usable": dict(self.box_drops[s]), "format": self.dets[s].format}
+                for s in self.splits}
+
+
 def pack_coco_images(out_dir: str | os.PathLike, splits: list[AnnSource], *, dataset: str = "coco-images",
                      max_samples: int = 1000, limit: int = 0, max_side: int = 0, quality: int = 90,
                      workers: int | None = None, on_leak: str = "error", progress: bool = True,
                      overwrite: bool = False) -> dict:
     """Image-level multi-hot over categories (instances or panoptic JSON). Returns the manifest."""
-    loaded, categories = _load_splits(splits)
-    cat_index = {c["id"]: i for i, c in enumerate(categories)}
-    jobs, plans = [], []
-    for s, det in loaded:
-        ids = sorted(det.imgs)
-        if limit:
-            ids = ids[:limit]
-        for image_id in ids:
-            path = _safe_join(s.images, det.imgs[image_id]["file_name"], s.annotations)
-            jobs.append((s.name, f"{image_id:012d}", str(path)))
-        plans.append((s, det, ids))
-    verified = verify_all(jobs, workers, progress, "verify")
-    leak_report, leak_drop = check_leakage(verified, [s.name for s in splits], on_leak, str(out_dir))
-    report: dict = {"leakage": leak_report}
-    sources = [source_entry(s.annotations) for s in splits]
-    job = job_identity(verified, mode="image", sources=sources, limit=limit, max_side=max_side, quality=quality)
-    with PackWriter(out_dir, dataset=dataset, attributes=[c["name"] for c in categories], label_fields=["labels"],
-                    max_samples=max_samples, overwrite=overwrite, job=job) as writer:
-        for s, det, ids in plans:
-            dropped = _dropped("missing_image", "not_an_image", "corrupt_image", "leak")
-            box_drops = _dropped("unknown_category", "bad_box")
-            todo = []
-            for image_id in ids:
-                key = f"{image_id:012d}"
-                v = verified[(s.name, key)]
-                if isinstance(v, ItemError):
-                    dropped[v.reason] += 1
-                elif key in leak_drop.get(s.name, ()):
-                    dropped["leak"] += 1
+    fmt = ImagesFormat(splits, dataset=dataset, max_samples=max_samples, limit=limit, max_side=max_side,
+                       quality=quality, on_leak=on_leak)
+    return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
+                progress=progress)
+
+
+class ObjectsFormat(_DetectionsFormat):
+    """One sample per object: its box crop with context (`pack_coco_objects`)."""
+
+    produce = staticmethod(crop_items)
+    threads = False  # decoding and cropping
+
+    def __init__(self, splits: list[AnnSource], *, dataset: str, max_samples: int, limit: int, margin: float,
+                 min_size: float, max_side: int, quality: int, on_leak: str):
+        if margin < 0 or min_size < 0:
+            raise AttrdistError(f"--margin {margin} / --min-size {min_size}: must be >= 0")
+        super().__init__(splits, dataset=dataset, reasons=("unknown_image", "unknown_category", "crowd", "bad_box",
+                                                           "too_small", "missing_image", "not_an_image",
+                                                           "corrupt_image", "leak"))
+        self.limit, self.margin, self.min_size, self.max_side, self.quality = limit, margin, min_size, max_side, quality
+        self.total: dict[str, int] = {}
+        self.candidates: dict[str, dict[int, list[dict]]] = {}  # split -> image id -> its packable annotations
+        for s, det in self.loaded:
+            ids = sorted(det.imgs)
+            if limit:
+                ids = ids[:limit]
+            idset = set(ids)
+            anns = sorted(det.anns.values(), key=lambda a: (a.get("image_id") if isinstance(a.get("image_id"), int)
+                                                            else -1, a["id"]))
+            if limit:  # objects of the images left out by --limit are not part of this pack
+                anns = [a for a in anns if a.get("image_id") in idset or a.get("image_id") not in det.imgs]
+            candidates: dict[int, list[dict]] = {}
+            for ann in anns:
+                if ann.get("image_id") not in det.imgs:
+                    self.tally.drop(s.name, "unknown_image")
+                elif ann.get("category_id") not in self.cat_index:
+                    self.tally.drop(s.name, "unknown_category")
+                elif ann.get("iscrowd", 0):
+                    self.tally.drop(s.name, "crowd")
                 else:
-                    todo.append((image_id, key, v))
-            items = ((v["path"], v["sha1"], v["format"], max_side, quality) for _, _, v in todo)
-            results = parallel_map(load_image_item, items, workers, threads=not max_side)  # no max_side: copied through
-            packed = no_labels = nboxes = 0
-            for (image_id, key, v), r in zip(todo, tqdm(results, total=len(todo), desc=f"write {s.name}",
-                                                       unit="img", disable=not progress)):
-                if isinstance(r, ItemError):
-                    dropped[r.reason] += 1
-                    continue
-                data, ext, (w, h), crc = r
-                sx, sy = w / v["width"], h / v["height"]
-                labels, boxes, box_labels, crowd = set(), [], [], []
-                for ann in det.anns_of(image_id):
-                    ci = cat_index.get(ann.get("category_id"))
-                    if ci is None:
-                        box_drops["unknown_category"] += 1
-                        continue
-                    labels.add(ci)
-                    try:
-                        x, y, bw, bh = (float(t) for t in ann["bbox"])
-                        assert all(math.isfinite(t) for t in (x, y, bw, bh)) and bw > 0 and bh > 0
-                    except (KeyError, TypeError, ValueError, AssertionError):
-                        box_drops["bad_box"] += 1  # the label counts; the box is unusable
-                        continue
-                    boxes.append([round(x * sx, 2), round(y * sy, 2), round(bw * sx, 2), round(bh * sy, 2)])
-                    box_labels.append(ci)
-                    crowd.append(int(bool(ann.get("iscrowd", 0))))
-                meta = {"id": image_id, "file_name": det.imgs[image_id]["file_name"], "width": w, "height": h,
-                        "labels": sorted(labels), "boxes": boxes, "box_labels": box_labels, "box_iscrowd": crowd}
-                writer.add(s.name, key, {ext: data, "json": meta}, crc32={ext: crc})
-                packed += 1
-                nboxes += len(boxes)
-                no_labels += not labels
-            report[s.name] = {"images": len(ids), "packed": packed, "dropped": dict(dropped),
-                              "images_without_labels": no_labels, "boxes": nboxes,
-                              "annotations_not_usable": dict(box_drops), "format": det.format}
-        return writer.commit(sources=sources, report=report, options={
-            "mode": "image", "max_side": max_side, "quality": quality if max_side else None,
-            "max_samples": max_samples, "limit": limit, "on_leak": on_leak,
-            "categories": _category_options(categories),
-            "splits": {s.name: {"images": str(s.images), "annotations": str(s.annotations)} for s in splits}})
+                    candidates.setdefault(ann["image_id"], []).append(ann)
+            self.total[s.name], self.candidates[s.name] = len(anns), candidates
+        self.options = self._options_with(mode="objects", margin=margin, min_size=min_size, max_side=max_side,
+                                          quality=quality, max_samples=max_samples, limit=limit, on_leak=on_leak)
+
+    def images(self) -> list[ImageItem]:
+        return [self._image(s, det, i, samples=len(self.candidates[s.name][i]))
+                for s, det in self.loaded for i in sorted(self.candidates[s.name])]
+
+    def plan(self, image, meta):
+        keep = []
+        for ann in self.candidates[image.split][image.info]:
+            reason, visible, crop = check_box(ann, meta["width"], meta["height"], self.min_size, self.margin)
+            if reason:
+                self.tally.drop(image.split, reason)
+            else:
+                keep.append((ann, visible, crop))
+        if not keep:
+            return None
+        return Task((meta["path"], meta["sha1"], [c for _, _, c in keep], self.max_side, self.quality), keep, len(keep))
+
+    def samples(self, image, meta, task, result):
+        det = self.dets[image.split]
+        for (ann, visible, crop), (data, size) in zip(task.info, result):
+            ann_id = ann["segment_id"] if det.format == "panoptic" else ann["id"]
+            sample = {"id": image.info, "ann_id": ann_id, "category_id": ann["category_id"],
+                      "labels": [self.cat_index[ann["category_id"]]], "box": [float(t) for t in ann["bbox"]],
+                      "crop_box": crop, "box_in_crop": box_in_crop(visible, crop, size),
+                      "width": size[0], "height": size[1], "file_name": det.imgs[image.info]["file_name"]}
+            yield f"{image.info:012d}_{ann_id}", {"jpg": data, "json": sample}, None
+
+    def job(self, verified: dict) -> dict:
+        return job_identity(verified, mode="objects", sources=self.sources, limit=self.limit, max_side=self.max_side,
+                            quality=self.quality, margin=self.margin, min_size=self.min_size)
+
+    def report(self, verified: dict) -> dict:
+        report = {}
+        for s in self.splits:
+            packed, dropped, total = self.tally.packed[s], self.tally.dropped(s), self.total[s]
+            assert packed + sum(dropped.values()) == total, (s, packed, dropped, total)
+            report[s] = {"objects": total, "packed": packed, "dropped": dropped, "images": len(self.candidates[s]),
+                         "format": self.dets[s].format}
+        return report
 
 
 def pack_coco_objects(out_dir: str | os.PathLike, splits: list[AnnSource], *, dataset: str = "coco-objects",
@@ -665,89 +667,10 @@ def pack_coco_objects(out_dir: str | os.PathLike, splits: list[AnnSource], *, da
                       max_side: int = 0, quality: int = 90, workers: int | None = None, on_leak: str = "error",
                       progress: bool = True, overwrite: bool = False) -> dict:
     """One sample per object: its box crop with context. Every annotation is packed or counted."""
-    if margin < 0 or min_size < 0:
-        raise AttrdistError(f"--margin {margin} / --min-size {min_size}: must be >= 0")
-    loaded, categories = _load_splits(splits)
-    cat_index = {c["id"]: i for i, c in enumerate(categories)}
-    jobs, plans = [], []
-    for s, det in loaded:
-        pre = _dropped("unknown_image", "unknown_category", "crowd", "bad_box", "too_small")
-        ids = sorted(det.imgs)
-        if limit:
-            ids = ids[:limit]
-        idset = set(ids)
-        anns = sorted(det.anns.values(), key=lambda a: (a.get("image_id") if isinstance(a.get("image_id"), int) else -1,
-                                                        a["id"]))
-        if limit:  # objects of the images left out by --limit are not part of this pack
-            anns = [a for a in anns if a.get("image_id") in idset or a.get("image_id") not in det.imgs]
-        candidates: dict[int, list[dict]] = {}
-        for ann in anns:
-            if ann.get("image_id") not in det.imgs:
-                pre["unknown_image"] += 1
-            elif ann.get("category_id") not in cat_index:
-                pre["unknown_category"] += 1
-            elif ann.get("iscrowd", 0):
-                pre["crowd"] += 1
-            else:
-                candidates.setdefault(ann["image_id"], []).append(ann)
-        for image_id in sorted(candidates):
-            path = _safe_join(s.images, det.imgs[image_id]["file_name"], s.annotations)
-            jobs.append((s.name, f"{image_id:012d}", str(path)))
-        plans.append((s, det, len(anns), pre, candidates))
-    verified = verify_all(jobs, workers, progress, "verify")
-    leak_report, leak_drop = check_leakage(verified, [s.name for s in splits], on_leak, str(out_dir))
-    report: dict = {"leakage": leak_report}
-    sources = [source_entry(s.annotations) for s in splits]
-    job = job_identity(verified, mode="objects", sources=sources, limit=limit, max_side=max_side, quality=quality,
-                       margin=margin, min_size=min_size)
-    with PackWriter(out_dir, dataset=dataset, attributes=[c["name"] for c in categories], label_fields=["labels"],
-                    max_samples=max_samples, overwrite=overwrite, job=job) as writer:
-        for s, det, total, dropped, candidates in plans:
-            for r in ("missing_image", "not_an_image", "corrupt_image", "leak"):
-                dropped[r] += 0
-            todo = []
-            for image_id in sorted(candidates):
-                key = f"{image_id:012d}"
-                v, objs = verified[(s.name, key)], candidates[image_id]
-                if isinstance(v, ItemError):
-                    dropped[v.reason] += len(objs)
-                    continue
-                if key in leak_drop.get(s.name, ()):
-                    dropped["leak"] += len(objs)
-                    continue
-                keep = []
-                for ann in objs:
-                    reason, visible, crop = check_box(ann, v["width"], v["height"], min_size, margin)
-                    if reason:
-                        dropped[reason] += 1
-                    else:
-                        keep.append((ann, visible, crop))
-                if keep:
-                    todo.append((image_id, v, keep))
-            items = ((v["path"], v["sha1"], [c for _, _, c in keep], max_side, quality) for _, v, keep in todo)
-            results = parallel_map(crop_items, items, workers)
-            packed = 0
-            for (image_id, v, keep), r in zip(todo, tqdm(results, total=len(todo), desc=f"write {s.name}",
-                                                         unit="img", disable=not progress)):
-                if isinstance(r, ItemError):
-                    dropped[r.reason] += len(keep)
-                    continue
-                for (ann, visible, crop), (data, size) in zip(keep, r):
-                    ann_id = ann["segment_id"] if det.format == "panoptic" else ann["id"]
-                    meta = {"id": image_id, "ann_id": ann_id, "category_id": ann["category_id"],
-                            "labels": [cat_index[ann["category_id"]]], "box": [float(t) for t in ann["bbox"]],
-                            "crop_box": crop, "box_in_crop": box_in_crop(visible, crop, size),
-                            "width": size[0], "height": size[1], "file_name": det.imgs[image_id]["file_name"]}
-                    writer.add(s.name, f"{image_id:012d}_{ann_id}", {"jpg": data, "json": meta})
-                    packed += 1
-            assert packed + sum(dropped.values()) == total, (s.name, packed, dict(dropped), total)
-            report[s.name] = {"objects": total, "packed": packed, "dropped": dict(dropped),
-                              "images": len(candidates), "format": det.format}
-        return writer.commit(sources=sources, report=report, options={
-            "mode": "objects", "margin": margin, "min_size": min_size, "max_side": max_side, "quality": quality,
-            "max_samples": max_samples, "limit": limit, "on_leak": on_leak,
-            "categories": _category_options(categories),
-            "splits": {s.name: {"images": str(s.images), "annotations": str(s.annotations)} for s in splits}})
+    fmt = ObjectsFormat(splits, dataset=dataset, max_samples=max_samples, limit=limit, margin=margin,
+                        min_size=min_size, max_side=max_side, quality=quality, on_leak=on_leak)
+    return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
+                progress=progress)
 
 
 def summary_lines(manifest: dict, what: str = "images") -> Iterable[str]:

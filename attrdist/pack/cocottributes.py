@@ -37,13 +37,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from attrdist.pack.coco import (_safe_join, box_in_crop, check_box, check_leakage, crop_items,
-                           load_detections, verify_all)
 from attrdist.errors import AttrdistError
-from attrdist.pack.pipeline import ItemError, job_identity, parallel_map
-from attrdist.pack.writer import PackWriter, source_entry
+from attrdist.pack.coco import box_in_crop, check_box, crop_items, load_detections, safe_join
+from attrdist.pack.pipeline import ImageItem, PackFormat, Task, Tally, job_identity, pack, verify_image
+from attrdist.pack.writer import source_entry
 
 
 REASONS = ("no_votes", "bad_vector", "unknown_split", "no_annotation_id", "crowd", "bad_box", "box_too_small",
@@ -189,8 +187,132 @@ def _image_candidates(dirs: list[Path], file_name: str, image_id: int, ann_file:
     out = []
     for d in dirs:
         for n in dict.fromkeys(names):
-            out.append(str(_safe_join(d, n, ann_file)))
+            out.append(str(safe_join(d, n, ann_file)))
     return out
+
+
+class CocottributesFormat(PackFormat):
+    """Every COCO Attributes patch as a crop sample, or counted by why not (`pack_cocottributes`)."""
+
+    verify = staticmethod(verify_image)  # the first of the image's candidate paths that exists
+    produce = staticmethod(crop_items)
+    threads = False  # decoding and cropping
+
+    def __init__(self, pkl: Path, instances: list[str | os.PathLike], image_dirs: list[Path], *, dataset: str,
+                 threshold: float, margin: float, min_size: float, max_side: int, quality: int, max_samples: int,
+                 limit: int, on_leak: str):
+        for d in image_dirs:
+            if not d.is_dir():
+                raise AttrdistError(f"{d}: image directory not found; check --images")
+        if not instances:
+            raise AttrdistError("no --instances JSON given; pass the COCO 2014 and/or 2017 instances files")
+        if margin < 0 or min_size < 0:
+            raise AttrdistError(f"--margin {margin} / --min-size {min_size}: must be >= 0")
+        data = load_cocottributes(pkl)
+        attrs = data["attributes"]
+        dets = [load_detections(p) for p in instances]
+        for det in dets:
+            if det.format != "instances":
+                raise AttrdistError(f"{det.path}: a panoptic JSON has no COCO annotation ids; pass an instances JSON")
+        self.dataset, self.attributes, self.splits = dataset, [a["name"] for a in attrs], ["train", "val"]
+        self.tally = Tally([*self.splits, "unassigned"], REASONS, _RENAME)  # unassigned: the split is unknown
+        self.sources = [source_entry(pkl)] + [source_entry(p) for p in instances]
+        self.margin, self.min_size, self.max_side, self.quality = margin, min_size, max_side, quality
+        self._job = {"threshold": threshold, "margin": margin, "min_size": min_size, "max_side": max_side,
+                     "quality": quality}
+        self.options = {"mode": "cocottributes", "threshold": threshold,
+                        "unlabelled": "NaN or negative vote -> labels_ignore; no vote vector -> dropped (no_votes)",
+                        "margin": margin, "min_size": min_size, "max_side": max_side, "quality": quality,
+                        "max_samples": max_samples, "limit": limit, "on_leak": on_leak,
+                        "pickle": str(pkl), "instances": [str(p) for p in instances],
+                        "images": [str(d) for d in image_dirs]}
+
+        patches = sorted(data["patch_id_to_ann_id"], key=lambda p: (str(type(p)), p))
+        self.patches = patches[:limit] if limit else patches
+        self.totals: Counter = Counter()
+        objs: dict[str, list] = {s: [] for s in self.splits}  # (image_id, ann_id, patch_id, ann, det, pos, ignore)
+        for pid in self.patches:
+            split = output_split(data["split"].get(pid, ""))
+            if split is None:
+                self.tally.drop("unassigned", "unknown_split")
+                continue
+            self.totals[split] += 1
+            vec = data["ann_vecs"].get(pid)
+            if vec is None:
+                self.tally.drop(split, "no_votes")
+                continue
+            lab = vote_labels(vec, len(attrs), threshold)
+            if lab is None:
+                self.tally.drop(split, "bad_vector")
+                continue
+            try:
+                ann_id = int(data["patch_id_to_ann_id"][pid])
+            except (TypeError, ValueError, OverflowError):
+                self.tally.drop(split, "no_annotation_id")
+                continue
+            det = next((d for d in dets if ann_id in d.anns), None)
+            if det is None:
+                self.tally.drop(split, "no_annotation_id")
+                continue
+            ann = det.anns[ann_id]
+            if ann.get("image_id") not in det.imgs:
+                self.tally.drop(split, "no_annotation_id")  # annotation points at an image the JSON does not list
+                continue
+            if ann.get("iscrowd", 0):
+                self.tally.drop(split, "crowd")
+                continue
+            objs[split].append((ann["image_id"], ann_id, pid, ann, det, lab[0], lab[1]))
+        self._images = []
+        for split in self.splits:
+            by_image: dict[int, list] = {}
+            for o in sorted(objs[split], key=lambda o: (o[0], o[1], str(o[2]))):
+                by_image.setdefault(o[0], []).append(o)
+            for image_id, group in sorted(by_image.items()):
+                det = group[0][4]
+                paths = _image_candidates(image_dirs, det.imgs[image_id]["file_name"], image_id, det.path)
+                self._images.append(ImageItem(split, f"{image_id:012d}", paths, (image_id, group), len(group)))
+
+    def images(self) -> list[ImageItem]:
+        return self._images
+
+    def plan(self, image, meta):
+        keep = []
+        for o in image.info[1]:
+            reason, visible, crop = check_box(o[3], meta["width"], meta["height"], self.min_size, self.margin)
+            if reason:
+                self.tally.drop(image.split, reason)
+            else:
+                keep.append((o, visible, crop))
+        if not keep:
+            return None
+        return Task((meta["path"], meta["sha1"], [c for _, _, c in keep], self.max_side, self.quality), keep, len(keep))
+
+    def samples(self, image, meta, task, result):
+        image_id = image.info[0]
+        for (o, visible, crop), (jpg, size) in zip(task.info, result):
+            _, ann_id, pid, ann, det, pos, ignore = o
+            sample = {"id": image_id, "ann_id": ann_id, "patch_id": _plain(pid),
+                      "category_id": ann.get("category_id"), "labels": pos, "labels_ignore": ignore,
+                      "box": [float(t) for t in ann["bbox"]], "crop_box": crop,
+                      "box_in_crop": box_in_crop(visible, crop, size), "width": size[0], "height": size[1],
+                      "file_name": os.path.basename(meta["path"])}
+            yield f"{image_id:012d}_{ann_id}_{_plain(pid)}", {"jpg": jpg, "json": sample}, None
+
+    def job(self, verified: dict) -> dict:
+        return job_identity(verified, sources=self.sources, **self._job)
+
+    def report(self, verified: dict) -> dict:
+        report = {}
+        for split in self.splits:
+            packed, dropped = self.tally.packed[split], self.tally.dropped(split)
+            assert packed + sum(dropped.values()) == self.totals[split], (split, packed, dropped, self.totals[split])
+            report[split] = {"objects": self.totals[split], "packed": packed, "dropped": dropped}
+        unsplit = Counter(self.tally.dropped("unassigned"))
+        report["unassigned"] = {"objects": sum(unsplit.values()),
+                                "dropped": {"unknown_split": unsplit["unknown_split"]}}
+        report["summary"] = {"matched": sum(report[s]["packed"] for s in self.splits), "objects": len(self.patches),
+                             "dropped": dict(sum((Counter(report[s]["dropped"]) for s in self.splits), unsplit))}
+        return report
 
 
 def pack_cocottributes(out_dir: str | os.PathLike, pkl: str | os.PathLike, instances: list[str | os.PathLike],
@@ -199,132 +321,11 @@ def pack_cocottributes(out_dir: str | os.PathLike, pkl: str | os.PathLike, insta
                        max_samples: int = 1000, limit: int = 0, workers: int | None = None, on_leak: str = "error",
                        progress: bool = True, overwrite: bool = False) -> dict:
     """Pack every COCO Attributes patch as a crop sample, or count why not. Returns the manifest."""
-    pkl = Path(pkl)
-    image_dirs = [Path(d) for d in images]
-    for d in image_dirs:
-        if not d.is_dir():
-            raise AttrdistError(f"{d}: image directory not found; check --images")
-    if not instances:
-        raise AttrdistError("no --instances JSON given; pass the COCO 2014 and/or 2017 instances files")
-    if margin < 0 or min_size < 0:
-        raise AttrdistError(f"--margin {margin} / --min-size {min_size}: must be >= 0")
-    data = load_cocottributes(pkl)
-    attrs = data["attributes"]
-    dets = [load_detections(p) for p in instances]
-    for det in dets:
-        if det.format != "instances":
-            raise AttrdistError(f"{det.path}: a panoptic JSON has no COCO annotation ids; pass an instances JSON")
-
-    patches = sorted(data["patch_id_to_ann_id"], key=lambda p: (str(type(p)), p))
-    if limit:
-        patches = patches[:limit]
-    split_names = ["train", "val"]
-    drops = {s: Counter({r: 0 for r in REASONS}) for s in split_names}
-    unsplit = Counter({r: 0 for r in REASONS})  # patches whose split is unknown
-    totals = Counter()
-    objs: dict[str, list] = {s: [] for s in split_names}  # (image_id, ann_id, patch_id, ann, det, pos, ignore)
-    for pid in patches:
-        split = output_split(data["split"].get(pid, ""))
-        if split is None:
-            unsplit["unknown_split"] += 1
-            continue
-        totals[split] += 1
-        vec = data["ann_vecs"].get(pid)
-        if vec is None:
-            drops[split]["no_votes"] += 1
-            continue
-        lab = vote_labels(vec, len(attrs), threshold)
-        if lab is None:
-            drops[split]["bad_vector"] += 1
-            continue
-        try:
-            ann_id = int(data["patch_id_to_ann_id"][pid])
-        except (TypeError, ValueError, OverflowError):
-            drops[split]["no_annotation_id"] += 1
-            continue
-        det = next((d for d in dets if ann_id in d.anns), None)
-        if det is None:
-            drops[split]["no_annotation_id"] += 1
-            continue
-        ann = det.anns[ann_id]
-        if ann.get("image_id") not in det.imgs:
-            drops[split]["no_annotation_id"] += 1  # annotation points at an image the JSON does not list
-            continue
-        if ann.get("iscrowd", 0):
-            drops[split]["crowd"] += 1
-            continue
-        objs[split].append((ann["image_id"], ann_id, pid, ann, det, lab[0], lab[1]))
-
-    jobs, seen = [], set()
-    for split in split_names:
-        objs[split].sort(key=lambda o: (o[0], o[1], str(o[2])))
-        for image_id, _, _, _, det, _, _ in objs[split]:
-            if (split, image_id) not in seen:
-                seen.add((split, image_id))
-                fn = det.imgs[image_id]["file_name"]
-                jobs.append((split, f"{image_id:012d}", _image_candidates(image_dirs, fn, image_id, det.path)))
-    verified = verify_all(jobs, workers, progress, "verify")
-    leak_report, leak_drop = check_leakage(verified, split_names, on_leak, str(out_dir))
-    report: dict = {"leakage": leak_report}
-    sources = [source_entry(pkl)] + [source_entry(p) for p in instances]
-    job = job_identity(verified, sources=sources, threshold=threshold, margin=margin, min_size=min_size,
-                       max_side=max_side, quality=quality)
-    with PackWriter(out_dir, dataset=dataset, attributes=[a["name"] for a in attrs], label_fields=["labels"],
-                    max_samples=max_samples, overwrite=overwrite, job=job) as writer:
-        for split in split_names:
-            dropped = drops[split]
-            by_image: dict[int, list] = {}
-            for o in objs[split]:
-                by_image.setdefault(o[0], []).append(o)
-            todo = []
-            for image_id in sorted(by_image):
-                key = f"{image_id:012d}"
-                v, group = verified[(split, key)], by_image[image_id]
-                if isinstance(v, ItemError):
-                    dropped[_RENAME.get(v.reason, v.reason)] += len(group)
-                    continue
-                if key in leak_drop.get(split, ()):
-                    dropped["leak"] += len(group)
-                    continue
-                keep = []
-                for o in group:
-                    reason, visible, crop = check_box(o[3], v["width"], v["height"], min_size, margin)
-                    if reason:
-                        dropped[_RENAME.get(reason, reason)] += 1
-                    else:
-                        keep.append((o, visible, crop))
-                if keep:
-                    todo.append((image_id, v, keep))
-            items = ((v["path"], v["sha1"], [c for _, _, c in keep], max_side, quality) for _, v, keep in todo)
-            results = parallel_map(crop_items, items, workers)
-            packed = 0
-            for (image_id, v, keep), r in zip(todo, tqdm(results, total=len(todo), desc=f"write {split}",
-                                                         unit="img", disable=not progress)):
-                if isinstance(r, ItemError):
-                    dropped[_RENAME.get(r.reason, r.reason)] += len(keep)
-                    continue
-                for (o, visible, crop), (jpg, size) in zip(keep, r):
-                    _, ann_id, pid, ann, det, pos, ignore = o
-                    meta = {"id": image_id, "ann_id": ann_id, "patch_id": _plain(pid),
-                            "category_id": ann.get("category_id"), "labels": pos, "labels_ignore": ignore,
-                            "box": [float(t) for t in ann["bbox"]], "crop_box": crop,
-                            "box_in_crop": box_in_crop(visible, crop, size), "width": size[0], "height": size[1],
-                            "file_name": os.path.basename(v["path"])}
-                    writer.add(split, f"{image_id:012d}_{ann_id}_{_plain(pid)}", {"jpg": jpg, "json": meta})
-                    packed += 1
-            assert packed + sum(dropped.values()) == totals[split], (split, packed, dict(dropped), totals[split])
-            report[split] = {"objects": totals[split], "packed": packed, "dropped": dict(dropped)}
-        report["unassigned"] = {"objects": sum(unsplit.values()), "dropped": {"unknown_split": unsplit["unknown_split"]}}
-        matched = sum(report[s]["packed"] for s in split_names)
-        total = len(patches)
-        report["summary"] = {"matched": matched, "objects": total,
-                             "dropped": dict(sum((Counter(report[s]["dropped"]) for s in split_names), unsplit))}
-        return writer.commit(sources=sources, report=report, options={
-            "mode": "cocottributes", "threshold": threshold,
-            "unlabelled": "NaN or negative vote -> labels_ignore; no vote vector -> dropped (no_votes)",
-            "margin": margin, "min_size": min_size, "max_side": max_side, "quality": quality,
-            "max_samples": max_samples, "limit": limit, "on_leak": on_leak,
-            "pickle": str(pkl), "instances": [str(p) for p in instances], "images": [str(d) for d in image_dirs]})
+    fmt = CocottributesFormat(Path(pkl), instances, [Path(d) for d in images], dataset=dataset, threshold=threshold,
+                              margin=margin, min_size=min_size, max_side=max_side, quality=quality,
+                              max_samples=max_samples, limit=limit, on_leak=on_leak)
+    return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
+                progress=progress)
 
 
 def _plain(pid):

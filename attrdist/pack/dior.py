@@ -19,8 +19,9 @@ are clipped to the image; zero-area and fully-outside boxes are dropped and coun
 image is missing is counted ("missing_image"), not fatal. `coco_<split>.json` (COCO instances
 of exactly the packed images, categories 1..20) is published with the shards for pycocotools.
 
-Two passes: pass 1 (worker processes) parses, decodes and fingerprints each image and keeps
-only small metadata; then the cross-split leakage check; pass 2 writes the samples in order.
+`DiorFormat` is run by `attrdist.pack.pipeline.pack`: pass 1 (worker processes) parses the XML,
+decodes and fingerprints each image and keeps only small metadata; then the cross-split leakage
+check; pass 2 writes the samples in order.
 """
 
 from __future__ import annotations
@@ -36,14 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
-from attrdist.pack.pipeline import (ItemError, ItemFailure, default_workers, parallel_map, read_checked, resize_max_side,
-                              verify_bytes)
-from attrdist.pack.writer import PackWriter, _check_replaceable, source_entry  # (raw DIOR spelling, canonical snake_case name), in DIOR's official class order (COCO ids 1..20).
+from attrdist.pack.pipeline import (ImageItem, ItemError, ItemFailure, PackFormat, Task, Tally, pack, read_checked,
+                                    resize_max_side, verify_bytes)
+from attrdist.pack.writer import source_entry
 
-
+# (raw DIOR spelling, canonical snake_case name), in DIOR's official class order (COCO ids 1..20).
 DIOR_CLASSES: list[tuple[str, str]] = [
     ("airplane", "airplane"), ("airport", "airport"), ("baseballfield", "baseball_field"),
     ("basketballcourt", "basketball_court"), ("bridge", "bridge"), ("chimney", "chimney"), ("dam", "dam"),
@@ -260,124 +260,117 @@ def _scale_box(b: list[float], sx: float, sy: float) -> list[float]:
     return [round(b[0] * sx, 2), round(b[1] * sy, 2), round(b[2] * sx, 2), round(b[3] * sy, 2)]
 
 
+class DiorFormat(PackFormat):
+    """The official DIOR splits (ImageSets/Main/<split>.txt) as image-level samples with boxes (`pack_dior`)."""
+
+    verify = staticmethod(_probe)  # parses the XML too
+    produce = staticmethod(_encode)
+    attributes = CLASS_NAMES
+
+    def __init__(self, root: Path, *, splits: list[str] | None, boxes: str, max_side: int, quality: int, on_leak: str,
+                 dataset: str, limit: int):
+        if not root.is_dir():
+            raise AttrdistError(f"{root}: DIOR root directory not found; check --root")
+        if on_leak not in ("error", "warn", "drop"):
+            raise AttrdistError(f"--on-leak {on_leak!r}: expected error, warn or drop")
+        self.root, self.ann_dir = root, _annotation_dir(root, boxes)
+        sets = root / "ImageSets" / "Main"
+        if splits is None:
+            splits = [s for s in SPLITS if (sets / f"{s}.txt").is_file()]
+            if not splits:
+                raise AttrdistError(f"{sets}: no train.txt/val.txt/test.txt here; --root must be the DIOR root")
+        self.dataset, self.splits, self.where = dataset, list(splits), str(root)
+        self.max_side, self.quality, self.threads = max_side, quality, not max_side  # no max_side: copied through
+        self.image_dirs = tuple(d for d in IMAGE_DIRS if (root / d).is_dir())
+        self.tally = Tally(self.splits, ("duplicate_id",))
+        self.ids: dict[str, list[str]] = {}
+        self.listed: dict[str, int] = {}
+        for split in self.splits:
+            raw = read_split_ids(sets / f"{split}.txt")
+            uniq = list(dict.fromkeys(raw))
+            self.ids[split] = uniq[:limit] if limit else uniq
+            self.listed[split] = len(raw)
+            self.tally.drop(split, "duplicate_id", len(raw) - len(uniq))
+        self.sources = [source_entry(sets / f"{s}.txt") for s in self.splits]
+        self._options = {"root": str(root), "annotations": str(self.ann_dir.relative_to(root)), "splits": self.splits,
+                         "max_side": max_side, "quality": quality, "limit": limit, "on_leak": on_leak,
+                         "box_format": "xywh pixels of the stored image", "prompts": PROMPTS,
+                         "raw_class_names": [r for r, _ in DIOR_CLASSES]}
+        self.kept: dict[str, list[str]] = {s: [] for s in self.splits}  # ids planned for pass 2
+        self.coco: dict[str, dict] = {}  # split -> COCO instances of the packed images
+        self.boxes, self.box_counts = Counter(), {s: {c: 0 for c in CLASS_NAMES} for s in self.splits}
+
+    def images(self) -> list[ImageItem]:
+        return [ImageItem(s, i, (str(self.ann_dir / f"{i}.xml"), str(self.root), self.image_dirs))
+                for s in self.splits for i in self.ids[s]]
+
+    def plan(self, image, meta):
+        self.kept[image.split].append(image.key)
+        return Task((meta["path"], meta["sha1"], self.max_side, self.quality))
+
+    def samples(self, image, meta, task, result):
+        data, ext, w, h, crc = result
+        split, i = image.split, image.key
+        sx, sy = w / meta["width"], h / meta["height"]
+        c = self.coco.setdefault(split, {"images": [], "annotations": [], "next_ann": 1,
+                                         "numeric": all(k.isdigit() for k in self.kept[split])})
+        image_id = int(i) if c["numeric"] else len(c["images"]) + 1
+        bxs = [_scale_box(b, sx, sy) for b in meta["boxes"]]
+        ann_ids = list(range(c["next_ann"], c["next_ann"] + len(bxs)))
+        c["next_ann"] += len(bxs)
+        c["images"].append({"id": image_id, "file_name": f"{i}.{ext}", "width": w, "height": h})
+        for aid, b, lab in zip(ann_ids, bxs, meta["box_labels"]):
+            c["annotations"].append({"id": aid, "image_id": image_id, "category_id": lab + 1, "bbox": b,
+                                     "area": round(b[2] * b[3], 4), "iscrowd": 0})
+            self.box_counts[split][CLASS_NAMES[lab]] += 1
+        self.boxes[split] += len(bxs)
+        sample = {"id": i, "image_id": image_id, "file_name": meta["file_name"], "width": w, "height": h,
+                  "labels": sorted(set(meta["box_labels"])), "boxes": bxs, "box_labels": meta["box_labels"],
+                  "ann_ids": ann_ids}
+        yield i, {ext: data, "json": sample}, {ext: crc}
+
+    def files(self) -> dict[str, bytes]:
+        """coco_<split>.json: COCO instances of exactly the packed images, for pycocotools."""
+        categories = [{"id": k + 1, "name": n, "supercategory": "dior"} for k, n in enumerate(CLASS_NAMES)]
+        return {f"coco_{split}.json": json.dumps({
+            "info": {"description": f"{self.dataset} {split} (attrdist pack)"}, "licenses": [],
+            "images": c["images"], "annotations": c["annotations"], "categories": categories}).encode()
+            for split, c in self.coco.items()}
+
+    def job(self, verified: dict) -> dict:
+        return self._options  # resumed when the options match (the inputs are not digested)
+
+    @property
+    def options(self) -> dict:
+        return {**self._options, "coco_instances": {split: f"coco_{split}.json" for split in self.coco}}
+
+    def report(self, verified: dict) -> dict:
+        report = {}
+        for split in self.splits:
+            boxes_dropped, clipped, mismatch, missing = Counter(), 0, 0, []
+            for i in self.ids[split]:  # pass 1's findings, for every image read (leaked ones too)
+                m = verified[(split, i)]
+                if isinstance(m, ItemError):
+                    if m.reason == "missing_image" and len(missing) < 5:
+                        missing.append(i)
+                    continue
+                counts = dict(m["box_counts"])
+                clipped += counts.pop("clipped", 0)
+                boxes_dropped.update(counts)
+                mismatch += int(m["size_mismatch"])
+            report[split] = {"listed": self.listed[split], "packed": self.tally.packed[split],
+                             "dropped": self.tally.dropped(split), "boxes": self.boxes[split],
+                             "boxes_dropped": dict(boxes_dropped), "boxes_clipped": clipped, "size_mismatch": mismatch,
+                             "box_counts": self.box_counts[split], "missing_image_examples": missing}
+        return report
+
+
 def pack_dior(root: str | os.PathLike, out_dir: str | os.PathLike, *, splits: list[str] | None = None,
               boxes: str = "horizontal", max_side: int = 0, quality: int = 90, workers: int | None = None,
               on_leak: str = "error", dataset: str = "dior", max_samples: int = 1000, limit: int = 0,
               overwrite: bool = False, progress: bool = True) -> dict:
     """Pack the official DIOR splits (ImageSets/Main/<split>.txt). Returns the manifest."""
-    from attrdist.pack.leakage import apply_policy, find_leaks
-
-    root = Path(root)
-    if not root.is_dir():
-        raise AttrdistError(f"{root}: DIOR root directory not found; check --root")
-    if on_leak not in ("error", "warn", "drop"):
-        raise AttrdistError(f"--on-leak {on_leak!r}: expected error, warn or drop")
-    ann_dir = _annotation_dir(root, boxes)
-    sets = root / "ImageSets" / "Main"
-    if splits is None:
-        splits = [s for s in SPLITS if (sets / f"{s}.txt").is_file()]
-        if not splits:
-            raise AttrdistError(f"{sets}: no train.txt/val.txt/test.txt here; --root must be the DIOR root")
-    workers = default_workers() if workers is None else workers
-    image_dirs = tuple(d for d in IMAGE_DIRS if (root / d).is_dir())
-
-    ids: dict[str, list[str]] = {}
-    report: dict = {}
-    for split in splits:
-        raw = read_split_ids(sets / f"{split}.txt")
-        uniq = list(dict.fromkeys(raw))
-        ids[split] = uniq[:limit] if limit else uniq
-        report[split] = {"listed": len(raw), "packed": 0,
-                         "dropped": Counter({"duplicate_id": len(raw) - len(uniq)}),
-                         "boxes": 0, "boxes_dropped": Counter(), "boxes_clipped": 0, "size_mismatch": 0,
-                         "box_counts": {c: 0 for c in CLASS_NAMES}}
-
-    _check_replaceable(Path(out_dir), dataset, overwrite)  # fail fast, before reading anything
-    # pass 1: parse + decode + fingerprint (workers); keep small metadata only
-    order = [(split, i) for split in splits for i in ids[split]]
-    jobs = ((str(ann_dir / f"{i}.xml"), str(root), image_dirs) for _, i in order)
-    kept: dict[str, list[tuple[str, dict]]] = {s: [] for s in splits}
-    missing_examples: dict[str, list[str]] = {s: [] for s in splits}
-    bar = tqdm(parallel_map(_probe, jobs, workers), total=len(order), desc="dior: read+verify",
-               unit="img", disable=not progress, dynamic_ncols=True)
-    for (split, i), res in zip(order, bar):
-        rep = report[split]
-        if isinstance(res, ItemError):
-            rep["dropped"][res.reason] += 1
-            if res.reason == "missing_image" and len(missing_examples[split]) < 5:
-                missing_examples[split].append(i)
-            continue
-        c = res.pop("box_counts")
-        rep["boxes_clipped"] += c.pop("clipped", 0)
-        rep["boxes_dropped"].update(c)
-        rep["size_mismatch"] += int(res.pop("size_mismatch"))
-        kept[split].append((i, res))
-    bar.close()
-
-    # leakage across the official splits (same or near-duplicate images)
-    leaks = find_leaks({s: [(i, m["sha1"], m["phash"]) for i, m in kept[s]] for s in splits})
-    drop = apply_policy(leaks, on_leak, str(root))
-    report["leakage"] = leaks
-    for s in splits:
-        gone = drop.get(s, set())
-        if gone:
-            report[s]["dropped"]["leak"] += sum(i in gone for i, _ in kept[s])
-            kept[s] = [(i, m) for i, m in kept[s] if i not in gone]
-
-    options = {"root": str(root), "annotations": str(ann_dir.relative_to(root)), "splits": splits,
-               "max_side": max_side, "quality": quality, "limit": limit, "on_leak": on_leak,
-               "box_format": "xywh pixels of the stored image", "prompts": PROMPTS,
-               "raw_class_names": [r for r, _ in DIOR_CLASSES]}
-    writer = PackWriter(out_dir, dataset=dataset, attributes=CLASS_NAMES, label_fields=["labels"],
-                        max_samples=max_samples, overwrite=overwrite, job=options)
-    with writer:
-        # pass 2: encode (workers) and write in order; COCO instances per split
-        order2 = [(s, i, m) for s in splits for i, m in kept[s]]
-        jobs2 = ((m["path"], m["sha1"], max_side, quality) for _, _, m in order2)
-        coco: dict[str, dict] = {}
-        numeric = {s: all(i.isdigit() for i, _ in kept[s]) for s in splits}
-        bar = tqdm(parallel_map(_encode, jobs2, workers, threads=not max_side),  # no max_side: copied through
-                   total=len(order2), desc="dior: write", unit="img", disable=not progress, dynamic_ncols=True)
-        for (split, i, m), res in zip(order2, bar):
-            rep = report[split]
-            if isinstance(res, ItemError):  # changed on disk since pass 1
-                rep["dropped"][res.reason] += 1
-                continue
-            data, ext, w, h, crc = res
-            sx, sy = w / m["width"], h / m["height"]
-            c = coco.setdefault(split, {"images": [], "annotations": [], "next_ann": 1})
-            image_id = int(i) if numeric[split] else len(c["images"]) + 1
-            bxs = [_scale_box(b, sx, sy) for b in m["boxes"]]
-            ann_ids = list(range(c["next_ann"], c["next_ann"] + len(bxs)))
-            c["next_ann"] += len(bxs)
-            stored_name = f"{i}.{ext}"
-            c["images"].append({"id": image_id, "file_name": stored_name, "width": w, "height": h})
-            for aid, b, lab in zip(ann_ids, bxs, m["box_labels"]):
-                c["annotations"].append({"id": aid, "image_id": image_id, "category_id": lab + 1, "bbox": b,
-                                         "area": round(b[2] * b[3], 4), "iscrowd": 0})
-                rep["box_counts"][CLASS_NAMES[lab]] += 1
-            meta = {"id": i, "image_id": image_id, "file_name": m["file_name"], "width": w, "height": h,
-                    "labels": sorted(set(m["box_labels"])), "boxes": bxs, "box_labels": m["box_labels"],
-                    "ann_ids": ann_ids}
-            writer.add(split, i, {ext: data, "json": meta}, crc32={ext: crc})
-            rep["packed"] += 1
-            rep["boxes"] += len(bxs)
-        bar.close()
-
-        coco_files = {}
-        categories = [{"id": k + 1, "name": n, "supercategory": "dior"} for k, n in enumerate(CLASS_NAMES)]
-        for split, c in coco.items():
-            name = f"coco_{split}.json"
-            with open(writer.staging / name, "w") as f:
-                json.dump({"info": {"description": f"{dataset} {split} (attrdist pack)"}, "licenses": [],
-                           "images": c["images"], "annotations": c["annotations"], "categories": categories}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            coco_files[split] = name
-        for s in splits:
-            rep = report[s]
-            rep["dropped"] = dict(rep["dropped"])
-            rep["boxes_dropped"] = dict(rep["boxes_dropped"])
-            rep["missing_image_examples"] = missing_examples[s]
-        sources = [source_entry(sets / f"{s}.txt") for s in splits]
-        return writer.commit(sources=sources, report=report, options={**options, "coco_instances": coco_files})
+    fmt = DiorFormat(Path(root), splits=splits, boxes=boxes, max_side=max_side, quality=quality, on_leak=on_leak,
+                     dataset=dataset, limit=limit)
+    return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
+                progress=progress)

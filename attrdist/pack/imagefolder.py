@@ -17,7 +17,8 @@ augmented copies that carry no group id, so the cross-split leakage check (conte
 hash, attrdist.pack.leakage) runs on the result: `--on-leak error` (default) fails, `drop` removes the
 leaked copies from the later split, `warn` only reports.
 
-Unreadable or corrupt files are counted by reason in the manifest report, never fatal.
+`ImageFolderFormat` is run by `attrdist.pack.pipeline.pack` (verify, leak check, write). Unreadable or
+corrupt files are counted by reason in the manifest report, never fatal.
 """
 
 from __future__ import annotations
@@ -32,12 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
-from attrdist.pack.pipeline import (ItemError, ItemFailure, default_workers, encode_jpeg, open_image, parallel_map,
-                              read_ahead, read_checked, resize_max_side, verify_bytes)
-from attrdist.pack.writer import PackWriter, _check_replaceable, source_entry
+from attrdist.pack.pipeline import (ImageItem, ItemFailure, PackFormat, Task, Tally, encode_jpeg, open_image, pack,
+                                    read_checked, resize_max_side, verify_bytes)
+from attrdist.pack.writer import source_entry
 
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -185,14 +185,14 @@ def group_split(files: list[ImageFile], fractions: dict[str, float], seed: int) 
 # ----------------------------------------------------------------------------------------------
 
 
-def _probe(path: str) -> tuple[int, int, str, int]:
-    """Pass 1: read, decode once to verify, fingerprint (`packing.verify_bytes`). Returns (width, height, sha1, phash)."""
+def _probe(path: str) -> dict:
+    """Pass 1: read, decode once to verify, fingerprint (`pipeline.verify_bytes`). Returns {"path", "width",
+    "height", "format", "sha1", "phash"}."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ItemFailure("unreadable_file", str(e)) from None
-    v = verify_bytes(data, path)
-    return v["width"], v["height"], v["sha1"], v["phash"]
+    return {"path": path, **verify_bytes(data, path)}
 
 
 def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int, int]:
@@ -246,6 +246,60 @@ def collect(root: Path, *, split_dirs: bool, group_by: str, sep: str, parts: int
     return classes, per_split, scan
 
 
+class ImageFolderFormat(PackFormat):
+    """An image-folder dataset, split here or by its folders (`pack_imagefolder`)."""
+
+    verify = staticmethod(_probe)
+    produce = staticmethod(_encode)
+
+    def __init__(self, root: Path, *, val: float, test: float, seed: int, split_dirs: bool, group_by: str,
+                 group_sep: str, group_parts: int, groups_csv: Path | None, max_side: int, quality: int,
+                 on_leak: str, dataset: str):
+        if on_leak not in ("error", "warn", "drop"):
+            raise AttrdistError(f"--on-leak {on_leak!r}: expected error, warn or drop")
+        if not split_dirs and not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+            raise AttrdistError(f"--val {val} --test {test}: fractions must be in [0, 1) and sum to less than 1")
+        fractions = {"train": 1.0 - val - test, "val": val, "test": test}
+        classes, self.per_split, self.scan = collect(root, split_dirs=split_dirs, group_by=group_by, sep=group_sep,
+                                                     parts=group_parts, groups_csv=groups_csv, fractions=fractions,
+                                                     seed=seed)
+        self.dataset, self.attributes, self.splits, self.where = dataset, classes, list(self.per_split), str(root)
+        self.root, self.max_side, self.quality = root, max_side, quality
+        self.threads = not max_side  # no max_side: bytes mostly copied through
+        self.cindex = {c: i for i, c in enumerate(classes)}
+        self.tally = Tally(self.splits)
+        self.class_counts = {s: dict.fromkeys(classes, 0) for s in self.splits}
+        self.sources = [source_entry(groups_csv)] if groups_csv else []
+        self.options = {"root": str(root), "split_dirs": split_dirs, "fractions": None if split_dirs else fractions,
+                        "seed": seed, "group_by": group_by, "group_sep": group_sep, "group_parts": group_parts,
+                        "groups": str(groups_csv) if groups_csv else None, "max_side": max_side, "quality": quality,
+                        "on_leak": on_leak, "splits": self.splits}
+        self.planned = 0  # sample keys number the images planned for pass 2, across splits
+
+    def images(self) -> list[ImageItem]:
+        return [ImageItem(s, f.rel, str(self.root / f.rel), f) for s in self.splits for f in self.per_split[s]]
+
+    def plan(self, image, meta):
+        self.planned += 1
+        return Task((meta["path"], meta["sha1"], self.max_side, self.quality), f"{self.planned - 1:08d}")
+
+    def samples(self, image, meta, task, result):
+        data, ext, w, h, crc = result
+        f = image.info
+        self.class_counts[image.split][f.cls] += 1
+        sample = {"id": f.rel, "class": f.cls, "group": f.group, "labels": [self.cindex[f.cls]], "width": w,
+                  "height": h}
+        yield task.info, {ext: data, "json": sample}, {ext: crc}
+
+    def job(self, verified: dict) -> dict:
+        return self.options  # resumed when the options match (the inputs are not digested)
+
+    def report(self, verified: dict) -> dict:
+        return {"scan": self.scan, **{s: {"files": len(fs), "groups": len({f.group for f in fs}),
+                                          "packed": self.tally.packed[s], "dropped": self.tally.dropped(s),
+                                          "class_counts": self.class_counts[s]} for s, fs in self.per_split.items()}}
+
+
 def pack_imagefolder(root: str | os.PathLike, out_dir: str | os.PathLike, *, val: float = 0.2, test: float = 0.0,
                      seed: int = 0, split_dirs: bool = False, group_by: str = "prefix", group_sep: str = "_",
                      group_parts: int = 2, groups_csv: str | os.PathLike | None = None, max_side: int = 0,
@@ -253,72 +307,9 @@ def pack_imagefolder(root: str | os.PathLike, out_dir: str | os.PathLike, *, val
                      dataset: str = "imagefolder", max_samples: int = 1000, overwrite: bool = False,
                      progress: bool = True) -> dict:
     """Pack an image-folder dataset. Returns the manifest."""
-    from attrdist.pack.leakage import apply_policy, find_leaks
-
-    root = Path(root)
-    groups_csv = Path(groups_csv) if groups_csv else None
-    if on_leak not in ("error", "warn", "drop"):
-        raise AttrdistError(f"--on-leak {on_leak!r}: expected error, warn or drop")
-    if not split_dirs and not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
-        raise AttrdistError(f"--val {val} --test {test}: fractions must be in [0, 1) and sum to less than 1")
-    workers = default_workers() if workers is None else workers
-    fractions = {"train": 1.0 - val - test, "val": val, "test": test}
-    classes, per_split, scan = collect(root, split_dirs=split_dirs, group_by=group_by, sep=group_sep,
-                                       parts=group_parts, groups_csv=groups_csv, fractions=fractions, seed=seed)
-    cindex = {c: i for i, c in enumerate(classes)}
-    splits = list(per_split)
-    report: dict = {"scan": scan}
-    for s in splits:
-        fs = per_split[s]
-        report[s] = {"files": len(fs), "groups": len({f.group for f in fs}), "packed": 0, "dropped": Counter(),
-                     "class_counts": dict.fromkeys(classes, 0)}
-
-    _check_replaceable(Path(out_dir), dataset, overwrite)  # fail fast, before reading anything
-    # pass 1: read + decode + fingerprint in workers; keep (file, w, h, sha1, phash) only
-    order = [(s, f) for s in splits for f in per_split[s]]
-    kept: dict[str, list[tuple[ImageFile, tuple]]] = {s: [] for s in splits}
-    bar = tqdm(parallel_map(_probe, read_ahead(str(root / f.rel) for _, f in order), workers), total=len(order),
-               desc="imagefolder: read+verify", unit="img", disable=not progress, dynamic_ncols=True)
-    for (s, f), res in zip(order, bar):
-        if isinstance(res, ItemError):
-            report[s]["dropped"][res.reason] += 1
-            continue
-        kept[s].append((f, res))
-    bar.close()
-
-    leaks = find_leaks({s: [(f.rel, r[2], r[3]) for f, r in kept[s]] for s in splits})
-    drop = apply_policy(leaks, on_leak, str(root))
-    report["leakage"] = leaks
-    for s in splits:
-        gone = drop.get(s, set())
-        if gone:
-            report[s]["dropped"]["leak"] += sum(f.rel in gone for f, _ in kept[s])
-            kept[s] = [(f, r) for f, r in kept[s] if f.rel not in gone]
-
-    options = {"root": str(root), "split_dirs": split_dirs, "fractions": None if split_dirs else fractions,
-               "seed": seed, "group_by": group_by, "group_sep": group_sep, "group_parts": group_parts,
-               "groups": str(groups_csv) if groups_csv else None, "max_side": max_side, "quality": quality,
-               "on_leak": on_leak, "splits": splits}
-    writer = PackWriter(out_dir, dataset=dataset, attributes=classes, label_fields=["labels"],
-                        max_samples=max_samples, overwrite=overwrite, job=options)
-    with writer:
-        # pass 2: stored bytes in workers, written in order
-        order2 = [(s, f, r) for s in splits for f, r in kept[s]]
-        jobs2 = ((str(root / f.rel), r[2], max_side, quality) for _, f, r in order2)
-        bar = tqdm(parallel_map(_encode, jobs2, workers, threads=not max_side),  # no max_side: mostly copied through
-                   total=len(order2), desc="imagefolder: write", unit="img", disable=not progress, dynamic_ncols=True)
-        for n, ((s, f, _), res) in enumerate(zip(order2, bar)):
-            rep = report[s]
-            if isinstance(res, ItemError):
-                rep["dropped"][res.reason] += 1
-                continue
-            data, ext, w, h, crc = res
-            meta = {"id": f.rel, "class": f.cls, "group": f.group, "labels": [cindex[f.cls]], "width": w, "height": h}
-            writer.add(s, f"{n:08d}", {ext: data, "json": meta}, crc32={ext: crc})
-            rep["packed"] += 1
-            rep["class_counts"][f.cls] += 1
-        bar.close()
-        for s in splits:
-            report[s]["dropped"] = dict(report[s]["dropped"])
-        sources = [source_entry(groups_csv)] if groups_csv else []
-        return writer.commit(sources=sources, report=report, options=options)
+    fmt = ImageFolderFormat(Path(root), val=val, test=test, seed=seed, split_dirs=split_dirs, group_by=group_by,
+                            group_sep=group_sep, group_parts=group_parts,
+                            groups_csv=Path(groups_csv) if groups_csv else None, max_side=max_side, quality=quality,
+                            on_leak=on_leak, dataset=dataset)
+    return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
+                progress=progress)

@@ -1,4 +1,21 @@
-"""Shared machinery of the packers: parallel per-item work, image re-encoding, content hashes.
+"""The pack pipeline, once for every source format, and the pieces it is made of.
+
+`pack(fmt, out_dir, ...)` is the whole pack of any dataset:
+
+  pass 1  every image the format lists (`PackFormat.images`) is read and decoded once in worker
+          processes (`fmt.verify`, by default `verify_image`: `verify_bytes`) and fingerprinted; only
+          small metadata comes back to this process. A failure is counted by reason, never fatal.
+  check   `attrdist.pack.leakage.find_leaks` over all splits; `--on-leak error|warn|drop`
+          (`apply_policy`); its report goes to the manifest's report["leakage"].
+  pass 2  for each image still in (`fmt.reject`, the leak drops), `fmt.plan` says what to make of it
+          and `fmt.produce` makes it in workers (threads where bytes are mostly copied through,
+          `fmt.threads`); `fmt.samples` turns each result into samples, written in order by
+          `attrdist.pack.writer.PackWriter`, which `commit`s the pack whole.
+
+A source format (coco, cocottributes, dior, imagefolder) is a `PackFormat`: it lists its images
+(`ImageItem`: split, key, path, its own data) and turns one image's pass-2 result into samples; the
+pipeline does the rest. Every image or sample not packed is counted by reason per split in one
+place, the format's `Tally`, which its report puts in the manifest (`report[split]["dropped"]`).
 
 `parallel_map(fn, items, workers)` runs `fn` over items in worker processes (a few items per task)
 and yields results in input order with a bounded number in flight, so packing uses every core
@@ -11,14 +28,21 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections import deque
+import zlib
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
+from attrdist.pack.writer import PackWriter, check_replaceable
+
+LEAK_POLICIES = ("error", "warn", "drop")
 
 
 @dataclass(frozen=True)
@@ -245,3 +269,234 @@ def job_identity(verified: dict, **options) -> dict:
         tag = r.get("sha1") if isinstance(r, dict) else f"error:{getattr(r, 'reason', '?')}"
         h.update(f"{split}\0{key}\0{tag}\n".encode())
     return {"options": {k: str(v) for k, v in sorted(options.items())}, "items": h.hexdigest()}
+
+
+def verify_image(paths: str | os.PathLike | list) -> dict:
+    """Pass 1 for one image file: read + decode it once (`verify_bytes`), fingerprint it. Given several
+    candidate paths, the first that exists is used.
+
+    Returns {"path", "width", "height", "format", "sha1", "phash"}; raises ItemFailure with
+    reason missing_image / not_an_image / corrupt_image / decompression_bomb.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    path = next((str(p) for p in paths if os.path.isfile(p)), None)
+    if path is None:
+        raise ItemFailure("missing_image", str(paths[0]))
+    with open(path, "rb") as f:
+        data = f.read()
+    return {"path": path, **verify_bytes(data, path)}
+
+
+def load_image_item(item: tuple) -> tuple[bytes, str, tuple[int, int], int]:
+    """Pass 2 for one image: (path, sha1, format, max_side, quality) -> (bytes, ext, (w, h), crc32 of the bytes).
+
+    Without max_side, JPEG and PNG bytes are copied through unchanged; other formats are
+    re-encoded as JPEG. The crc32 (the sample's checksum, `PackWriter.add`) is taken here, in a pass-2
+    thread or worker, not in the writing thread.
+    """
+    path, sha1, fmt, max_side, quality = item
+    data = read_checked(path, sha1)
+    if max_side:
+        out, size, _ = resize_max_side(data, max_side, quality)
+        if out is not data:
+            return out, "jpg", size, zlib.crc32(out)
+    if fmt in ("JPEG", "PNG"):
+        with Image.open(io.BytesIO(data)) as im:
+            return data, "jpg" if fmt == "JPEG" else "png", im.size, zlib.crc32(data)
+    im = open_image(data)
+    out = encode_jpeg(im, quality)
+    return out, "jpg", im.size, zlib.crc32(out)
+
+
+# ------------------------------------------------------------------------------------------
+# The pipeline: what a source format supplies, and `pack`
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One input image, as a format lists it (`PackFormat.images`)."""
+
+    split: str
+    key: str           # unique in its split: what leak reports and the resume identity name
+    path: Any          # what the format's `verify` is given: a path, candidate paths, ...
+    info: Any = None   # the format's own data for this image (labels, annotations...), handed back to it
+    samples: int = 1   # the samples it stands for: dropping the image counts them all
+
+
+@dataclass(frozen=True)
+class Task:
+    """Pass 2 for one image (`PackFormat.plan`): `arg` goes to the format's `produce`, in a worker."""
+
+    arg: Any
+    info: Any = None   # handed back to `PackFormat.samples` with the result
+    samples: int = 1   # the samples a failed `produce` drops
+
+
+class Tally:
+    """Samples packed, and dropped by reason, per split: the one place a drop is recorded.
+
+    `reasons` are listed (as 0) in every split's report even when nothing was dropped for them;
+    `rename` maps a reason to the name this format's report gives it."""
+
+    def __init__(self, splits: Iterable[str], reasons: Iterable[str] = (), rename: dict[str, str] | None = None):
+        self.reasons, self.rename = tuple(reasons), dict(rename or {})
+        self.packed: Counter = Counter({s: 0 for s in splits})
+        self._dropped = {s: Counter(dict.fromkeys(self.reasons, 0)) for s in self.packed}
+
+    def drop(self, split: str, reason: str, n: int = 1) -> None:
+        counts = self._dropped.setdefault(split, Counter(dict.fromkeys(self.reasons, 0)))
+        counts[self.rename.get(reason, reason)] += n
+
+    def dropped(self, split: str) -> dict:
+        return dict(self._dropped.get(split, {}))
+
+
+class PackFormat:
+    """What a source format supplies to `pack`. A subclass lists the images (`images`) and turns one
+    image's pass-2 result into samples (`samples`); the defaults verify each image file (`verify_image`),
+    copy its bytes through (`load_image_item`) and report packed/dropped per split.
+
+    Its constructor reads the annotations (bad input fails there, before any image is read); it sets
+    `dataset`, `attributes`, `splits` and `tally`, and where they differ from the defaults
+    `label_fields`, `sources`, `options`, `where` and `threads`.
+    """
+
+    dataset: str
+    attributes: list[str]       # the label vocabulary, in label-index order
+    splits: list[str]           # in pack order
+    tally: Tally
+    label_fields: tuple[str, ...] = ("labels",)  # sample JSON fields holding label indices (counted in the manifest)
+    sources: list[dict] | tuple = ()  # `attrdist.pack.writer.source_entry` of the annotation files read
+    options: dict = {}          # the manifest's options (what the pack was asked to do)
+    where: str | None = None    # what a leak error names (default: the output directory)
+    verify = staticmethod(verify_image)       # pass 1, in workers: ImageItem.path -> metadata with sha1, phash
+    produce = staticmethod(load_image_item)   # pass 2, in workers: Task.arg -> what `samples` turns into samples
+    threads = True              # `produce` in threads (bytes copied through), else in processes (decoding)
+
+    def images(self) -> list[ImageItem]:
+        """Every input image, split by split, in the order the samples are to be written."""
+        raise NotImplementedError
+
+    def reject(self, image: ImageItem, meta: dict) -> str | None:
+        """A reason to drop a verified image before the leak check (default: none)."""
+        return None
+
+    def plan(self, image: ImageItem, meta: dict) -> Task | None:
+        """Pass 2 for an image that is in (verified, not leaked): a Task, or None after recording in the
+        tally why nothing of it is packed. Default: its bytes, copied through."""
+        return Task((meta["path"], meta["sha1"], meta["format"], 0, 90))
+
+    def samples(self, image: ImageItem, meta: dict, task: Task, result) -> Iterable[tuple[str, dict, dict | None]]:
+        """The samples made of one image: (key, {ext: bytes, "json": sample JSON}, crc32 {ext: crc} or None)."""
+        raise NotImplementedError
+
+    def job(self, verified: dict) -> dict:
+        """What an interrupted pack must match to be resumed (`PackWriter`'s `job`)."""
+        return job_identity(verified, **self.options)
+
+    def report(self, verified: dict) -> dict:
+        """The manifest's report besides "leakage": by default {split: {"packed", "dropped"}}."""
+        return {s: {"packed": self.tally.packed[s], "dropped": self.tally.dropped(s)} for s in self.splits}
+
+    def files(self) -> dict[str, bytes]:
+        """Files published beside the shards (name -> bytes), written once every sample is."""
+        return {}
+
+
+def pack(fmt: PackFormat, out_dir: str | os.PathLike, *, max_samples: int = 1000, workers: int | None = None,
+         on_leak: str = "error", overwrite: bool = False, progress: bool = True) -> dict:
+    """Pack a source format's images into shards in `out_dir` (module docstring). Returns the manifest."""
+    check_leak_policy(on_leak)
+    images, tally = fmt.images(), fmt.tally
+    check_replaceable(Path(out_dir), fmt.dataset, overwrite)  # fail fast, before reading any image
+    verified = verify_all(images, fmt.verify, workers, progress)  # pass 1
+    readable = []
+    for im in images:
+        meta = verified[(im.split, im.key)]
+        if isinstance(meta, ItemError):
+            tally.drop(im.split, meta.reason, im.samples)
+        else:
+            readable.append((im, meta))
+    leakage, leaked = check_leakage(verified, fmt.splits, on_leak, fmt.where or str(out_dir))
+    with PackWriter(out_dir, dataset=fmt.dataset, attributes=fmt.attributes, label_fields=fmt.label_fields,
+                    max_samples=max_samples, overwrite=overwrite, job=fmt.job(verified)) as writer:
+        todo = []
+        for im, meta in readable:
+            reason = fmt.reject(im, meta)
+            if reason is None and im.key in leaked.get(im.split, ()):
+                reason = "leak"
+            if reason is not None:
+                tally.drop(im.split, reason, im.samples)
+            elif (task := fmt.plan(im, meta)) is not None:
+                todo.append((im, meta, task))
+        results = parallel_map(fmt.produce, (task.arg for _, _, task in todo), workers, threads=fmt.threads)  # pass 2
+        for (im, meta, task), r in zip(todo, tqdm(results, total=len(todo), desc="write", unit="img",
+                                                  disable=not progress)):
+            if isinstance(r, ItemError):
+                tally.drop(im.split, r.reason, task.samples)
+                continue
+            for key, sample, crc32 in fmt.samples(im, meta, task, r):
+                writer.add(im.split, key, sample, crc32=crc32)
+                tally.packed[im.split] += 1
+        for name, data in fmt.files().items():
+            write_synced(writer.staging / name, data)
+        return writer.commit(sources=fmt.sources, options=fmt.options,
+                             report={"leakage": leakage, **fmt.report(verified)})
+
+
+def verify_all(images: list[ImageItem], verify: Callable, workers: int | None, progress: bool) -> dict:
+    """Pass 1 over the images -> {(split, key): `verify`'s metadata | ItemError}."""
+    paths = read_ahead((im.path for im in images),
+                       path_of=lambda p: p if isinstance(p, (str, os.PathLike)) else p[0])
+    results = parallel_map(verify, paths, workers)
+    return {(im.split, im.key): r for im, r in zip(images, tqdm(results, total=len(images), desc="verify",
+                                                                 unit="img", disable=not progress))}
+
+
+def check_leak_policy(policy: str) -> None:
+    if policy not in LEAK_POLICIES:
+        raise AttrdistError(f"--on-leak {policy!r}: expected one of {', '.join(LEAK_POLICIES)}")
+
+
+def check_leakage(verified: dict, split_names: list[str], policy: str, where: str) -> tuple[dict, dict[str, set]]:
+    """Leak report over all verified images + the keys to drop per split (policy error|warn|drop)."""
+    from attrdist.pack.leakage import apply_policy, find_leaks
+
+    check_leak_policy(policy)
+    items: dict[str, list] = {s: [] for s in split_names}
+    for (split, key), r in verified.items():
+        if not isinstance(r, ItemError):
+            items[split].append((key, r["sha1"], r["phash"]))
+    report = find_leaks(items)
+    drop = apply_policy(report, policy, where) or {}
+    return jsonable(report), {s: set(v) for s, v in drop.items()}
+
+
+def jsonable(x):
+    """`x` with sets sorted into lists, tuples as lists, keys as strings and numpy scalars as numbers."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (set, frozenset)):
+        return sorted((jsonable(v) for v in x), key=str)
+    if hasattr(x, "item") and callable(x.item):  # numpy scalars
+        return x.item()
+    return x
+
+
+def check_split_names(names: list[str]) -> None:
+    """Split names become shard file names and manifest keys: unique, not "leakage", not a path."""
+    if len(set(names)) != len(names):
+        raise AttrdistError(f"splits {names}: a split name is given twice; give each --split a unique name")
+    for n in names:
+        if n == "leakage" or not n or "/" in n or n.startswith("."):
+            raise AttrdistError(f"split name {n!r} is not allowed (reserved, empty, or a path); choose another name")
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -137,7 +137,7 @@ def source_entry(path: str | os.PathLike) -> dict:
     return {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
-def _check_replaceable(out_dir: Path, dataset: str, overwrite: bool) -> None:
+def check_replaceable(out_dir: Path, dataset: str, overwrite: bool) -> None:
     """Refuse to replace a directory holding something else (another dataset, or not shards)."""
     if overwrite or not out_dir.exists():
         return
@@ -183,7 +183,7 @@ class PackWriter:
         from filelock import FileLock, Timeout
 
         self.out_dir = Path(out_dir)
-        _check_replaceable(self.out_dir, dataset, overwrite)
+        check_replaceable(self.out_dir, dataset, overwrite)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.out_dir.with_name(f".{self.out_dir.name}.lock")))
         try:
