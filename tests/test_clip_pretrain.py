@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attrdist.demo.scenes import clip_pretrain as cp
+from attrdist.demo import clip_pretrain as cp
 from attrdist.demo.aerial import AerialSpec, ensure_aerial
 from attrdist.pack.dior import pack_dior
 from attrdist.models.detector import build_clip, load_clip_checkpoint

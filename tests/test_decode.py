@@ -38,9 +38,13 @@ def encode(im: Image.Image, **kw) -> bytes:
 
 
 def variants(small_demo) -> dict[str, bytes]:
+    """Each photo enlarged to a shorter side of at least ~960 px (the shared 640x480 COCO photos: x2; the demo's
+    80 px scenes, the fallback without ../shared: x12), so that the sides asked for below fall on every DCT
+    scale (1/1, 1/2, 1/4, 1/8), with odd sides (scaled sizes round up)."""
     out = {}
     for i, im in enumerate(photos(small_demo)):
-        big = im.resize((im.width * 2 + 3, im.height * 2 + 1), Image.BICUBIC)  # odd sides: scaled sizes round up
+        f = max(2, -(-960 // min(im.size)))
+        big = im.resize((im.width * f + 3, im.height * f + 1), Image.BICUBIC)
         out[f"{i} 4:2:0 q90"] = encode(big, quality=90)
         out[f"{i} 4:4:4 q95"] = encode(big, quality=95, subsampling=0)
         out[f"{i} 4:2:2 q75"] = encode(big, quality=75, subsampling=1)

@@ -333,7 +333,7 @@ def test_ensemble_hand_computed():
 def test_crops_are_squares_inside_the_image_as_pretraining_cut_them():
     """The scorer's crops (roi_align on the normalised tensor) match clip_pretrain.crop (PIL, the pairs
     the demo CLIP learnt from) for the same box, also where the square must shift inside the image."""
-    from attrdist.demo.scenes import clip_pretrain as cp
+    from attrdist.demo import clip_pretrain as cp
 
     yy, xx = np.mgrid[0:96, 0:128]
     pixels = np.stack([xx * 2, yy * 2, (xx + yy) % 256], -1).astype(np.uint8)  # smooth, asymmetric
