@@ -16,11 +16,8 @@ import csv
 import importlib
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import RESULTS, machine_info, markdown_targets  # noqa: E402
+from bench.common import RESULTS, machine_info, markdown_targets
 
 ORDER = ["pack", "input", "input_profile", "train_step", "trainer_profile", "ddp", "malloc", "inference", "memory"]
 

@@ -34,9 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import write_csv  # noqa: E402
+from bench.common import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("ddp", "ddp_shm", "no_comm", "allreduce", "allreduce_shm")

@@ -54,9 +54,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import alternate, markdown_targets, summarize, target_row, write_csv  # noqa: E402
+from bench.common import alternate, markdown_targets, summarize, target_row, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_VOCAB = ROOT / "recipes" / "coconut_demo_vocab.json"

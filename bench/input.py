@@ -65,7 +65,6 @@ import contextlib
 import io
 import math
 import runpy
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -76,10 +75,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import alternate, markdown_targets, ratio_stats, summarize, target_row, write_csv  # noqa: E402
-from bench.pack import make_dataset  # noqa: E402
+from bench.common import alternate, markdown_targets, ratio_stats, summarize, target_row, write_csv
+from bench.pack import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ROOT / "recipes" / "coconut_vocab.json"
@@ -139,7 +136,7 @@ def shard_dataset(shards: Path, data_cfg, seed: int, pixels_in_workers: bool = T
     decides the dtype of the finished images (data.worker_dtype=auto: bfloat16 for a bf16 run)."""
     from attrdist.data.samples import SampleDataset, worker_image_dtype
     from attrdist.train.runtime import resolve_precision
-    from attrdist.data.shards import ShardReader, load_manifest
+    from attrdist.data.reader import ShardReader, load_manifest
 
     manifest = load_manifest(shards)
     fields = [data_cfg.labels, *[f for f in data_cfg.eval_labels if f != data_cfg.labels]]  # as Trainer does

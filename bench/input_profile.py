@@ -27,7 +27,6 @@ import argparse
 import resource
 import runpy
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -36,9 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import write_csv  # noqa: E402
+from bench.common import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

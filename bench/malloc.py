@@ -20,9 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import ratio_stats, write_csv  # noqa: E402
+from bench.common import ratio_stats, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

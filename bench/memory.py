@@ -52,9 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import alternate, markdown_targets, target_row, write_csv  # noqa: E402
+from bench.common import alternate, markdown_targets, target_row, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

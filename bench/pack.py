@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,9 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import alternate, markdown_targets, ratio_stats, summarize, target_row, write_csv  # noqa: E402
+from bench.common import alternate, markdown_targets, ratio_stats, summarize, target_row, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT.parent / "shared" / "data" / "coco" / "images"

@@ -20,9 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import write_csv  # noqa: E402
+from bench.common import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["coconut", "coco_attributes", "cocottributes", "characters", "dior_remoteclip"]

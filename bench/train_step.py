@@ -188,7 +188,7 @@ def collect_batches(ds, n: int, cfg, world: int = 1, rank: int = 0, k: int = MAX
 def standalone_batches(cfg) -> tuple[list[dict], list[str]]:
     """(in-memory batches, attribute names) built exactly as the Trainer's train dataset builds them."""
     from attrdist.data.samples import SampleDataset
-    from attrdist.data.shards import ShardReader, load_manifest
+    from attrdist.data.reader import ShardReader, load_manifest
 
     manifest = load_manifest(cfg.data.shards)
     reader = ShardReader(manifest, cfg.data.train_split)
@@ -449,7 +449,7 @@ def bare_worker(argv: list[str]) -> None:
     from attrdist.core.config import Config, from_dict
     from attrdist.data.samples import SampleDataset
     from attrdist.train.runtime import choose_device, resolve_precision
-    from attrdist.data.shards import ShardReader, load_manifest
+    from attrdist.data.reader import ShardReader, load_manifest
 
     spec = json.loads(Path(next(a for a in argv if a.startswith("--bare-worker=")).split("=", 1)[1]).read_text())
     cfg = from_dict(Config, spec["config"])

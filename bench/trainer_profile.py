@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import write_csv  # noqa: E402
+from bench.common import write_csv
 
 # (label, file suffix, function name) as cProfile names them
 PARTS = [

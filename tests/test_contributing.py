@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.data.reader import ShardReader, load_manifest
 from attrdist.pack.pipeline import ImageItem, PackFormat, Tally, pack
 
 

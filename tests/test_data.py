@@ -9,7 +9,7 @@ from attrdist.core.order import BatchPlan, epoch_order
 from attrdist.data.samples import SampleDataset, batch_images, collate
 from attrdist.data.loader import make_loader
 from attrdist.core.rng import fold
-from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.data.reader import ShardReader, load_manifest
 from attrdist.core.transforms import decode_image, train_geometry, train_transform
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from attrdist.demo.aerial import AERIAL_CLASSES, HBB_DIR, OBB_DIR, AerialSpec, aerial_demo_shards, ensure_aerial
 from attrdist.pack.dior import CLASS_NAMES, DIOR_CLASSES, parse_dior_xml
-from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.data.reader import ShardReader, load_manifest
 
 
 pytestmark = pytest.mark.packers

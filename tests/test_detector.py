@@ -245,7 +245,7 @@ def _jpeg(w: int, h: int) -> bytes:
 
 
 class ListReader(list):
-    """Stands in for attrdist.data.shards.ShardReader (reader[i] -> {"jpg": bytes, "json": bytes})."""
+    """Stands in for attrdist.data.reader.ShardReader (reader[i] -> {"jpg": bytes, "json": bytes})."""
 
 
 def _reader() -> ListReader:
@@ -406,7 +406,7 @@ def test_mismatched_or_foreign_checkpoints_are_reported(tmp_path, caplog):
 def test_real_dior_shards_round_trip_through_dataset_and_eval(tmp_path):
     """Pack the real DIOR sample, read it back at 128 px, and score its own (scaled) boxes: mAP 1."""
     from attrdist.pack.dior import CLASS_NAMES, pack_dior
-    from attrdist.data.shards import ShardReader, load_manifest
+    from attrdist.data.reader import ShardReader, load_manifest
     from tests.conftest import SHARED_DATA
 
     root = SHARED_DATA / "dior"

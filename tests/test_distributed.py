@@ -221,7 +221,7 @@ def write_uneven(src: Path, dst: Path, sizes: dict[str, list[int]]) -> Path:
     """Re-shard a packed dataset into shards of the given sizes (a real manifest: counts, sha256)."""
     import webdataset as wds
 
-    from attrdist.data.shards import ShardReader, load_manifest
+    from attrdist.data.reader import ShardReader, load_manifest
 
     from attrdist.atomic import sha256_file
 

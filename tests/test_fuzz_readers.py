@@ -138,7 +138,7 @@ def shards_copy(small_shards, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("n", BUDGET)
 def test_manifest(n, shards_copy):
-    from attrdist.data.shards import MANIFEST, ShardReader, load_manifest
+    from attrdist.data.reader import MANIFEST, ShardReader, load_manifest
 
     path = shards_copy / MANIFEST
     good = path.read_bytes()
@@ -165,7 +165,7 @@ def test_shard_bytes(n, shards_copy):
     samples or count them as corrupt; nothing else."""
     from attrdist.core.config import DataConfig
     from attrdist.data.samples import SampleDataset
-    from attrdist.data.shards import ShardReader, load_manifest
+    from attrdist.data.reader import ShardReader, load_manifest
 
     shard = shards_copy / "train-000002.tar"
     good = shard.read_bytes()

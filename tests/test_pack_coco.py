@@ -14,7 +14,7 @@ from PIL import Image
 
 from attrdist.pack.coco import AnnSource, SplitSource, load_detections, pack_coco_captions, pack_coco_images, pack_coco_objects
 from attrdist.errors import AttrdistError
-from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.data.reader import ShardReader, load_manifest
 from attrdist.pack.vocab import load_vocabulary
 from tests.conftest import ROOT, SHARED_DATA, run_env
 

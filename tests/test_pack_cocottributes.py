@@ -17,7 +17,7 @@ from PIL import Image
 
 from attrdist.pack.cocottributes import load_cocottributes, load_pickle, pack_cocottributes
 from attrdist.errors import AttrdistError
-from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.data.reader import ShardReader, load_manifest
 from tests.conftest import ROOT, SHARED_DATA, run_env
 
 pytestmark = [pytest.mark.packers,

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from attrdist.errors import AttrdistError
-from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.data.reader import ShardReader, load_manifest
 from tests.conftest import ROOT, SHARED_DATA, run_env
 
 pytestmark = pytest.mark.packers

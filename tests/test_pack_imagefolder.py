@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 from attrdist.errors import AttrdistError
-from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.data.reader import ShardReader, load_manifest
 from tests.conftest import ROOT, run_env
 
 pytestmark = pytest.mark.packers

@@ -99,7 +99,7 @@ def cocottributes_shards(small_demo, tmp_path_factory) -> Path:
 
 
 def test_cocottributes_demo_trains_with_ignore_mask_and_epoch_checkpoints(cocottributes_shards, tmp_path):
-    from attrdist.data.shards import ShardReader, load_manifest
+    from attrdist.data.reader import ShardReader, load_manifest
 
     reader = ShardReader(load_manifest(cocottributes_shards), "train")
     metas = [json.loads(reader[i]["json"]) for i in range(len(reader))]

@@ -26,7 +26,7 @@ from attrdist.core.config import DataConfig
 from attrdist.data.samples import CorruptTally, SampleDataset, SampleError
 from attrdist.errors import AttrdistError
 from attrdist.pack.writer import PackWriter
-from attrdist.data.shards import ShardError, ShardReader, load_manifest
+from attrdist.data.reader import ShardError, ShardReader, load_manifest
 from attrdist.atomic import sha256_file
 from tests.conftest import DEMO_VOCAB, FAST, ROOT, run_env, run_recipe
 

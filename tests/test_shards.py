@@ -12,7 +12,7 @@ import webdataset as wds
 
 from attrdist.pack.coco import SplitSource, load_coco, pack_coco_captions
 from attrdist.errors import AttrdistError
-from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.data.reader import ShardReader, load_manifest
 from attrdist.atomic import sha256_file
 from attrdist.pack.vocab import load_vocabulary
 from tests.conftest import DEMO_VOCAB, ROOT, SHARED_DATA

@@ -1,2 +1,2 @@
-"""Reading packs for training: the manifest and indexed shards (`shards`), one decoded and augmented
+"""Reading packs for training: the manifest and indexed shards (`reader`), one decoded and augmented
 sample (`samples`, `detection` for boxes) and the DataLoader over a batch plan (`loader`)."""

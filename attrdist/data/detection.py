@@ -40,7 +40,7 @@ from torchvision.transforms.v2 import functional as F
 
 from attrdist.core import rng as rnglib
 from attrdist.data.samples import IMAGE_KEYS, sample_error
-from attrdist.data.shards import ShardReader, check_checksums
+from attrdist.data.reader import ShardReader, check_checksums
 from attrdist.core.transforms import decode_image
 
 JITTER = 0.2  # brightness, contrast and saturation factors in [1 - JITTER, 1 + JITTER]

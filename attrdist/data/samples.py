@@ -28,7 +28,7 @@ from attrdist.core import rng as rnglib
 from attrdist.core.config import DataConfig
 from attrdist.core.transforms import (IDENTITY_COLOUR, IMAGENET_MEAN, NO_ERASE, decode_image, eval_geometry,
                                       photometric, train_geometry)
-from attrdist.data.shards import ShardError, ShardReader, check_checksums
+from attrdist.data.reader import ShardError, ShardReader, check_checksums
 
 IMAGE_KEYS = ("jpg", "jpeg", "png")
 log = logging.getLogger("attrdist")

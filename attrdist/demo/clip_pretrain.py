@@ -91,7 +91,7 @@ class Crops:
 
 def load_boxes(shards: Path, split: str, classes: list[str]) -> Crops:
     """Every box of `split` whose manifest class is in `classes` (labels index `classes`)."""
-    from attrdist.data.shards import ShardReader, load_manifest
+    from attrdist.data.reader import ShardReader, load_manifest
 
     manifest = load_manifest(shards)
     reader = ShardReader(manifest, split)
@@ -116,7 +116,7 @@ def _decode(data: bytes) -> Image.Image:
 
 def train_classes(shards: Path) -> list[str]:
     """Manifest class names with at least one train box, in manifest order."""
-    from attrdist.data.shards import load_manifest
+    from attrdist.data.reader import load_manifest
 
     manifest = load_manifest(shards)
     counts = manifest.split("train")["label_counts"]["labels"]
@@ -276,7 +276,7 @@ def pretrain_clip(shards: Path, out: Path, spec: ClipPretrainSpec = ClipPretrain
 
 
 def _evaluate(clip, tokenizer, shards: Path, classes: list[str], size: int, spec: ClipPretrainSpec) -> dict:
-    from attrdist.data.shards import load_manifest
+    from attrdist.data.reader import load_manifest
 
     if not load_manifest(shards).has_split("val"):
         return {"zero_shot_val": None, "val_boxes": 0}

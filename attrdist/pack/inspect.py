@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 from attrdist.errors import AttrdistError
-from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.data.reader import ShardReader, load_manifest
 
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")

@@ -1,7 +1,7 @@
 """Writing a pack: tar shards (a writer thread per shard, sha256 on the fly) and the manifest, in a
 staging directory published whole (`PackWriter.commit`), resumable after a crash.
 
-The layout and the sample JSON are described in `attrdist.data.shards`, which reads them.
+The layout and the sample JSON are described in `attrdist.data.reader`, which reads them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from attrdist import __version__, atomic
 from attrdist.atomic import sha256_file
-from attrdist.data.shards import FORMAT, MANIFEST, unsafe_member_name
+from attrdist.data.reader import FORMAT, MANIFEST, unsafe_member_name
 from attrdist.errors import AttrdistError
 
 log = logging.getLogger("attrdist")

@@ -38,7 +38,7 @@ from attrdist.core.order import BatchPlan
 from attrdist.core.schedules import lr_factor
 from attrdist.data.loader import make_loader
 from attrdist.data.samples import CorruptTally, worker_image_dtype
-from attrdist.data.shards import ShardReader, load_manifest
+from attrdist.data.reader import ShardReader, load_manifest
 from attrdist.errors import AttrdistError
 from attrdist.models import build_model, convert_sync_batchnorm, count_parameters, freeze_batchnorm_stats
 from attrdist.tasks import make_task
