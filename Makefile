@@ -28,6 +28,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/pytest -q -m "not slow"
+	@if [ -d ../shared ]; then bash tests/without_shared.sh; else echo "no ../shared: the run above was the fresh-clone case"; fi
 
 test-slow: setup
 	$(VENV)/bin/pytest -q -m slow

@@ -101,6 +101,7 @@ def check_recipe(script: str, recipe_args: list[str]):
     """The resolved config of `script` with `recipe_args` (unknown keys and bad values fail here)."""
     from attrdist.errors import AttrdistError
     from attrdist.recipe import parser, resolve
+    from attrdist.tasks import check_kind
 
     path = Path(script)
     if not path.is_file():
@@ -114,6 +115,7 @@ def check_recipe(script: str, recipe_args: list[str]):
         raise fail(f"{script}: bad recipe arguments {recipe_args} (see python {script} --help)") from None
     try:
         cfg, profile = resolve(args, ns["full"], ns["demo"])
+        check_kind(cfg.data.task)
     except AttrdistError as e:
         raise fail(str(e)) from None
     return cfg, args

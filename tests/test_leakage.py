@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,10 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from attrdist.errors import AttrdistError
 from attrdist.pack.leakage import DEFAULT_MAX_DISTANCE, apply_policy, find_leaks, fingerprint
+from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.packers
-COCO = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "coco" / "images").glob("*.jpg"))
+COCO = sorted((SHARED_DATA / "coco" / "images").glob("*.jpg"))
 
 
 def _enc(im, q=90):

@@ -66,7 +66,7 @@ class DataConfig:
     num_workers: int = _f(2, "DataLoader worker processes per rank (decode + augment + collate)")
     pixel_stage: Literal["auto", "workers", "device"] = _f("auto", "where colour jitter, normalisation and erasing run: 'workers' (per sample, float batches), 'device' (batched where the batch lands, from uint8 batches); auto = workers on a CPU device, else device (bench/input.py)")
     worker_dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "the dtype of the finished images workers hand over when the pixel stage runs in them: auto = bfloat16 when the run computes in bf16 (half the bytes through shared memory; the model's first layer casts its input to bf16 under autocast anyway, so it sees the same values: tests/test_train.py), else float32")
-    task: Literal["multilabel", "multiclass", "detection"] = _f("multilabel", "sigmoid/BCE attributes, softmax/CE classes, or boxes (open-vocabulary detection)")
+    task: str = _f("multilabel", "what is learned: multilabel (sigmoid/BCE attributes), multiclass (softmax/CE classes), detection (boxes, open vocabulary): attrdist/tasks/<task>.py; or the module path of a task of your own")
     novel_classes: tuple[str, ...] = _f((), "detection: classes held out of training (their boxes are background) and detected at test time only through their prompts")
     labels: str = _f("labels", "which label field of the shards to train on")
     eval_labels: tuple[str, ...] = _f(("labels",), "label fields to evaluate against (first = headline)")

@@ -89,6 +89,6 @@ def steps_done(s: LoopState, max_steps: int) -> bool:
     return bool(max_steps and s.step >= max_steps)
 
 
-def monitored(metric: str, value: float) -> float:
+def monitored(value: float, higher_is_better: bool) -> float:
     """The monitored metric signed so that higher is better (a loss is minimised)."""
-    return -value if "loss" in metric.rsplit("/", 1)[-1] else value
+    return value if higher_is_better else -value

@@ -10,7 +10,7 @@ samples (dataset and collate), its training loss, what one evaluation batch yiel
 whole evaluated split and its report section. The trainer, its single ordered evaluation pass, the
 checkpoints and the launchers are the same for every task. Adding a task is one new module here plus
 a recipe file that sets `data.task` (README: "How to add a task"; tests/test_contributing.py). A task
-kept outside attrdist is named by its module: `data.task=my_project.tasks.segmentation`.
+kept outside attrdist is named by its module (on PYTHONPATH): `data.task=my_project.tasks.segmentation`.
 """
 
 from __future__ import annotations
@@ -28,19 +28,30 @@ def kinds() -> list[str]:
                   if m.name not in ("base", "classification"))
 
 
+def check_kind(kind: str) -> None:
+    """One line for a data.task that names no task, without importing one (the SLURM launcher checks a recipe's
+    overrides with it before anything is queued)."""
+    import importlib.util
+
+    if kind in kinds():
+        return
+    try:
+        found = all(p.isidentifier() for p in kind.split(".")) and importlib.util.find_spec(kind) is not None
+    except ModuleNotFoundError:  # a parent package of a dotted name is missing
+        found = False
+    if not found:
+        raise AttrdistError(f"data.task={kind!r}: unknown task; have {', '.join(kinds())} (attrdist/tasks/<kind>.py), "
+                            f"or name an importable module of your own that defines Task (on PYTHONPATH)")
+
+
 def make_task(cfg, manifest=None):
     """The task of `cfg.data.task` for a run on `manifest` (None: only the parts that need no data, e.g. the
     loss and output probabilities for `attrdist predict` and the benchmarks)."""
     kind = cfg.data.task
-    if "." in kind:  # a module of the user's own that defines Task
-        try:
-            module = importlib.import_module(kind)
-        except ImportError as e:
-            raise AttrdistError(f"data.task={kind!r}: cannot import that module ({e}); put it on PYTHONPATH") from None
-        if not hasattr(module, "Task"):
-            raise AttrdistError(f"data.task={kind!r}: {module.__file__} defines no Task class (attrdist.tasks.base.Task)")
-        return module.Task(cfg, manifest)
-    if not kind.isidentifier() or kind not in kinds():
-        raise AttrdistError(f"data.task={kind!r}: unknown task; have {', '.join(kinds())} (attrdist/tasks/<kind>.py), "
-                            f"or name a module of your own that defines Task")
-    return importlib.import_module(f"attrdist.tasks.{kind}").Task(cfg, manifest)
+    check_kind(kind)
+    if kind in kinds():
+        return importlib.import_module(f"attrdist.tasks.{kind}").Task(cfg, manifest)
+    module = importlib.import_module(kind)
+    if not hasattr(module, "Task"):
+        raise AttrdistError(f"data.task={kind!r}: {module.__file__} defines no Task class (see attrdist.tasks.base.Task)")
+    return module.Task(cfg, manifest)

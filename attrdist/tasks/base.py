@@ -114,6 +114,14 @@ class Task:
         """The metric records plotted in curves.png."""
         raise NotImplementedError
 
+    def log_keys(self) -> tuple[str, ...]:
+        """The metrics (last part of their record key) of an evaluation's log line, besides the loss."""
+        return (self.headline,)
+
+    def higher_is_better(self, metric: str) -> bool:
+        """Whether a larger value of the record `metric` (run.monitor) is better; a loss is minimised."""
+        return "loss" not in metric.rsplit("/", 1)[-1]
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What the task learns from evaluations and a checkpoint keeps (e.g. thresholds tuned on val)."""
         return {}

@@ -131,9 +131,6 @@ class Task(BaseTask):
     def headline_keys(self, split: str) -> list[str]:
         return [f"{split}/mAP50"] + [f"{split}/{g}/mAP50" for g in ("base", "novel") if g != "novel" or self.novel]
 
-    def log_keys(self) -> tuple[str, ...]:
-        return (self.headline,)
-
     # ------------------------------------------------------------------ report
     def headline_text(self, results: dict) -> str:
         d = results["val"]["_details"]

@@ -563,7 +563,7 @@ class Trainer:
         if monitor not in rec:
             raise AttrdistError(f"run.monitor={monitor!r} is not an eval metric; have: "
                                 f"{', '.join(k for k in rec if '/' in k and ':' not in k)}")
-        self.state = loop.after_eval(self.state, loop.monitored(monitor, rec[monitor]))
+        self.state = loop.after_eval(self.state, loop.monitored(rec[monitor], self.task.higher_is_better(monitor)))
         self.tracker.log(rec)
         log.info("eval epoch %d: %s", epoch, "  ".join(
             f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float) and ":" not in k
