@@ -1,4 +1,10 @@
-"""Benchmark plumbing: machine info, alternating repeated timings, CSV results.
+"""Benchmark plumbing: the one shape every benchmark has, machine info, alternating timings, CSV results.
+
+Every `bench/<name>.py` is run as `python -m bench.<name> [--quick] [--rounds N] ...` and has the same shape:
+its docstring says what it measures against what (its first paragraph is the --help text); `main(argv)`
+takes its arguments from `parser(__doc__, ...)`, runs, and ends with `save(name, rows, targets, quick=...)`,
+which writes bench/results/<name>[-quick].csv (every row with the machine's facts) and prints the targets
+table; it returns the target rows, which `python -m bench` (make bench) gathers into results/summary.md.
 
 These machines are noisy, so every comparison alternates A and B for several rounds and reports
 the median and the spread (min-max) of each, and the ratio of medians.
@@ -6,6 +12,7 @@ the median and the spread (min-max) of each, and the ratio of medians.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -104,3 +111,24 @@ def markdown_targets(rows: list[dict]) -> str:
         lines.append(f"| {r['what']} | {r['target']} | {r['median']:g}{unit} | {r['spread']} | "
                      f"**{r['verdict']}**{' - ' + r['note'] if r.get('note') else ''} |")
     return "\n".join(lines)
+
+
+def parser(doc: str, *, rounds: int | None = 3, quick: str = "smoke run: proves the benchmark runs, measures little"
+           ) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: --quick, and --rounds (alternated repetitions) unless `rounds` is None."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help=quick)
+    if rounds is not None:
+        ap.add_argument("--rounds", type=int, default=rounds, help=f"alternated repetitions (default: {rounds})")
+    return ap
+
+
+def save(name: str, rows: list[dict], targets: list[dict] | tuple = (), *, quick: bool, note: str = "") -> list[dict]:
+    """Write bench/results/<name>[-quick].csv (rows, then targets), print the targets table and where it went;
+    returns the targets."""
+    path = write_csv(name + ("-quick" if quick else ""), [*rows, *targets])
+    if targets:
+        print()
+        print(markdown_targets(list(targets)))
+    print(f"wrote {path}{' ' + note if note else ''}")
+    return list(targets)

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import write_csv
+from bench.common import parser, save
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("ddp", "ddp_shm", "no_comm", "allreduce", "allreduce_shm")
@@ -123,9 +123,7 @@ def launch(nproc: int, rounds: int, steps: int) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
+    ap = parser(__doc__)
     ap.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -143,14 +141,12 @@ def main(argv=None) -> list[dict]:
                      "allreduce_ms": round(med["allreduce_ms"], 1), "opt_ms": round(med["opt_ms"], 1),
                      "spread_img_s": f"{min(r['img_s'] for r in recs):.1f}-{max(r['img_s'] for r in recs):.1f}",
                      "rounds": rounds})
-    path = write_csv("ddp-quick" if args.quick else "ddp", rows)
     print("\n| variant | img/s (spread) | / single | fwd+bwd ms | flatten + barrier ms | explicit all-reduce ms | "
           "optimizer ms |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['what']} | {r['img_s']} ({r['spread_img_s']}) | {r['vs_single']}x | {r['fwd_bwd_ms']} | "
               f"{r['flatten_wait_ms']} | {r['allreduce_ms']} | {r['opt_ms']} |")
-    print(f"wrote {path}")
-    return []
+    return save("ddp", rows, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ Writes bench/results/inference.csv (inference-quick.csv with --quick).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -54,7 +53,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import alternate, markdown_targets, summarize, target_row, write_csv
+from bench.common import alternate, parser, save, summarize, target_row
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_VOCAB = ROOT / "recipes" / "coconut_demo_vocab.json"
@@ -283,9 +282,7 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="smoke run: fewer images, 1 round")
+    ap = parser(__doc__, rounds=5, quick="smoke run: fewer images, 1 round")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     args = ap.parse_args(argv)
     import torch
@@ -322,14 +319,11 @@ def main(argv=None):
         targets += tg
         notes += nt
     took = time.perf_counter() - t_start
-    path = write_csv("inference-quick" if args.quick else "inference", rows + targets)
     print("| model | what | images | median | images/s |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         if "median_s" in r:
             print(f"| {r['model']} | {r['what']} | {r['images']} | {r['median_s']:.3f} s ({r['min_s']:.3f}-"
                   f"{r['max_s']:.3f}) | {r['items_per_s']:,.1f} |")
-    print()
-    print(markdown_targets(targets))
     for r in rows:
         if "spread" in r:
             print(f"{r['model']}: {r['what']}: {r['median']:.3f}x ({r['spread']})")
@@ -338,8 +332,7 @@ def main(argv=None):
     full_bare = next(r for r in rows if r["model"] == "attr284-224" and r["what"] == "bare")
     print(f"284-attribute model, bare loop: {full_bare['items_per_s']:.1f} images/s on {full_bare['device']} "
           f"({full_bare['precision']}, batch {full_bare['eval_batch']}); the experiments quoted {QUOTED_FPS} on a GPU")
-    print(f"wrote {path} ({took:.0f} s)")
-    return targets
+    return save("inference", rows, targets, quick=args.quick, note=f"({took:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ Writes bench/results/input.csv (input-quick.csv with --quick).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import math
@@ -75,7 +74,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from bench.common import alternate, markdown_targets, ratio_stats, summarize, target_row, write_csv
+from bench.common import alternate, parser, ratio_stats, save, summarize, target_row
 from bench.pack import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,11 +227,9 @@ def draft_sizes(reader, min_side: int) -> list[tuple[int, int]]:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__, quick="smoke run: 200 images, 1 round")
     ap.add_argument("--n", type=int, default=2000, help="images (default: 2000)")
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-side", type=int, default=256, help="pack-time resize of (c) (default: 256)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 200 images, 1 round")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds = 200, 1
@@ -350,20 +347,15 @@ def main(argv=None) -> list[dict]:
     for name, a, b in context:
         m, lo, hi = ratio_stats(a, b)
         ctx_rows.append({"benchmark": "input", "what": name, "median": round(m, 3), "spread": f"{lo:.3f}-{hi:.3f}"})
-    path = write_csv("input-quick" if args.quick else "input", rows + targets + ctx_rows)
     print("\n| variant | what | median time per pass | images/s |\n| --- | --- | ---: | ---: |")
     for r in rows:
         print(f"| {r['what']} | {r['description']} | {r['median_s']:.3f} s ({r['min_s']:.3f}-{r['max_s']:.3f}) | "
               f"{r['items_per_s']:,.0f} |")
-    print()
-    print(markdown_targets(targets))
-    print()
     for r in ctx_rows:
         print(f"context: {r['what']}: {r['median']:.2f}x ({r['spread']})")
     if args.quick:
         print("(--quick: 1 round of 200 images; proves the benchmark runs, measures nothing)")
-    print(f"wrote {path}")
-    return targets
+    return save("input", rows + ctx_rows, targets, quick=args.quick)
 
 
 if __name__ == "__main__":

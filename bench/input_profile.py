@@ -23,7 +23,6 @@ Alternating over rounds, medians. Writes bench/results/input_profile.csv.
 
 from __future__ import annotations
 
-import argparse
 import resource
 import runpy
 import statistics
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from bench.common import write_csv
+from bench.common import parser, save
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,10 +72,8 @@ def count(samples: list[dict]) -> int:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds = 200, 1
@@ -181,7 +178,6 @@ def main(argv=None) -> list[dict]:
         else:
             rows.append({"benchmark": "input_profile", "what": name, "images_per_s": round(statistics.median(vals)),
                          "spread": f"{min(vals):.0f}-{max(vals):.0f}", "rounds": args.rounds})
-    path = write_csv("input_profile-quick" if args.quick else "input_profile", rows)
     print("\n| (b) per image, this process, 1 thread | ms |\n| --- | ---: |")
     for name, ms in st.items():
         print(f"| {name} | {ms:.3f} |")
@@ -194,8 +190,7 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         if "images_per_s" in r:
             print(f"| {r['what']} | {r['images_per_s']:,} ({r['spread']}) |")
-    print(f"wrote {path}")
-    return []
+    return save("input_profile", rows, quick=args.quick)
 
 
 if __name__ == "__main__":

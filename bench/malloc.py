@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import ratio_stats, write_csv
+from bench.common import parser, ratio_stats, save
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,9 +69,7 @@ def run(model: str, size: int, steps: int, mode: str) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
+    ap = parser(__doc__)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -97,15 +95,13 @@ def main(argv=None) -> list[dict]:
                      "keep_faults_per_step": round(med["keep"]["faults_per_step"]),
                      "system_sys_ms_per_step": round(med["system"]["sys_ms_per_step"], 1),
                      "keep_sys_ms_per_step": round(med["keep"]["sys_ms_per_step"], 1), "rounds": rounds})
-    path = write_csv("malloc-quick" if args.quick else "malloc", rows)
     print("\n| model | system img/s | keep img/s | keep / system (spread) | page faults per step (system; keep) | "
           "system CPU ms per step (system; keep) |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['what']} | {r['system_img_s']} | {r['keep_img_s']} | {r['keep_over_system']}x ({r['spread']}) | "
               f"{r['system_faults_per_step']:,}; {r['keep_faults_per_step']:,} | {r['system_sys_ms_per_step']}; "
               f"{r['keep_sys_ms_per_step']} |")
-    print(f"wrote {path}")
-    return []
+    return save("malloc", rows, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ Writes bench/results/memory.csv (memory-quick.csv with --quick).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -52,7 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import alternate, markdown_targets, target_row, write_csv
+from bench.common import alternate, parser, save, target_row
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -196,11 +195,9 @@ def first_step(environ: dict, out: Path, timeout: float = 300) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__, quick="smoke run: N=64, 1 round, 3 steps, fewer start-up runs")
     ap.add_argument("--n", type=int, default=150, help="images in the 1x dataset (10x: ten times as many)")
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12, help="run.max_steps of each training run")
-    ap.add_argument("--quick", action="store_true", help="smoke run: N=64, 1 round, 3 steps, fewer start-up runs")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds, args.steps = 64, 1, 3
@@ -298,7 +295,6 @@ def main(argv=None):
                 rows.append(row | {"verdict": "", "target": "(diagnostic) " + row["target"]})
     step_row = next(r for r in rows if r["what"].startswith("command to first"))
     took = time.perf_counter() - t_start
-    path = write_csv("memory-quick" if args.quick else "memory", rows + targets)
 
     print("| what | median | spread |\n| --- | ---: | ---: |")
     for r in rows:
@@ -315,10 +311,7 @@ def main(argv=None):
     for r in rows:
         if r.get("target", "").startswith("(diagnostic)"):
             print(f"{r['what']}: {r['median']:.3f}x ({r['spread']})")
-    print()
-    print(markdown_targets(targets))
-    print(f"wrote {path} ({took:.0f} s)")
-    return targets
+    return save("memory", rows, targets, quick=args.quick, note=f"({took:.0f} s)")
 
 
 if __name__ == "__main__":

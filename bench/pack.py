@@ -27,7 +27,6 @@ Writes bench/results/pack.csv.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import alternate, markdown_targets, ratio_stats, summarize, target_row, write_csv
+from bench.common import alternate, parser, ratio_stats, save, summarize, target_row
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT.parent / "shared" / "data" / "coco" / "images"
@@ -175,11 +174,9 @@ def pack_resize(root: Path, out: Path, workers: int) -> None:
                      workers=workers, progress=False, on_leak="warn")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> list[dict]:
+    ap = parser(__doc__, quick="smoke run: 120 images, 1 round")
     ap.add_argument("--n", type=int, default=1200)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 120 images, 1 round")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds = 120, 1
@@ -227,8 +224,6 @@ def main(argv=None) -> None:
         else:
             m, lo, hi = ratio_stats(a, b)
         ctx_rows.append({"benchmark": "pack", "what": name, "median": round(m, 3), "spread": f"{lo:.3f}-{hi:.3f}"})
-    rows += targets + ctx_rows
-    path = write_csv("pack-quick" if args.quick else "pack", rows)
     if statistics.median(t["disk_read"]) < 1.5 * statistics.median(t["raw_read"]):
         print("WARNING: dropping the page cache took almost nothing away (is TMPDIR on tmpfs?): disk_read and "
               "pack_copy_disk are then reads from memory, not from a disk")
@@ -238,12 +233,9 @@ def main(argv=None) -> None:
         if "median_s" in r:
             print(f"| {r['what']} | {r['median_s']:.3f} s ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['items_per_s']:,.0f} | "
                   f"{r['mb_per_s']:,.0f} |")
-    print()
-    print(markdown_targets(targets))
     for r in ctx_rows:
         print(f"context: {r['what']}: {r['median']:.2f}x ({r['spread']})")
-    print(f"wrote {path}")
-    return targets
+    return save("pack", rows + ctx_rows, targets, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import write_csv
+from bench.common import save
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["coconut", "coco_attributes", "cocottributes", "characters", "dior_remoteclip"]
@@ -56,7 +56,7 @@ def run(name: str, out: Path) -> dict:
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipes", nargs="*", default=RECIPES, help=f"any of {', '.join(RECIPES)} (default: all)")
     args = ap.parse_args(argv)
@@ -68,14 +68,13 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.recipes:
             rows.append(run(name, Path(tmp) / name))
             print(rows[-1], flush=True)
-    path = write_csv("recipes" if args.recipes == RECIPES else "recipes-" + "-".join(args.recipes), rows)
     print("\n| recipe | demo wall time | demo metric | trivial baseline |\n| --- | ---: | ---: | ---: |")
     for r in rows:
         extra = (f"; base {r['base_mAP50']:.3f}, novel {r['novel_mAP50']:.3f} (baseline {r['novel_baseline']:.3f})"
                  if "novel_mAP50" in r else "")
         print(f"| {r['recipe']} | {r['wall_s']:.0f} s | {r['metric']} {r['value']:.3f}{extra} | "
               f"{r['baseline']} {r['baseline_value']:.3f} |")
-    print(f"\nwrote {path}")
+    return save("recipes" if args.recipes == RECIPES else "recipes-" + "-".join(args.recipes), rows, quick=False)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,6 @@ target table and the img/s table.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import itertools
@@ -101,8 +100,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (alternate, markdown_targets, ratio_stats, summarize, target_row,  # noqa: E402
-                          write_csv)
+from bench.common import alternate, parser, ratio_stats, save, summarize, target_row  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ROOT / "recipes" / "coconut_demo_vocab.json"
@@ -722,10 +720,8 @@ def main(argv: list[str] | None = None):
         return worker(argv)
     if any(a.startswith("--bare-worker=") for a in argv):
         return bare_worker(argv)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__, quick="smoke run: 1 round, few steps, ResNet-50 at 96 px batch 8")
     ap.add_argument("--only", choices=("overhead", "fastpath", "scaling"), help="one benchmark (default: all three)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, few steps, ResNet-50 at 96 px batch 8")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--recipe", default="coconut", choices=("coconut", "cocottributes", "coco_attributes"),
                     help="fastpath: whose full() profile (default coconut: cross_modal ResNet-50, 3 stages frozen)")
@@ -754,8 +750,6 @@ def main(argv: list[str] | None = None):
             rows += r
             targets += tg
             print(f"{name}: {time.perf_counter() - t1:.0f} s", flush=True)
-    suffix = ("-cuda" if args.device == "cuda" else "") + ("-quick" if args.quick else "")
-    path = write_csv("train_step" + suffix, rows + targets)
     print("\n| benchmark | what | img/s (median) | img/s min-max | rounds |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         if "median_s" in r:
@@ -763,10 +757,8 @@ def main(argv: list[str] | None = None):
             print(f"| {r['benchmark']} | {r['what']} | {r['items_per_s']:,.1f} | {lo:,.1f}-{hi:,.1f} | {r['rounds']} |")
         elif "gflop_s" in r:
             print(f"| {r['benchmark']} | {r['what']} | {r['gflop_s']:,.1f} GFLOP/s | | |")
-    print()
-    print(markdown_targets(targets))
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s; wrote {path}")
-    return targets
+    return save("train_step" + ("-cuda" if args.device == "cuda" else ""), rows, targets, quick=args.quick,
+                note=f"(total {time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

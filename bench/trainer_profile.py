@@ -13,14 +13,13 @@ calls each). Writes bench/results/trainer_profile.csv.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import pstats
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import write_csv
+from bench.common import parser, save
 
 # (label, file suffix, function name) as cProfile names them
 PARTS = [
@@ -34,8 +33,7 @@ PARTS = [
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
+    ap = parser(__doc__, rounds=None)
     args = ap.parse_args(argv)
     import torch
 
@@ -72,7 +70,6 @@ def main(argv=None) -> list[dict]:
             fn(i)
         rows.append({"benchmark": "trainer_profile", "what": label,
                      "ms_per_call": round((time.perf_counter() - t0) / 10_000 * 1000, 4)})
-    path = write_csv("trainer_profile-quick" if args.quick else "trainer_profile", rows)
     print("\n| what | ms per step (cProfile) | share of the step |\n| --- | ---: | ---: |")
     for r in rows:
         if "ms_per_step" in r:
@@ -80,8 +77,7 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         if "ms_per_call" in r:
             print(f"{r['what']}: {r['ms_per_call']:.4f} ms (no profiler)")
-    print(f"wrote {path}")
-    return []
+    return save("trainer_profile", rows, quick=args.quick)
 
 
 if __name__ == "__main__":

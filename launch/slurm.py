@@ -97,18 +97,15 @@ def minutes(text: str) -> int:
 
 
 # ------------------------------------------------------------------ the recipe's side, checked before queueing
-def check_recipe(script: str, recipe_args: list[str]):
-    """The resolved config of `script` with `recipe_args` (unknown keys and bad values fail here)."""
+def check_recipe(script: str, recipe_args: list[str], namespace: dict | None = None):
+    """The resolved config of `script` with `recipe_args` (unknown keys and bad values fail here), and the parsed
+    arguments. `namespace`: the recipe's functions from an earlier call (a sweep loads the recipe once)."""
     from attrdist.errors import AttrdistError
     from attrdist.recipe import parser, resolve
     from attrdist.tasks import check_kind
 
     path = Path(script)
-    if not path.is_file():
-        raise fail(f"{script}: no such recipe (they live in recipes/)")
-    ns = runpy.run_path(str(path), run_name="attrdist_recipe")  # its functions, not its __main__
-    if not callable(ns.get("full")) or not callable(ns.get("demo")):
-        raise fail(f"{script}: not an attrdist recipe (it defines no full() and demo() configs)")
+    ns = namespace or load_recipe(path)
     try:
         args = parser(path.stem).parse_intermixed_args(recipe_args)
     except SystemExit:
@@ -119,6 +116,16 @@ def check_recipe(script: str, recipe_args: list[str]):
     except AttrdistError as e:
         raise fail(str(e)) from None
     return cfg, args
+
+
+def load_recipe(path: Path) -> dict:
+    """A recipe file's functions (its full() and demo() configs), without running its __main__."""
+    if not path.is_file():
+        raise fail(f"{path}: no such recipe (they live in recipes/)")
+    ns = runpy.run_path(str(path), run_name="attrdist_recipe")
+    if not callable(ns.get("full")) or not callable(ns.get("demo")):
+        raise fail(f"{path}: not an attrdist recipe (it defines no full() and demo() configs)")
+    return ns
 
 
 def run_dir_for(cfg, stamp: str, suffix: str = "") -> Path:
@@ -186,13 +193,14 @@ def submit(script: str, recipe_args: list[str], flags: dict, *, profile: str | N
     from attrdist.train.slurm_job import RecipeJob
 
     opts = resolve_options(flags, profile)
-    cfg, args = check_recipe(script, recipe_args)
+    recipe = load_recipe(Path(script))
+    cfg, args = check_recipe(script, recipe_args, recipe)
     script = str(Path(script).resolve())
     stamp = time.strftime("%Y%m%d-%H%M%S")
     grid = sweep_grid(sweeps)
     jobs = []
     for combo in grid:
-        sub_cfg, _ = check_recipe(script, [*recipe_args, *combo]) if combo else (cfg, args)
+        sub_cfg, _ = check_recipe(script, [*recipe_args, *combo], recipe) if combo else (cfg, args)
         run_dir = run_dir_for(sub_cfg, stamp, slug(combo) if len(grid) > 1 else "")
         has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
         if has_ckpt and not (args.resume or sub_cfg.run.resume == "auto"):
