@@ -112,7 +112,7 @@ def test_a_signal_before_training_is_kept_for_the_first_step():
 def test_a_signal_after_the_task_is_over_cannot_kill_it_or_change_its_outcome():
     """CPython resets Python-level handlers to SIG_DFL during shutdown; a time-limit USR2 landing then
     killed a finished job (SLURM: FAILED, exit 12). Once `finish` has run, USR2 is ignored."""
-    code = ("import os, signal; from attrdist import interrupt; {}; os.kill(os.getpid(), signal.SIGUSR2); "
+    code = ("import os, signal; from attrdist.train import interrupt; {}; os.kill(os.getpid(), signal.SIGUSR2); "
             "print('alive', interrupt.requested())")
     before = subprocess.run([sys.executable, "-c", code.format("interrupt.restore(interrupt.install())")],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
