@@ -423,11 +423,11 @@ class Trainer:
         self.nan_steps = _fault_nan_steps()
         self.corrupt_start = self.state.corrupt  # data.max_corrupt counts this launch's skipped samples
         self.tally = CorruptTally("train", dict(self.state.corrupt_shards.get("training", {})))
+        epoch_batches = self.data.step_batches(ga)
         stop = loop.steps_done(self.state, cfg.run.max_steps)  # resumed at the end: nothing left to train
         while self.state.epoch < cfg.run.epochs and not stop:
             plan = BatchPlan(self.data.n_train, B, acc.num_processes, acc.process_index, cfg.run.seed,
                              self.state.epoch, shuffle=not cfg.run.overfit_batches, drop_last=True, start=self.state.batch)
-            epoch_batches = self.data.step_batches(ga)
             self.model.train()
             t_epoch = t_step = time.perf_counter()
             step_errors, step_samples = [], []
@@ -447,13 +447,13 @@ class Trainer:
                 self.state = loop.after_batch(self.state, B)
                 if micro < ga - 1:
                     continue
-                rec, flags = self.optimizer_step(loss, parts, step_errors, lr)
+                rec, sums = self.optimizer_step(loss, parts, step_errors, lr)
                 now = time.perf_counter()
                 rec.update(img_per_s=B * ga / max(now - t_step, 1e-9), time=now - t_start)
                 t_step = now
                 if cfg.run.log_samples:
                     rec["samples"] = torch.cat(step_samples).tolist()
-                self.after_step(rec, flags, step_errors, handlers)
+                self.after_step(rec, sums, step_errors, handlers)
                 step_errors, step_samples = [], []
                 if loop.steps_done(self.state, cfg.run.max_steps):
                     stop = True
