@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("shards", help="packed dataset directory (holds manifest.json)")
     p.add_argument("--sheet", default=None, help="write a contact sheet PNG of random samples here")
     p.add_argument("--n", type=int, default=32, help="samples on the sheet")
-    p.add_argument("--split", default="train", help="split to sample for the sheet")
+    p.add_argument("--split", default=None, help="split to sample for the sheet (default: train, else the first)")
     p.add_argument("--seed", type=int, default=0)
     sub.add_parser("version", help="print the version")
     args = ap.parse_args(argv)
@@ -42,10 +42,14 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "inspect":
             from attrdist.pack.inspect import contact_sheet, summary
 
+            from attrdist.data.reader import load_manifest
+            from attrdist.pack.inspect import default_split
+
             print(summary(args.shards))
             if args.sheet:
-                w, h = contact_sheet(args.shards, args.sheet, n=args.n, split=args.split, seed=args.seed)
-                print(f"contact sheet: {args.sheet} ({w}x{h}, split {args.split})")
+                split = args.split or default_split(load_manifest(args.shards))
+                w, h = contact_sheet(args.shards, args.sheet, n=args.n, split=split, seed=args.seed)
+                print(f"contact sheet: {args.sheet} ({w}x{h}, split {split})")
         elif args.cmd == "predict":
             from attrdist.predict import load_for_inference, predict_images
 

@@ -18,10 +18,16 @@ class AttrdistError(Exception):
 
 
 @contextmanager
-def user_errors():
-    """Turn AttrdistError into one line on stderr and exit status 2 (for entry points)."""
+def user_errors(interrupted: str | None = None):
+    """Turn AttrdistError into one line on stderr and exit status 2 (for entry points). With `interrupted`
+    (what happens on a re-run), Ctrl-C too: that line instead of a traceback, and exit status 130."""
     try:
         yield
     except AttrdistError as e:
         print(f"attrdist: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"attrdist: interrupted; {interrupted}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

@@ -31,32 +31,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attrdist.pack.coco import (AnnSource, SplitSource, pack_coco_captions, pack_coco_images,  # noqa: E402
                            pack_coco_objects, summary_lines)
-from attrdist.pack.pipeline import add_pack_args  # noqa: E402
+from attrdist.pack.pipeline import INTERRUPTED, add_pack_args, finish_lines, packer_help  # noqa: E402
 from attrdist.errors import AttrdistError, user_errors  # noqa: E402
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(**packer_help(__doc__))
     ap.add_argument("--mode", choices=("captions", "image", "objects"), default="captions",
-                    help="captions: labels from captions via --vocab; image: image-level categories; "
+                    help="captions (default): labels from captions via --vocab; image: image-level categories; "
                          "objects: one box crop per object")
-    ap.add_argument("--out", required=True, type=Path, help="output shard directory (replaced atomically)")
+    ap.add_argument("--out", required=True, type=Path, help="output pack folder, published whole once complete (see --overwrite)")
     ap.add_argument("--vocab", type=Path, help="attribute vocabulary JSON (captions mode, required there)")
-    ap.add_argument("--split", nargs="+", action="append", required=True,
-                    metavar="NAME IMAGES JSON", help="one split; repeat for each (see above)")
+    ap.add_argument("--split", nargs="+", action="append", required=True, metavar="ARG",
+                    help="one split: NAME IMAGE_DIR JSON (captions mode: NAME IMAGE_DIR CAPTIONS_JSON "
+                         "[INSTANCES_JSON]); repeat for each split")
     ap.add_argument("--dataset", help="dataset name recorded in the manifest (default: coco-<mode>)")
     add_pack_args(ap)
-    ap.add_argument("--limit", type=int, default=0, help="pack only the first N images of each split")
-    ap.add_argument("--max-side", type=int, default=0,
-                    help="image/objects: downscale so the longer side is <= N (0: image mode copies bytes through)")
-    ap.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images/crops")
-    ap.add_argument("--margin", type=float, default=0.1, help="objects: context added on each side, x box size")
-    ap.add_argument("--min-size", type=float, default=16, help="objects: smaller boxes (px) are counted too_small")
+    ap.add_argument("--limit", type=int, default=0, help="pack only the first N images of each split (0: all)")
+    ap.add_argument("--max-side", type=int, default=None,
+                    help="image/objects: downscale so the longer side is <= N (default: image mode copies the bytes "
+                         "through, objects mode keeps the crop's size)")
+    ap.add_argument("--quality", type=int, default=None,
+                    help="JPEG quality of what is re-encoded: objects' crops, and images shrunk by --max-side "
+                         "(default: 90)")
+    ap.add_argument("--margin", type=float, default=None, help="objects: context added on each side, x box size "
+                                                               "(default: 0.1)")
+    ap.add_argument("--min-size", type=float, default=None,
+                    help="objects: boxes narrower or shorter than this (px) are dropped as too_small (default: 16)")
     args = ap.parse_args(argv)
-    with user_errors():
-        common = dict(max_samples=args.max_samples, limit=args.limit, workers=args.workers,
-                      on_leak=args.on_leak, progress=not args.quiet, overwrite=args.overwrite)
+    with user_errors(interrupted=INTERRUPTED):
+        check_mode_options(args)
+        args.max_side, args.quality = args.max_side or 0, args.quality or 90
+        args.margin = 0.1 if args.margin is None else args.margin
+        args.min_size = 16 if args.min_size is None else args.min_size
+        common = dict(max_samples=args.max_samples, limit=args.limit, workers=args.workers, on_leak=args.on_leak,
+                      progress=not args.quiet, overwrite=args.overwrite, max_dropped=args.max_dropped)
         if args.mode == "captions":
             if args.vocab is None:
                 raise AttrdistError("--mode captions needs --vocab VOCAB.json (e.g. recipes/coconut_vocab.json)")
@@ -94,7 +103,21 @@ def main(argv=None) -> None:
         leak = m["report"].get("leakage") or {}
         print(f"leakage across splits: {leak.get('exact', 0)} exact, {leak.get('near', 0)} near duplicates "
               f"(--on-leak {args.on_leak}; details under report.leakage in the manifest)")
-        print(f"wrote {args.out}/manifest.json")
+        for line in finish_lines(m, args.out):
+            print(line)
+
+
+def check_mode_options(args) -> None:
+    """An option the chosen --mode does not use stops the run: it would otherwise be ignored in silence."""
+    unused = {"captions": ("max_side", "quality", "margin", "min_size"), "image": ("margin", "min_size"),
+              "objects": ()}[args.mode]
+    given = [f"--{k.replace('_', '-')}" for k in unused if getattr(args, k) is not None]
+    if given:
+        raise AttrdistError(f"{' '.join(given)}: not used by --mode {args.mode} (captions copies images through; "
+                            f"--margin and --min-size shape object crops); leave them out or choose the mode that uses them")
+    if args.mode == "image" and args.quality is not None and not args.max_side:
+        raise AttrdistError("--quality: --mode image copies the image bytes through unless --max-side shrinks them; "
+                            "add --max-side N or leave --quality out")
 
 
 if __name__ == "__main__":

@@ -21,32 +21,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attrdist.pack.cocottributes import pack_cocottributes, summary_line  # noqa: E402
-from attrdist.pack.pipeline import add_pack_args  # noqa: E402
+from attrdist.pack.pipeline import INTERRUPTED, add_pack_args, finish_lines, packer_help  # noqa: E402
 from attrdist.errors import user_errors  # noqa: E402
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path, help="output shard directory (replaced atomically)")
+    ap = argparse.ArgumentParser(**packer_help(__doc__))
+    ap.add_argument("--out", required=True, type=Path, help="output pack folder, published whole once complete (see --overwrite)")
     ap.add_argument("--pkl", required=True, type=Path, help="cocottributes_eccv_version.pkl")
     ap.add_argument("--instances", required=True, nargs="+", type=Path, help="COCO instances JSON(s), 2014 and/or 2017")
     ap.add_argument("--images", required=True, nargs="+", type=Path, help="COCO image directories")
-    ap.add_argument("--threshold", type=float, default=0.5, help="vote >= threshold -> positive")
-    ap.add_argument("--margin", type=float, default=0.1, help="context added on each side, x box size")
-    ap.add_argument("--min-size", type=float, default=16, help="smaller boxes (px) are counted box_too_small")
+    ap.add_argument("--threshold", type=float, default=0.5, help="vote >= threshold -> positive (default: %(default)s)")
+    ap.add_argument("--margin", type=float, default=0.1, help="context added on each side, x box size (default: %(default)s)")
+    ap.add_argument("--min-size", type=float, default=16, help="smaller boxes (px) are counted box_too_small (default: %(default)s)")
     ap.add_argument("--max-side", type=int, default=0, help="downscale crops so the longer side is <= N (0: no)")
-    ap.add_argument("--quality", type=int, default=90, help="JPEG quality of the crops")
-    ap.add_argument("--dataset", default="cocottributes", help="dataset name recorded in the manifest")
+    ap.add_argument("--quality", type=int, default=90, help="JPEG quality of the crops (default: %(default)s)")
+    ap.add_argument("--dataset", default="cocottributes", help="dataset name recorded in the manifest (default: %(default)s)")
     add_pack_args(ap)
-    ap.add_argument("--limit", type=int, default=0, help="pack only the first N patches (by patch id)")
+    ap.add_argument("--limit", type=int, default=0, help="pack only the first N patches (by patch id; 0: all)")
     args = ap.parse_args(argv)
-    with user_errors():
+    with user_errors(interrupted=INTERRUPTED):
         m = pack_cocottributes(args.out, args.pkl, args.instances, args.images, dataset=args.dataset,
                                threshold=args.threshold, margin=args.margin, min_size=args.min_size,
                                max_side=args.max_side, quality=args.quality, max_samples=args.max_samples,
                                limit=args.limit, workers=args.workers, on_leak=args.on_leak,
-                               progress=not args.quiet, overwrite=args.overwrite)
+                               progress=not args.quiet, overwrite=args.overwrite, max_dropped=args.max_dropped)
         for split in ("train", "val"):
             rep = m["report"][split]
             drops = ", ".join(f"{k} {v}" for k, v in rep["dropped"].items() if v) or "none"
@@ -55,7 +54,8 @@ def main(argv=None) -> None:
         leak = m["report"].get("leakage") or {}
         print(f"leakage across splits: {leak.get('exact', 0)} exact, {leak.get('near', 0)} near duplicates "
               f"(--on-leak {args.on_leak}; details under report.leakage in the manifest)")
-        print(f"wrote {args.out}/manifest.json")
+        for line in finish_lines(m, args.out):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attrdist.errors import user_errors  # noqa: E402
 from attrdist.pack.imagefolder import pack_imagefolder  # noqa: E402
-from attrdist.pack.pipeline import add_pack_args  # noqa: E402
+from attrdist.pack.pipeline import INTERRUPTED, add_pack_args, finish_lines, packer_help  # noqa: E402
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(**packer_help(__doc__))
     ap.add_argument("--root", required=True, type=Path, help="root/<class>/<images> (or root/<split>/<class>/...)")
-    ap.add_argument("--out", required=True, type=Path, help="output shard directory (replaced atomically)")
+    ap.add_argument("--out", required=True, type=Path, help="output pack folder, published whole once complete (see --overwrite)")
     ap.add_argument("--val", type=float, default=0.2, help="fraction of images for val")
     ap.add_argument("--test", type=float, default=0.0, help="fraction of images for test")
     ap.add_argument("--seed", type=int, default=0, help="split seed")
@@ -39,18 +39,20 @@ def main(argv=None) -> None:
     add_pack_args(ap)
     ap.add_argument("--dataset", default="imagefolder", help="dataset name recorded in the manifest")
     args = ap.parse_args(argv)
-    with user_errors():
+    with user_errors(interrupted=INTERRUPTED):
         m = pack_imagefolder(args.root, args.out, val=args.val, test=args.test, seed=args.seed,
                              split_dirs=args.split_dirs, group_by=args.group_by, group_sep=args.group_sep,
                              group_parts=args.group_parts, groups_csv=args.groups, max_side=args.max_side,
                              quality=args.quality, workers=args.workers, on_leak=args.on_leak, dataset=args.dataset,
-                             max_samples=args.max_samples, overwrite=args.overwrite, progress=not args.quiet)
+                             max_samples=args.max_samples, overwrite=args.overwrite, progress=not args.quiet,
+                             max_dropped=args.max_dropped)
         print(f"{len(m['attributes'])} classes; skipped files {m['report']['scan']['skipped_files']}")
         for name in m["options"]["splits"]:
             rep = m["report"][name]
             print(f"{name}: packed {rep['packed']} of {rep['files']} files in {rep['groups']} groups; "
                   f"dropped {rep['dropped']}")
-        print(f"wrote {args.out}/manifest.json")
+        for line in finish_lines(m, args.out):
+            print(line)
 
 
 if __name__ == "__main__":

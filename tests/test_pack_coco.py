@@ -148,7 +148,8 @@ def instances_fixture(images: Path, tmp_path: Path) -> Path:
 
 def test_objects_fixture_exact_accounting(images, tmp_path):
     ann = instances_fixture(images, tmp_path)
-    m = pack_coco_objects(tmp_path / "out", [AnnSource("train", images, ann)], workers=2, progress=False)
+    m = pack_coco_objects(tmp_path / "out", [AnnSource("train", images, ann)], workers=2, progress=False,
+                          max_dropped=1)
     rep = m["report"]["train"]
     # id 8 clipped to the image (600..640 x 400..426 in a 640x426 image: 26 px high -> packed)
     assert rep["objects"] == 14 and rep["packed"] == 4, rep
@@ -157,7 +158,7 @@ def test_objects_fixture_exact_accounting(images, tmp_path):
         "unknown_image": 1, "unknown_category": 1}
     assert [meta["ann_id"] for meta, _ in read_all(tmp_path / "out")] == [1, 2, 6, 8]
     # image mode on the same file: images counted by reason, crowd boxes kept and flagged
-    m = pack_coco_images(tmp_path / "img", [AnnSource("train", images, ann)], workers=1, progress=False)
+    m = pack_coco_images(tmp_path / "img", [AnnSource("train", images, ann)], workers=1, progress=False, max_dropped=1)
     rep = m["report"]["train"]
     assert rep["images"] == 6 and rep["packed"] == 3
     assert {k: v for k, v in rep["dropped"].items() if v} == {"missing_image": 1, "corrupt_image": 1, "not_an_image": 1}
@@ -241,12 +242,23 @@ def test_leak_between_splits(tmp_path):
     with pytest.raises(AttrdistError):
         pack_coco_images(tmp_path / "a", splits, workers=1, progress=False, limit=3)
     assert not (tmp_path / "a").exists()
+    # every val image a copy: dropping them leaves val empty, which stops the pack before publishing
+    with pytest.raises(AttrdistError, match="split 'val': no sample left to pack .leak 3"):
+        pack_coco_images(tmp_path / "b", splits, workers=1, progress=False, limit=3, on_leak="drop")
+    assert not (tmp_path / "b").exists()
+    data = json.loads(SAMPLE.read_text())
+    keep = {im["id"] for im in sorted(data["images"], key=lambda im: im["id"])[1:6]}  # 2 shared with train's 3
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps({**data, "images": [im for im in data["images"] if im["id"] in keep],
+                               "annotations": [a for a in data["annotations"] if a["image_id"] in keep]}))
+    splits = [AnnSource("train", COCO / "images", SAMPLE), AnnSource("val", COCO / "images", val)]
     m = pack_coco_images(tmp_path / "b", splits, workers=1, progress=False, limit=3, on_leak="drop")
-    leaks = sum(m["report"][s]["dropped"]["leak"] for s in ("train", "val"))
-    assert leaks >= 3 and m["report"]["leakage"]
-    for s in ("train", "val"):
-        rep = m["report"][s]
-        assert rep["packed"] + sum(rep["dropped"].values()) == 3
+    assert m["report"]["val"]["dropped"]["leak"] == 2 and m["report"]["train"]["dropped"]["leak"] == 0
+    assert m["report"]["val"]["packed"] == 1 and m["report"]["train"]["packed"] == 3
+    drops = [json.loads(line) for line in (tmp_path / "b" / "drops.jsonl").read_text().splitlines()]
+    assert sorted(d["file"] for d in drops) == sorted(str(COCO / "images" / im["file_name"]) for im in data["images"]
+                                                       if im["id"] in sorted(keep)[:2])
+    assert {(d["split"], d["reason"], d["what"]) for d in drops} == {("val", "leak", "sample")}
 
 
 def test_captions_counts_corrupt_image(tmp_path, images):
@@ -257,6 +269,7 @@ def test_captions_counts_corrupt_image(tmp_path, images):
     (tmp_path / "captions.json").write_text(json.dumps(caps))
     vocab_path = ROOT / "recipes" / "coconut_vocab.json"
     m = pack_coco_captions(tmp_path / "out", [SplitSource("train", images, tmp_path / "captions.json")],
-                           load_vocabulary(vocab_path), vocab_path=vocab_path, progress=False, workers=2)
+                           load_vocabulary(vocab_path), vocab_path=vocab_path, progress=False, workers=2,
+                           max_dropped=0.25)
     rep = m["report"]["train"]
     assert rep["packed"] == 3 and rep["dropped"]["corrupt_image"] == 1 and "leakage" in m["report"]

@@ -96,7 +96,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_pack_cli_exact_accounting(fixture, tmp_path):
     out = tmp_path / "out"
     p = run_cli("--out", str(out), "--pkl", str(fixture["pkl"]), "--instances", *map(str, fixture["instances"]),
-                "--images", str(fixture["images"]), "--workers", "2", "--quiet")
+                "--images", str(fixture["images"]), "--workers", "2", "--quiet", "--max-dropped", "1")
     assert p.returncode == 0, p.stderr
     assert "matched 4 of 12 objects" in p.stdout, p.stdout
     for reason in ("no_annotation_id 2", "image_missing 1", "box_too_small 1", "corrupt_image 1", "crowd 1"):
@@ -138,7 +138,7 @@ def test_loader_reads_labels_ignore(fixture, tmp_path):
 
     out = tmp_path / "out"
     pack_cocottributes(out, fixture["pkl"], fixture["instances"], [fixture["images"]], workers=1, progress=False,
-                       max_side=128)
+                       max_side=128, max_dropped=1)
     m = load_manifest(out)
     ds = SampleDataset(ShardReader(m, "train"), len(m.attributes), m.label_fields, DataConfig(), seed=0, train=False)
     s = ds[(0, 0)]

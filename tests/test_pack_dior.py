@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from attrdist.errors import AttrdistError
-from attrdist.data.reader import ShardReader, load_manifest
+from attrdist.data.reader import FORMAT, ShardReader, load_manifest
 from tests.conftest import ROOT, SHARED_DATA, run_env
 
 pytestmark = pytest.mark.packers
@@ -94,6 +94,7 @@ def make_dior(root: Path, fixture=FIXTURE, splits=SPLITS, images: dict | None = 
 def pack(root, out, **kw):
     from attrdist.pack.dior import pack_dior
 
+    kw.setdefault("max_dropped", 1)  # the fixture lists an image it does not hold
     return pack_dior(root, out, workers=kw.pop("workers", 2), progress=False, **kw)
 
 
@@ -163,7 +164,7 @@ def test_class_names_and_prompts():
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"real DIOR sample not found at {REAL}")
 def test_real_sample_cli(tmp_path):
     out = tmp_path / "dior"
-    p = cli("--root", REAL, "--out", out, "--workers", 2, check=True)
+    p = cli("--root", REAL, "--out", out, "--workers", 2, "--max-dropped", 1, check=True)
     assert "train: packed 1 of 24 listed" in p.stdout
     m = load_manifest(out).data
     rep = m["report"]["train"]
@@ -187,8 +188,8 @@ def test_real_sample_cli(tmp_path):
 
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"real DIOR sample not found at {REAL}")
 def test_real_sample_oriented_matches_horizontal(tmp_path):
-    pack(REAL, tmp_path / "h")
-    pack(REAL, tmp_path / "o", boxes="oriented")
+    pack(REAL, tmp_path / "h", max_dropped=1)
+    pack(REAL, tmp_path / "o", boxes="oriented", max_dropped=1)
     assert samples(tmp_path / "h", "train") == samples(tmp_path / "o", "train")
 
 
@@ -245,8 +246,13 @@ def test_leak_across_splits(tmp_path):
     with pytest.raises(AttrdistError):
         pack(root, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    m = pack(root, tmp_path / "out", on_leak="drop")
-    assert m["report"]["val"]["dropped"].get("leak") == 1 and "val" not in m["splits"]
+    # dropping val's only image would leave val empty: that stops the pack, naming the file, before publishing
+    with pytest.raises(AttrdistError, match=r"split 'val': no sample left to pack \(leak 1 \(\S+/00004.jpg"):
+        pack(root, tmp_path / "out", on_leak="drop")
+    assert not (tmp_path / "out").exists()
+    (root / "ImageSets" / "Main" / "val.txt").write_text("00004\n00005\n")
+    m = pack(root, tmp_path / "out", on_leak="drop", splits=["train", "val"])
+    assert m["report"]["val"]["dropped"] == {"duplicate_id": 0, "leak": 1} and m["report"]["val"]["packed"] == 1
     assert m["report"]["leakage"]
     assert [s["id"] for s in samples(tmp_path / "out", "train")] == ["00001", "00002"]
 
@@ -287,9 +293,9 @@ def test_bad_inputs(tmp_path):
     # an output dir holding a different dataset: refused unless --overwrite
     other = tmp_path / "other"
     other.mkdir()
-    (other / "manifest.json").write_text(json.dumps({"dataset": "coco-captions"}))
+    (other / "manifest.json").write_text(json.dumps({"format": FORMAT, "dataset": "coco-captions", "splits": {}}))
     assert_one_line_error(main_inproc("--root", good, "--out", other, "--workers", 1), "coco-captions", "--overwrite")
-    p = main_inproc("--root", good, "--out", other, "--workers", 1, "--overwrite")
+    p = main_inproc("--root", good, "--out", other, "--workers", 1, "--overwrite", "--max-dropped", 1)
     assert load_manifest(other).data["dataset"] == "dior"
     # a leak error from the CLI is one line too
     dup = make_dior(tmp_path / "dup", images={"00001": _image(0), "00004": _image(0)})

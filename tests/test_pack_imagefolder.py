@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 from attrdist.errors import AttrdistError
-from attrdist.data.reader import ShardReader, load_manifest
+from attrdist.data.reader import FORMAT, ShardReader, load_manifest
 from tests.conftest import ROOT, run_env
 
 pytestmark = pytest.mark.packers
@@ -124,7 +124,7 @@ def test_prefix_groups_cli(tmp_path):
     (root / "B" / "notes.jpg").write_text("not an image")
     (root / "C" / "README.txt").write_text("ignored: not an image extension")
     out = tmp_path / "out"
-    p = cli("--root", root, "--out", out, "--val", 0.25, "--seed", 3, "--workers", 2)
+    p = cli("--root", root, "--out", out, "--val", 0.25, "--seed", 3, "--workers", 2, "--max-dropped", 0.15)
     assert p.returncode == 0, p.stderr
     m = load_manifest(out).data
     assert m["attributes"] == CLASSES and m["dataset"] == "imagefolder"
@@ -150,7 +150,7 @@ def test_prefix_groups_cli(tmp_path):
         ext = "png" if meta["id"].endswith(".png") else "jpg"
         assert rec[ext] == (root / meta["id"]).read_bytes()
     # deterministic: same seed, same split
-    m2 = pack(root, tmp_path / "out2", val=0.25, seed=3)
+    m2 = pack(root, tmp_path / "out2", val=0.25, seed=3, max_dropped=0.15)
     assert [s["id"] for s in samples(tmp_path / "out2", "val")] == [s["id"] for s in va]
     assert m2["splits"]["val"]["nsamples"] == len(va)
 
@@ -259,9 +259,9 @@ def test_bad_inputs(tmp_path):
     assert_one_line_error(main_inproc("--root", root, "--out", out, "--split-dirs"), "--split-dirs")
     other = tmp_path / "other"
     other.mkdir()
-    (other / "manifest.json").write_text(json.dumps({"dataset": "dior"}))
+    (other / "manifest.json").write_text(json.dumps({"format": FORMAT, "dataset": "dior", "splits": {}}))
     assert_one_line_error(main_inproc("--root", root, "--out", other), "'dior'", "--overwrite")
-    assert main_inproc("--root", root, "--out", other, "--overwrite", "--workers", 1).returncode == 0
+    assert main_inproc("--root", root, "--out", other, "--overwrite", "--workers", 1, "--val", 0).returncode == 0
     assert load_manifest(other).data["dataset"] == "imagefolder"
     # a real subprocess failing: one line on stderr, exit 2
     assert_one_line_error(cli("--root", tmp_path / "nope", "--out", out), "nope")

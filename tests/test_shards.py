@@ -68,7 +68,7 @@ def test_pack_real_coco_photos(tmp_path):
     (tmp_path / "captions.json").write_text(json.dumps(caps))
     vocab_path = ROOT / "recipes" / "coconut_vocab.json"
     m = pack_coco_captions(tmp_path / "out", [SplitSource("train", SHARED_DATA / "coco/images", tmp_path / "captions.json")],
-                           load_vocabulary(vocab_path), vocab_path=vocab_path, progress=False)
+                           load_vocabulary(vocab_path), vocab_path=vocab_path, progress=False, max_dropped=0.12)
     assert m["splits"]["train"]["nsamples"] == 8
     assert m["report"]["train"]["dropped"]["missing_image"] == 1
     reader = ShardReader(load_manifest(tmp_path / "out"), "train")

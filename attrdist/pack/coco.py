@@ -48,7 +48,7 @@ from typing import Any, Iterable
 from PIL import Image
 
 from attrdist.errors import AttrdistError
-from attrdist.pack.pipeline import (ImageItem, PackFormat, Task, Tally, check_split_names, encode_jpeg, job_identity,
+from attrdist.pack.pipeline import (DEFAULT_MAX_DROPPED, ImageItem, PackFormat, Task, Tally, check_split_names, encode_jpeg,
                                     load_image_item, open_image, pack, read_checked, verify_image)
 from attrdist.pack.vocab import Vocabulary, count_positives
 from attrdist.pack.writer import source_entry
@@ -123,6 +123,9 @@ def read_coco_json(path: str | os.PathLike, *, need_categories: bool = False) ->
     images without id/file_name, duplicate image ids.
     """
     path = Path(path)
+    if path.is_dir():
+        raise AttrdistError(f"{path}: is a folder, not an annotation file; pass the COCO JSON file itself (e.g. "
+                            f"annotations/instances_val2017.json)")
     if not path.is_file():
         raise AttrdistError(f"{path}: annotation file not found; check the path")
     size = path.stat().st_size
@@ -400,6 +403,8 @@ class CaptionsFormat(PackFormat):
             ids = sorted(caps.imgs)
             self.loaded[split.name] = (split, caps, inst, ids[:limit] if limit else ids)
         self.limit = limit
+        self.inputs = [p for s in splits for p in (s.images, s.captions, s.instances) if p] + \
+            ([Path(vocab_path)] if vocab_path else [])
         self.rows: dict[str, list] = {s: [] for s in self.splits}  # label vectors packed
         self.no_hit = Counter()
         self.options = {"mode": "captions", "vocab": str(vocab_path) if vocab_path else vocab.name,
@@ -437,9 +442,6 @@ class CaptionsFormat(PackFormat):
         self.rows[image.split].append(labels)
         yield image.key, {ext: data, "json": sample}, {ext: crc}
 
-    def job(self, verified: dict) -> dict:
-        return job_identity(verified, mode="captions", sources=self.sources, limit=self.limit)
-
     def report(self, verified: dict) -> dict:
         report = {}
         for name, (_, _, _, ids) in self.loaded.items():
@@ -454,12 +456,12 @@ class CaptionsFormat(PackFormat):
 def pack_coco_captions(out_dir: str | os.PathLike, splits: list[SplitSource], vocab: Vocabulary, *,
                        dataset: str = "coco-captions", max_samples: int = 1000, limit: int = 0,
                        vocab_path: str | os.PathLike | None = None, progress: bool = True,
-                       workers: int | None = None, on_leak: str = "error", overwrite: bool = False) -> dict:
+                       workers: int | None = None, on_leak: str = "error", overwrite: bool = False, max_dropped: float = DEFAULT_MAX_DROPPED) -> dict:
     """Pack image-level samples with caption-derived labels. Returns the manifest."""
     fmt = CaptionsFormat(splits, vocab, dataset=dataset, max_samples=max_samples, limit=limit, vocab_path=vocab_path,
                          on_leak=on_leak)
     return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
-                progress=progress)
+                progress=progress, max_dropped=max_dropped)
 
 
 # ------------------------------------------------------------------------------------------
@@ -501,7 +503,14 @@ class _DetectionsFormat(PackFormat):
         self.cat_index = {c["id"]: i for i, c in enumerate(categories)}
         self.tally = Tally(self.splits, reasons)
         self.sources = [source_entry(s.annotations) for s in splits]
+        self.inputs = [p for s in splits for p in (s.images, s.annotations)]
         self.dets = {s.name: det for s, det in self.loaded}
+
+    def _ids(self, split: str, ann: dict) -> dict:
+        """How a drop names an annotation: its id, or for panoptic JSON the image and segment ids."""
+        if self.dets[split].format == "panoptic":
+            return {"image_id": ann.get("image_id"), "segment_id": ann.get("segment_id")}
+        return {"ann_id": ann.get("id")}
 
     def _image(self, s: AnnSource, det: Detections, image_id: int, **kw) -> ImageItem:
         return ImageItem(s.name, _image_key(image_id), str(safe_join(s.images, det.imgs[image_id]["file_name"],
@@ -524,7 +533,6 @@ class ImagesFormat(_DetectionsFormat):
         self.limit, self.max_side, self.quality = limit, max_side, quality
         self.threads = not max_side  # no max_side: copied through
         self.ids = {s.name: (sorted(det.imgs)[:limit] if limit else sorted(det.imgs)) for s, det in self.loaded}
-        self.box_drops = {s: Counter({"unknown_category": 0, "bad_box": 0}) for s in self.splits}
         self.no_labels, self.nboxes = Counter(), Counter()
         self.options = self._options_with(mode="image", max_side=max_side, quality=quality if max_side else None,
                                           max_samples=max_samples, limit=limit, on_leak=on_leak)
@@ -537,20 +545,21 @@ class ImagesFormat(_DetectionsFormat):
 
     def samples(self, image, meta, task, result):
         data, ext, (w, h), crc = result
-        det, box_drops = self.dets[image.split], self.box_drops[image.split]
+        det, split = self.dets[image.split], image.split
         sx, sy = w / meta["width"], h / meta["height"]
         labels, boxes, box_labels, crowd = set(), [], [], []
         for ann in det.anns_of(image.info):
             ci = self.cat_index.get(ann.get("category_id"))
             if ci is None:
-                box_drops["unknown_category"] += 1
+                self.tally.drop_box(split, "unknown_category", file=det.path, **self._ids(split, ann))
                 continue
             labels.add(ci)
             try:
                 x, y, bw, bh = (float(t) for t in ann["bbox"])
                 assert all(math.isfinite(t) for t in (x, y, bw, bh)) and bw > 0 and bh > 0
-            except (KeyError, TypeError, ValueError, AssertionError):
-                box_drops["bad_box"] += 1  # the label counts; the box is unusable
+            except (KeyError, TypeError, ValueError, AssertionError):  # the label counts; the box is unusable
+                self.tally.drop_box(split, "bad_box", file=det.path, detail=f"bbox {ann.get('bbox')!r}",
+                                    **self._ids(split, ann))
                 continue
             boxes.append([round(x * sx, 2), round(y * sy, 2), round(bw * sx, 2), round(bh * sy, 2)])
             box_labels.append(ci)
@@ -561,26 +570,23 @@ class ImagesFormat(_DetectionsFormat):
         self.no_labels[image.split] += not labels
         yield image.key, {ext: data, "json": sample}, {ext: crc}
 
-    def job(self, verified: dict) -> dict:
-        return job_identity(verified, mode="image", sources=self.sources, limit=self.limit, max_side=self.max_side,
-                            quality=self.quality)
-
     def report(self, verified: dict) -> dict:
         return {s: {"images": len(self.ids[s]), "packed": self.tally.packed[s], "dropped": self.tally.dropped(s),
                     "images_without_labels": self.no_labels[s], "boxes": self.nboxes[s],
-                    "annotations_not_usable": dict(self.box_drops[s]), "format": self.dets[s].format}
+                    "annotations_not_usable": {"unknown_category": 0, "bad_box": 0, **self.tally.boxes_dropped(s)},
+                    "format": self.dets[s].format}
                 for s in self.splits}
 
 
 def pack_coco_images(out_dir: str | os.PathLike, splits: list[AnnSource], *, dataset: str = "coco-images",
                      max_samples: int = 1000, limit: int = 0, max_side: int = 0, quality: int = 90,
                      workers: int | None = None, on_leak: str = "error", progress: bool = True,
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False, max_dropped: float = DEFAULT_MAX_DROPPED) -> dict:
     """Image-level multi-hot over categories (instances or panoptic JSON). Returns the manifest."""
     fmt = ImagesFormat(splits, dataset=dataset, max_samples=max_samples, limit=limit, max_side=max_side,
                        quality=quality, on_leak=on_leak)
     return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
-                progress=progress)
+                progress=progress, max_dropped=max_dropped)
 
 
 class ObjectsFormat(_DetectionsFormat):
@@ -610,12 +616,14 @@ class ObjectsFormat(_DetectionsFormat):
                 anns = [a for a in anns if a.get("image_id") in idset or a.get("image_id") not in det.imgs]
             candidates: dict[int, list[dict]] = {}
             for ann in anns:
+                named = {"file": s.annotations, **self._ids(s.name, ann)}
                 if ann.get("image_id") not in det.imgs:
-                    self.tally.drop(s.name, "unknown_image")
+                    self.tally.drop(s.name, "unknown_image", detail=f"image_id {ann.get('image_id')!r}", **named)
                 elif ann.get("category_id") not in self.cat_index:
-                    self.tally.drop(s.name, "unknown_category")
+                    self.tally.drop(s.name, "unknown_category", detail=f"category_id {ann.get('category_id')!r}",
+                                    **named)
                 elif ann.get("iscrowd", 0):
-                    self.tally.drop(s.name, "crowd")
+                    self.tally.drop(s.name, "crowd", **named)
                 else:
                     candidates.setdefault(ann["image_id"], []).append(ann)
             self.total[s.name], self.candidates[s.name] = len(anns), candidates
@@ -631,12 +639,17 @@ class ObjectsFormat(_DetectionsFormat):
         for ann in self.candidates[image.split][image.info]:
             reason, visible, crop = check_box(ann, meta["width"], meta["height"], self.min_size, self.margin)
             if reason:
-                self.tally.drop(image.split, reason)
+                self.tally.drop(image.split, reason, file=meta["path"], detail=f"bbox {ann.get('bbox')!r}",
+                                **self._ids(image.split, ann))
             else:
                 keep.append((ann, visible, crop))
         if not keep:
             return None
         return Task((meta["path"], meta["sha1"], [c for _, _, c in keep], self.max_side, self.quality), keep, len(keep))
+
+    def sample_ids(self, image, task=None):
+        anns = [a for a, _, _ in task.info] if task else self.candidates[image.split][image.info]
+        return [self._ids(image.split, a) for a in anns]
 
     def samples(self, image, meta, task, result):
         det = self.dets[image.split]
@@ -647,10 +660,6 @@ class ObjectsFormat(_DetectionsFormat):
                       "crop_box": crop, "box_in_crop": box_in_crop(visible, crop, size),
                       "width": size[0], "height": size[1], "file_name": det.imgs[image.info]["file_name"]}
             yield f"{image.info:012d}_{ann_id}", {"jpg": data, "json": sample}, None
-
-    def job(self, verified: dict) -> dict:
-        return job_identity(verified, mode="objects", sources=self.sources, limit=self.limit, max_side=self.max_side,
-                            quality=self.quality, margin=self.margin, min_size=self.min_size)
 
     def report(self, verified: dict) -> dict:
         report = {}
@@ -665,12 +674,12 @@ class ObjectsFormat(_DetectionsFormat):
 def pack_coco_objects(out_dir: str | os.PathLike, splits: list[AnnSource], *, dataset: str = "coco-objects",
                       max_samples: int = 1000, limit: int = 0, margin: float = 0.1, min_size: float = 16,
                       max_side: int = 0, quality: int = 90, workers: int | None = None, on_leak: str = "error",
-                      progress: bool = True, overwrite: bool = False) -> dict:
+                      progress: bool = True, overwrite: bool = False, max_dropped: float = DEFAULT_MAX_DROPPED) -> dict:
     """One sample per object: its box crop with context. Every annotation is packed or counted."""
     fmt = ObjectsFormat(splits, dataset=dataset, max_samples=max_samples, limit=limit, margin=margin,
                         min_size=min_size, max_side=max_side, quality=quality, on_leak=on_leak)
     return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
-                progress=progress)
+                progress=progress, max_dropped=max_dropped)
 
 
 def summary_lines(manifest: dict, what: str = "images") -> Iterable[str]:

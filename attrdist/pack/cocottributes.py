@@ -40,7 +40,7 @@ import numpy as np
 
 from attrdist.errors import AttrdistError
 from attrdist.pack.coco import box_in_crop, check_box, crop_items, load_detections, safe_join
-from attrdist.pack.pipeline import ImageItem, PackFormat, Task, Tally, job_identity, pack, verify_image
+from attrdist.pack.pipeline import DEFAULT_MAX_DROPPED, ImageItem, PackFormat, Task, Tally, pack, verify_image
 from attrdist.pack.writer import source_entry
 
 
@@ -217,9 +217,8 @@ class CocottributesFormat(PackFormat):
         self.dataset, self.attributes, self.splits = dataset, [a["name"] for a in attrs], ["train", "val"]
         self.tally = Tally([*self.splits, "unassigned"], REASONS, _RENAME)  # unassigned: the split is unknown
         self.sources = [source_entry(pkl)] + [source_entry(p) for p in instances]
+        self.inputs = [pkl, *instances, *image_dirs]
         self.margin, self.min_size, self.max_side, self.quality = margin, min_size, max_side, quality
-        self._job = {"threshold": threshold, "margin": margin, "min_size": min_size, "max_side": max_side,
-                     "quality": quality}
         self.options = {"mode": "cocottributes", "threshold": threshold,
                         "unlabelled": "NaN or negative vote -> labels_ignore; no vote vector -> dropped (no_votes)",
                         "margin": margin, "min_size": min_size, "max_side": max_side, "quality": quality,
@@ -233,33 +232,36 @@ class CocottributesFormat(PackFormat):
         objs: dict[str, list] = {s: [] for s in self.splits}  # (image_id, ann_id, patch_id, ann, det, pos, ignore)
         for pid in self.patches:
             split = output_split(data["split"].get(pid, ""))
+            named = {"file": pkl, "patch_id": _plain(pid)}
             if split is None:
-                self.tally.drop("unassigned", "unknown_split")
+                self.tally.drop("unassigned", "unknown_split", detail=f"split {data['split'].get(pid)!r}", **named)
                 continue
             self.totals[split] += 1
             vec = data["ann_vecs"].get(pid)
             if vec is None:
-                self.tally.drop(split, "no_votes")
+                self.tally.drop(split, "no_votes", **named)
                 continue
             lab = vote_labels(vec, len(attrs), threshold)
             if lab is None:
-                self.tally.drop(split, "bad_vector")
+                self.tally.drop(split, "bad_vector", **named)
                 continue
             try:
                 ann_id = int(data["patch_id_to_ann_id"][pid])
             except (TypeError, ValueError, OverflowError):
-                self.tally.drop(split, "no_annotation_id")
+                self.tally.drop(split, "no_annotation_id", detail=f"ann id {data['patch_id_to_ann_id'][pid]!r}", **named)
                 continue
+            named["ann_id"] = ann_id
             det = next((d for d in dets if ann_id in d.anns), None)
             if det is None:
-                self.tally.drop(split, "no_annotation_id")
+                self.tally.drop(split, "no_annotation_id", detail="in none of the --instances JSONs", **named)
                 continue
             ann = det.anns[ann_id]
-            if ann.get("image_id") not in det.imgs:
-                self.tally.drop(split, "no_annotation_id")  # annotation points at an image the JSON does not list
+            if ann.get("image_id") not in det.imgs:  # annotation points at an image the JSON does not list
+                self.tally.drop(split, "no_annotation_id", detail=f"its image {ann.get('image_id')!r} is not in "
+                                f"{det.path}", **named)
                 continue
             if ann.get("iscrowd", 0):
-                self.tally.drop(split, "crowd")
+                self.tally.drop(split, "crowd", **{**named, "file": det.path})
                 continue
             objs[split].append((ann["image_id"], ann_id, pid, ann, det, lab[0], lab[1]))
         self._images = []
@@ -280,7 +282,8 @@ class CocottributesFormat(PackFormat):
         for o in image.info[1]:
             reason, visible, crop = check_box(o[3], meta["width"], meta["height"], self.min_size, self.margin)
             if reason:
-                self.tally.drop(image.split, reason)
+                self.tally.drop(image.split, reason, file=meta["path"], ann_id=o[1], patch_id=_plain(o[2]),
+                                detail=f"bbox {o[3].get('bbox')!r}")
             else:
                 keep.append((o, visible, crop))
         if not keep:
@@ -298,8 +301,9 @@ class CocottributesFormat(PackFormat):
                       "file_name": os.path.basename(meta["path"])}
             yield f"{image_id:012d}_{ann_id}_{_plain(pid)}", {"jpg": jpg, "json": sample}, None
 
-    def job(self, verified: dict) -> dict:
-        return job_identity(verified, sources=self.sources, **self._job)
+    def sample_ids(self, image, task=None):
+        objs = [o for o, _, _ in task.info] if task else image.info[1]
+        return [{"ann_id": o[1], "patch_id": _plain(o[2])} for o in objs]
 
     def report(self, verified: dict) -> dict:
         report = {}
@@ -319,13 +323,13 @@ def pack_cocottributes(out_dir: str | os.PathLike, pkl: str | os.PathLike, insta
                        images: list[str | os.PathLike], *, dataset: str = "cocottributes", threshold: float = 0.5,
                        margin: float = 0.1, min_size: float = 16, max_side: int = 0, quality: int = 90,
                        max_samples: int = 1000, limit: int = 0, workers: int | None = None, on_leak: str = "error",
-                       progress: bool = True, overwrite: bool = False) -> dict:
+                       progress: bool = True, overwrite: bool = False, max_dropped: float = DEFAULT_MAX_DROPPED) -> dict:
     """Pack every COCO Attributes patch as a crop sample, or count why not. Returns the manifest."""
     fmt = CocottributesFormat(Path(pkl), instances, [Path(d) for d in images], dataset=dataset, threshold=threshold,
                               margin=margin, min_size=min_size, max_side=max_side, quality=quality,
                               max_samples=max_samples, limit=limit, on_leak=on_leak)
     return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
-                progress=progress)
+                progress=progress, max_dropped=max_dropped)
 
 
 def _plain(pid):

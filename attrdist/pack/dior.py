@@ -39,7 +39,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from attrdist.errors import AttrdistError
-from attrdist.pack.pipeline import (ImageItem, ItemError, ItemFailure, PackFormat, Task, Tally, pack, read_checked,
+from attrdist.pack.pipeline import (DEFAULT_MAX_DROPPED, ImageItem, ItemError, ItemFailure, PackFormat, Task, Tally,
+                                    job_identity, pack, read_checked,
                                     resize_max_side, verify_bytes)
 from attrdist.pack.writer import source_entry
 
@@ -164,24 +165,26 @@ def parse_dior_xml(path: str | os.PathLike) -> DiorAnnotation:
     return DiorAnnotation(fname, width, height, tuple(objects))
 
 
-def clip_boxes(objects, width: int, height: int) -> tuple[list[list[float]], list[int], Counter]:
-    """Clip (x0, y0, x1, y1) boxes to the image; return kept [x, y, w, h], labels, and counts of
-    dropped ('zero_area', 'outside_image') and 'clipped' boxes."""
-    boxes, labels, counts = [], [], Counter()
-    for o in objects:
+def clip_boxes(objects, width: int, height: int) -> tuple[list[list[float]], list[int], Counter, list]:
+    """Clip (x0, y0, x1, y1) boxes to the image; return kept [x, y, w, h], labels, counts of dropped
+    ('zero_area', 'outside_image') and 'clipped' boxes, and the dropped ones as (object index, reason, box)."""
+    boxes, labels, counts, dropped = [], [], Counter(), []
+    for k, o in enumerate(objects):
         x0, y0, x1, y1 = o.box
         if x1 <= x0 or y1 <= y0:
             counts["zero_area"] += 1
+            dropped.append((k, "zero_area", list(o.box)))
             continue
         cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
         if cx1 <= cx0 or cy1 <= cy0:
             counts["outside_image"] += 1
+            dropped.append((k, "outside_image", list(o.box)))
             continue
         if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
             counts["clipped"] += 1
         boxes.append([cx0, cy0, cx1 - cx0, cy1 - cy0])
         labels.append(o.label)
-    return boxes, labels, counts
+    return boxes, labels, counts, dropped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,12 +198,14 @@ def _probe(item: tuple[str, str, tuple[str, ...]]) -> dict:
     ann = parse_dior_xml(xml)
     img = next((Path(root) / d / ann.file_name for d in image_dirs if (Path(root) / d / ann.file_name).is_file()), None)
     if img is None:
-        raise ItemFailure("missing_image", ann.file_name)
+        where = [Path(root) / d / ann.file_name for d in image_dirs]
+        raise ItemFailure("missing_image", f"{ann.file_name}: in none of {', '.join(map(str, where))}",
+                          where[0] if where else Path(root) / ann.file_name)
     v = verify_bytes(img.read_bytes(), str(img))  # one decode: verified and fingerprinted
     w, h = v["width"], v["height"]
-    boxes, labels, counts = clip_boxes(ann.objects, w, h)
+    boxes, labels, counts, dropped = clip_boxes(ann.objects, w, h)
     return {"path": str(img), "file_name": ann.file_name, "width": w, "height": h, "sha1": v["sha1"], "phash": v["phash"],
-            "boxes": boxes, "box_labels": labels, "box_counts": dict(counts),
+            "boxes": boxes, "box_labels": labels, "box_counts": dict(counts), "boxes_dropped": dropped,
             "size_mismatch": ann.width is not None and (ann.width, ann.height) != (w, h)}
 
 
@@ -232,11 +237,12 @@ def _annotation_dir(root: Path, boxes: str) -> Path:
     first = root / "Annotations" / VARIANTS[boxes]
     if first.is_dir():
         return first
-    other = root / "Annotations" / VARIANTS["oriented" if boxes == "horizontal" else "horizontal"]
-    if other.is_dir():
-        return other
-    raise AttrdistError(f"{first}: annotation directory not found (nor {other.name}); --root must be the DIOR "
-                        f"root holding Annotations/, ImageSets/ and JPEGImages-*")
+    name = "oriented" if boxes == "horizontal" else "horizontal"
+    if (root / "Annotations" / VARIANTS[name]).is_dir():  # never read the other variant in its place
+        raise AttrdistError(f"{first}: annotation folder not found, but {VARIANTS[name]}/ is there; pass --boxes {name} "
+                            f"to pack those boxes")
+    raise AttrdistError(f"{first}: annotation folder not found; --root must be the DIOR root holding Annotations/, "
+                        f"ImageSets/ and JPEGImages-*")
 
 
 def read_split_ids(path: Path) -> list[str]:
@@ -275,13 +281,24 @@ class DiorFormat(PackFormat):
             raise AttrdistError(f"--on-leak {on_leak!r}: expected error, warn or drop")
         self.root, self.ann_dir = root, _annotation_dir(root, boxes)
         sets = root / "ImageSets" / "Main"
-        if splits is None:
-            splits = [s for s in SPLITS if (sets / f"{s}.txt").is_file()]
+        if splits is None:  # the official split files there that list ids (an empty one is left out, and said so)
+            present = [s for s in SPLITS if (sets / f"{s}.txt").is_file()]
+            splits = [s for s in present if read_split_ids(sets / f"{s}.txt")]
             if not splits:
-                raise AttrdistError(f"{sets}: no train.txt/val.txt/test.txt here; --root must be the DIOR root")
+                raise AttrdistError(f"{sets}: no train.txt/val.txt/test.txt listing ids here; --root must be the DIOR "
+                                    f"root" + (f" ({', '.join(present)} are empty)" if present else ""))
+            self.empty_split_files = [s for s in present if s not in splits]
+        else:
+            self.empty_split_files = []
         self.dataset, self.splits, self.where = dataset, list(splits), str(root)
         self.max_side, self.quality, self.threads = max_side, quality, not max_side  # no max_side: copied through
         self.image_dirs = tuple(d for d in IMAGE_DIRS if (root / d).is_dir())
+        needed = {"test": "JPEGImages-test"}
+        for split in self.splits:
+            want = needed.get(split, "JPEGImages-trainval")
+            if not (root / want).is_dir():
+                raise AttrdistError(f"{root / want}: image folder not found, and split {split!r} takes its images from "
+                                    f"there; unpack DIOR's {want}.zip into --root (or leave {split} out of --splits)")
         self.tally = Tally(self.splits, ("duplicate_id",))
         self.ids: dict[str, list[str]] = {}
         self.listed: dict[str, int] = {}
@@ -290,11 +307,14 @@ class DiorFormat(PackFormat):
             uniq = list(dict.fromkeys(raw))
             self.ids[split] = uniq[:limit] if limit else uniq
             self.listed[split] = len(raw)
-            self.tally.drop(split, "duplicate_id", len(raw) - len(uniq))
+            for dup in (k for k, n in Counter(raw).items() if n > 1):
+                self.tally.drop(split, "duplicate_id", Counter(raw)[dup] - 1, file=sets / f"{split}.txt", key=dup)
         self.sources = [source_entry(sets / f"{s}.txt") for s in self.splits]
+        self.inputs = [self.ann_dir, sets, *(root / d for d in self.image_dirs)]
         self._options = {"root": str(root), "annotations": str(self.ann_dir.relative_to(root)), "splits": self.splits,
                          "max_side": max_side, "quality": quality, "limit": limit, "on_leak": on_leak,
                          "box_format": "xywh pixels of the stored image", "prompts": PROMPTS,
+                         "empty_split_files_left_out": self.empty_split_files,
                          "raw_class_names": [r for r, _ in DIOR_CLASSES]}
         self.kept: dict[str, list[str]] = {s: [] for s in self.splits}  # ids planned for pass 2
         self.coco: dict[str, dict] = {}  # split -> COCO instances of the packed images
@@ -304,7 +324,12 @@ class DiorFormat(PackFormat):
         return [ImageItem(s, i, (str(self.ann_dir / f"{i}.xml"), str(self.root), self.image_dirs))
                 for s in self.splits for i in self.ids[s]]
 
+    def file_of(self, image):
+        return image.path[0]  # the annotation XML
+
     def plan(self, image, meta):
+        for k, reason, box in meta["boxes_dropped"]:
+            self.tally.drop_box(image.split, reason, file=image.path[0], object=k, detail=f"box {box}")
         self.kept[image.split].append(image.key)
         return Task((meta["path"], meta["sha1"], self.max_side, self.quality))
 
@@ -338,7 +363,7 @@ class DiorFormat(PackFormat):
             for split, c in self.coco.items()}
 
     def job(self, verified: dict) -> dict:
-        return self._options  # resumed when the options match (the inputs are not digested)
+        return job_identity(verified, options=self._options, sources=self.sources)
 
     @property
     def options(self) -> dict:
@@ -368,9 +393,9 @@ class DiorFormat(PackFormat):
 def pack_dior(root: str | os.PathLike, out_dir: str | os.PathLike, *, splits: list[str] | None = None,
               boxes: str = "horizontal", max_side: int = 0, quality: int = 90, workers: int | None = None,
               on_leak: str = "error", dataset: str = "dior", max_samples: int = 1000, limit: int = 0,
-              overwrite: bool = False, progress: bool = True) -> dict:
+              overwrite: bool = False, max_dropped: float = DEFAULT_MAX_DROPPED, progress: bool = True) -> dict:
     """Pack the official DIOR splits (ImageSets/Main/<split>.txt). Returns the manifest."""
     fmt = DiorFormat(Path(root), splits=splits, boxes=boxes, max_side=max_side, quality=quality, on_leak=on_leak,
                      dataset=dataset, limit=limit)
     return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
-                progress=progress)
+                progress=progress, max_dropped=max_dropped)

@@ -35,7 +35,7 @@ from pathlib import Path
 from PIL import Image
 
 from attrdist.errors import AttrdistError
-from attrdist.pack.pipeline import (ImageItem, ItemFailure, PackFormat, Task, Tally, encode_jpeg, open_image, pack,
+from attrdist.pack.pipeline import (DEFAULT_MAX_DROPPED, ImageItem, ItemFailure, PackFormat, Task, Tally, encode_jpeg, open_image, pack,
                                     read_checked, resize_max_side, verify_bytes)
 from attrdist.pack.writer import source_entry
 
@@ -191,7 +191,7 @@ def _probe(path: str) -> dict:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise ItemFailure("unreadable_file", str(e)) from None
+        raise ItemFailure("unreadable_file", str(e), path) from None
     return {"path": path, **verify_bytes(data, path)}
 
 
@@ -270,6 +270,7 @@ class ImageFolderFormat(PackFormat):
         self.tally = Tally(self.splits)
         self.class_counts = {s: dict.fromkeys(classes, 0) for s in self.splits}
         self.sources = [source_entry(groups_csv)] if groups_csv else []
+        self.inputs = [root] + ([groups_csv] if groups_csv else [])
         self.options = {"root": str(root), "split_dirs": split_dirs, "fractions": None if split_dirs else fractions,
                         "seed": seed, "group_by": group_by, "group_sep": group_sep, "group_parts": group_parts,
                         "groups": str(groups_csv) if groups_csv else None, "max_side": max_side, "quality": quality,
@@ -291,9 +292,6 @@ class ImageFolderFormat(PackFormat):
                   "height": h}
         yield task.info, {ext: data, "json": sample}, {ext: crc}
 
-    def job(self, verified: dict) -> dict:
-        return self.options  # resumed when the options match (the inputs are not digested)
-
     def report(self, verified: dict) -> dict:
         return {"scan": self.scan, **{s: {"files": len(fs), "groups": len({f.group for f in fs}),
                                           "packed": self.tally.packed[s], "dropped": self.tally.dropped(s),
@@ -304,7 +302,7 @@ def pack_imagefolder(root: str | os.PathLike, out_dir: str | os.PathLike, *, val
                      seed: int = 0, split_dirs: bool = False, group_by: str = "prefix", group_sep: str = "_",
                      group_parts: int = 2, groups_csv: str | os.PathLike | None = None, max_side: int = 0,
                      quality: int = 90, workers: int | None = None, on_leak: str = "error",
-                     dataset: str = "imagefolder", max_samples: int = 1000, overwrite: bool = False,
+                     dataset: str = "imagefolder", max_samples: int = 1000, overwrite: bool = False, max_dropped: float = DEFAULT_MAX_DROPPED,
                      progress: bool = True) -> dict:
     """Pack an image-folder dataset. Returns the manifest."""
     fmt = ImageFolderFormat(Path(root), val=val, test=test, seed=seed, split_dirs=split_dirs, group_by=group_by,
@@ -312,4 +310,4 @@ def pack_imagefolder(root: str | os.PathLike, out_dir: str | os.PathLike, *, val
                             groups_csv=Path(groups_csv) if groups_csv else None, max_side=max_side, quality=quality,
                             on_leak=on_leak, dataset=dataset)
     return pack(fmt, out_dir, max_samples=max_samples, workers=workers, on_leak=on_leak, overwrite=overwrite,
-                progress=progress)
+                progress=progress, max_dropped=max_dropped)

@@ -27,7 +27,7 @@ def summary(root: str | os.PathLike) -> str:
     for name, info in d["splits"].items():
         out.append(f"  {name:<8} {info['nsamples']:>8} samples  {len(info['shards']):>4} shards")
     out.append(f"attributes: {len(m.attributes)}; label fields: {', '.join(m.label_fields)}")
-    split = "train" if "train" in d["splits"] else next(iter(d["splits"]), None)
+    split = default_split(m)
     if split:
         info = d["splits"][split]
         n = max(1, info["nsamples"])
@@ -38,7 +38,7 @@ def summary(root: str | os.PathLike) -> str:
             out.append(f"label frequencies [{split}/{f}] bottom: {fmt(ranked[::-1][:10])}")
     report = d.get("report") or {}
     for name, r in report.items():
-        if name == "leakage" or not isinstance(r, dict):
+        if name in ("leakage", "drops") or not isinstance(r, dict):
             continue
         dropped = {k: v for k, v in (r.get("dropped") or {}).items() if v}
         extra = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "dropped"}
@@ -53,10 +53,41 @@ def summary(root: str | os.PathLike) -> str:
             out.append(f"  {e['a']} ~ {e['b']} (distance {e['distance']})")
         if leak.get("policy"):
             out.append(f"  policy: {leak['policy']}")
+    out += drop_lines(m.root)
     out.append("sources:")
     for s in d.get("sources", []):
         out.append(f"  {s.get('path')}  {s.get('bytes', '?')} bytes  sha256 {_short(s.get('sha256'))}")
     return "\n".join(out)
+
+
+def read_drops(root: str | os.PathLike) -> list[dict] | None:
+    """The records of the pack's drops.jsonl (every sample and box the packer left out), or None for a pack
+    made before attrdist wrote it."""
+    path = Path(root) / "drops.jsonl"
+    if not path.is_file():
+        return None
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise AttrdistError(f"{path}: unreadable ({type(e).__name__}: {e}); re-pack to write it again") from None
+
+
+def drop_lines(root: str | os.PathLike, n: int = 3) -> list[str]:
+    """Per split, what was dropped, by reason, with the first `n` names of each; and where the whole list is."""
+    from attrdist.pack.pipeline import describe_drops
+
+    records = read_drops(root)
+    if records is None:
+        return ["drops: not recorded (packed before attrdist wrote drops.jsonl)"]
+    if not records:
+        return ["drops: none: every listed sample and box was packed"]
+    out = []
+    for split in dict.fromkeys(r["split"] for r in records):
+        for what in ("sample", "box"):
+            rs = [r for r in records if r["split"] == split and r["what"] == what]
+            if rs:
+                out.append(f"  {split}: {what}s dropped: {describe_drops(rs, n)}")
+    return ["drops (first names of each reason):", *out, f"every drop, named: {Path(root) / 'drops.jsonl'}"]
 
 
 def _font(size: int):
@@ -87,7 +118,13 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
     return lines
 
 
-def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, *, n: int = 32, split: str = "train",
+def default_split(manifest) -> str | None:
+    """The split `inspect` shows by default: train when there is one, else the first."""
+    names = list(manifest.data["splits"])
+    return "train" if "train" in names else (names[0] if names else None)
+
+
+def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, *, n: int = 32, split: str | None = None,
                   seed: int = 0, tile: int = 224, cols: int = 8) -> tuple[int, int]:
     """Write a PNG of n random samples of `split` (seeded); returns its (width, height)."""
     from PIL import Image, ImageDraw
@@ -95,6 +132,7 @@ def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, *, n: int = 3
     from attrdist import atomic
 
     m = load_manifest(root)
+    split = split or default_split(m)
     if not m.has_split(split):
         raise AttrdistError(f"{m.root}: no split {split!r} (have: {', '.join(m.data['splits'])}); pass --split with one of them")
     reader = ShardReader(m, split)

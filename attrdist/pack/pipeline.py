@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import math
 import os
+import signal
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -40,9 +43,11 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from attrdist.errors import AttrdistError
-from attrdist.pack.writer import PackWriter, check_replaceable
+from attrdist.pack.writer import PackWriter, check_out_dir, pack_identity, pack_job
 
 LEAK_POLICIES = ("error", "warn", "drop")
+DEFAULT_MAX_DROPPED = 0.05
+MAX_SHARD_BYTES = 256 << 20  # a shard is closed at this size even before --max-samples
 
 
 @dataclass(frozen=True)
@@ -51,17 +56,44 @@ class ItemError:
 
     reason: str
     detail: str
+    file: str | None = None  # the file at fault, where the failure names one
 
 
 def add_pack_args(ap) -> None:
     """The options every packer entry point (shards/*.py) shares."""
-    ap.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
+    ap.add_argument("--max-samples", type=int, default=1000, metavar="N",
+                    help=f"samples per shard: a shard is closed at N samples or {MAX_SHARD_BYTES >> 20} MiB, whichever "
+                         f"comes first (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
-    ap.add_argument("--on-leak", choices=("error", "warn", "drop"), default="error",
-                    help="identical/near-identical images across splits: fail (default), warn, or drop them "
-                         "from the later split")
-    ap.add_argument("--overwrite", action="store_true", help="replace --out even if it holds another dataset")
+    ap.add_argument("--on-leak", choices=LEAK_POLICIES, default="error",
+                    help="identical or near-identical images in two splits: stop with the pairs (error, the default), "
+                         "keep and report them (warn), or leave them out of the later split (drop)")
+    ap.add_argument("--max-dropped", type=float, default=DEFAULT_MAX_DROPPED, metavar="FRACTION",
+                    help="stop when a split loses more than this fraction of its samples to missing, unreadable or "
+                         "malformed input (default: %(default)s; 1 packs whatever can be read). Every dropped "
+                         "sample is listed in drops.jsonl beside the manifest")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out when it holds an attrdist pack of other data (only ever a pack or an empty "
+                         "folder, never one holding or inside an input); without it a pack is replaced only by a "
+                         "re-run of the same inputs and options")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+INTERRUPTED = "run the same command again: the pack resumes from its finished shards"
+
+
+def finish_lines(manifest: dict, out_dir: str | os.PathLike) -> list[str]:
+    """What every packer prints after its own summary: the drops by split (first names) and what it wrote."""
+    from attrdist.pack.inspect import drop_lines
+
+    return [*drop_lines(out_dir), f"wrote {Path(out_dir) / 'manifest.json'}"]
+
+
+def packer_help(doc: str) -> dict:
+    """argparse keywords for a packer entry point: its whole docstring as the description, shown as written."""
+    import argparse
+
+    return {"description": doc, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def default_workers() -> int:
@@ -77,7 +109,7 @@ def _call(fn, item):
     except AttrdistError:
         raise
     except Exception as e:  # noqa: BLE001 - any per-item failure is data to count, not a crash
-        return ItemError(getattr(e, "reason", type(e).__name__), str(e)[:300])
+        return ItemError(getattr(e, "reason", type(e).__name__), str(e)[:300], getattr(e, "file", None))
 
 
 def _call_chunk(fn, items: list) -> list:
@@ -103,7 +135,9 @@ def parallel_map(fn: Callable, items: Iterable, workers: int | None = None, *, c
     workers for the same cores; `chunk` items per task divide that work. With `threads=True`
     the workers are threads: for work that is mostly I/O and hashing (both release the GIL), such as
     copying bytes through, where sending each result back from a process would cost more than the work.
-    At most 4 tasks per worker are in flight, so memory stays flat in the number of items.
+    At most 4 tasks per worker are in flight, so memory stays flat in the number of items. Worker processes
+    ignore SIGINT: Ctrl-C (sent to the whole process group) interrupts this process alone, which cancels what
+    is queued, so the user sees one line (`attrdist.errors.user_errors`), not a traceback per worker.
     """
     workers = default_workers() if workers is None else workers
     if workers <= 1:
@@ -111,7 +145,9 @@ def parallel_map(fn: Callable, items: Iterable, workers: int | None = None, *, c
             yield _call(fn, it)
         return
     chunk = 1 if threads else max(1, chunk)
-    with (ThreadPoolExecutor(workers) if threads else ProcessPoolExecutor(workers)) as pool:
+    pool = (ThreadPoolExecutor(workers) if threads
+            else ProcessPoolExecutor(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)))
+    try:
         pending: deque = deque()
         for part in _chunks(items, chunk):
             pending.append(pool.submit(_call_chunk, fn, part))
@@ -119,6 +155,10 @@ def parallel_map(fn: Callable, items: Iterable, workers: int | None = None, *, c
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
+    except BaseException:  # Ctrl-C above all: what is queued is dropped, the tasks running finish (a few items)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def read_ahead(items: Iterable, path_of: Callable = lambda item: item) -> Iterator:
@@ -143,9 +183,9 @@ def read_ahead(items: Iterable, path_of: Callable = lambda item: item) -> Iterat
 class ItemFailure(Exception):
     """Raise inside a per-item function with a short reason (e.g. 'box_outside_image')."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", file: str | os.PathLike | None = None):
         super().__init__(detail or reason)
-        self.reason = reason
+        self.reason, self.file = reason, (str(file) if file is not None else None)
 
 
 def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
@@ -195,11 +235,11 @@ def verify_bytes(data: bytes, where: str) -> dict:
         im = Image.open(io.BytesIO(data))
         fmt, size = im.format, im.size
     except Image.DecompressionBombError as e:
-        raise ItemFailure("decompression_bomb", f"{where}: {e}") from None
+        raise ItemFailure("decompression_bomb", f"{where}: {e}", where) from None
     except UnidentifiedImageError as e:  # no image format recognises these bytes
-        raise ItemFailure("not_an_image", f"{where}: {e}") from None
+        raise ItemFailure("not_an_image", f"{where}: {e}", where) from None
     except Exception as e:  # noqa: BLE001 - a recognised format whose header is broken or cut short
-        raise ItemFailure("corrupt_image", f"{where}: {type(e).__name__}: {e}") from None
+        raise ItemFailure("corrupt_image", f"{where}: {type(e).__name__}: {e}", where) from None
     try:
         grey = _gray_draft(data, DRAFT_SIZE) if fmt == "JPEG" else None
         if grey is not None:
@@ -210,9 +250,9 @@ def verify_bytes(data: bytes, where: str) -> dict:
             im.load()
         phash = hash_image(im)
     except Image.DecompressionBombError as e:
-        raise ItemFailure("decompression_bomb", f"{where}: {e}") from None
+        raise ItemFailure("decompression_bomb", f"{where}: {e}", where) from None
     except Exception as e:  # noqa: BLE001
-        raise ItemFailure("corrupt_image", f"{where}: {type(e).__name__}: {e}") from None
+        raise ItemFailure("corrupt_image", f"{where}: {type(e).__name__}: {e}", where) from None
     return {"format": fmt, "width": size[0], "height": size[1], "sha1": content_hash(data), "phash": int(phash)}
 
 
@@ -247,9 +287,9 @@ def read_checked(path: str, sha1: str) -> bytes:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise ItemFailure("changed_during_pack", f"{path}: {e}") from None
+        raise ItemFailure("changed_during_pack", f"{path}: {e}", path) from None
     if content_hash(data) != sha1:
-        raise ItemFailure("changed_during_pack", f"{path}: content changed between the two passes")
+        raise ItemFailure("changed_during_pack", f"{path}: content changed between the two passes", path)
     return data
 
 
@@ -281,7 +321,8 @@ def verify_image(paths: str | os.PathLike | list) -> dict:
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     path = next((str(p) for p in paths if os.path.isfile(p)), None)
     if path is None:
-        raise ItemFailure("missing_image", str(paths[0]))
+        looked = f" (nor {', '.join(str(p) for p in paths[1:4])})" if len(paths) > 1 else ""
+        raise ItemFailure("missing_image", f"{paths[0]}: no such file{looked}", paths[0])
     with open(path, "rb") as f:
         data = f.read()
     return {"path": path, **verify_bytes(data, path)}
@@ -333,23 +374,86 @@ class Task:
     samples: int = 1   # the samples a failed `produce` drops
 
 
+# Drop reasons that are the user's own choice (an option asked for them), not a problem with the input: they
+# are named in drops.jsonl like every drop, but do not count against --max-dropped.
+CHOSEN = frozenset({"leak", "crowd", "too_small", "box_too_small", "duplicate_id"})
+
+
 class Tally:
     """Samples packed, and dropped by reason, per split: the one place a drop is recorded.
 
-    `reasons` are listed (as 0) in every split's report even when nothing was dropped for them;
-    `rename` maps a reason to the name this format's report gives it."""
+    Every drop is named: `drop(split, reason, n, file=..., ann_id=..., **ids)` keeps a record (split, reason,
+    the file at fault, the annotation id or other ids, a detail) that the pack publishes as drops.jsonl
+    (`jsonl`); a drop without a file or an id is a bug (TypeError). `drop_box` records a box left out of a
+    sample that is packed (counted apart: `boxes_dropped`). `reasons` are listed (as 0) in every split's
+    report even when nothing was dropped for them; `rename` maps a reason to the name this format's report
+    gives it."""
 
     def __init__(self, splits: Iterable[str], reasons: Iterable[str] = (), rename: dict[str, str] | None = None):
         self.reasons, self.rename = tuple(reasons), dict(rename or {})
         self.packed: Counter = Counter({s: 0 for s in splits})
         self._dropped = {s: Counter(dict.fromkeys(self.reasons, 0)) for s in self.packed}
+        self._boxes: dict[str, Counter] = {}
+        self.records: list[dict] = []
 
-    def drop(self, split: str, reason: str, n: int = 1) -> None:
+    def drop(self, split: str, reason: str, n: int = 1, *, file: str | os.PathLike | None = None,
+             detail: str = "", **ids) -> None:
+        if file is None and not ids:
+            raise TypeError(f"Tally.drop({split!r}, {reason!r}): name the file or the annotation dropped")
+        reason = self.rename.get(reason, reason)
         counts = self._dropped.setdefault(split, Counter(dict.fromkeys(self.reasons, 0)))
-        counts[self.rename.get(reason, reason)] += n
+        counts[reason] += n
+        self.records.append(_record("sample", split, reason, n, file, detail, ids))
+
+    def drop_box(self, split: str, reason: str, *, file: str | os.PathLike, detail: str = "", **ids) -> None:
+        self._boxes.setdefault(split, Counter())[reason] += 1
+        self.records.append(_record("box", split, reason, 1, file, detail, ids))
 
     def dropped(self, split: str) -> dict:
         return dict(self._dropped.get(split, {}))
+
+    def boxes_dropped(self, split: str) -> dict:
+        return dict(self._boxes.get(split, {}))
+
+    def failed(self, split: str) -> int:
+        """Samples of `split` dropped for a problem with the input (not by choice: CHOSEN)."""
+        return sum(v for k, v in self._dropped.get(split, {}).items() if k not in CHOSEN)
+
+    def named(self, split: str, what: str = "sample", chosen: bool | None = None) -> list[dict]:
+        return [r for r in self.records if r["split"] == split and r["what"] == what
+                and (chosen is None or (r["reason"] in CHOSEN) == chosen)]
+
+    def jsonl(self) -> bytes:
+        return b"".join(json.dumps(r, default=str).encode() + b"\n" for r in self.records)
+
+
+def _record(what: str, split: str, reason: str, n: int, file, detail: str, ids: dict) -> dict:
+    r = {"split": split, "what": what, "reason": reason}
+    if file is not None:
+        r["file"] = str(file)
+    r.update(ids)
+    if n != 1:
+        r["n"] = n
+    if detail:
+        r["detail"] = " ".join(str(detail).split())[:300]
+    return r
+
+
+def describe_drops(records: list[dict], n: int = 3) -> str:
+    """'missing_image 3 (a.jpg, b.jpg, c.jpg), corrupt_image 1 (d.jpg)': counts and the first names by reason."""
+    by: dict[str, list[dict]] = {}
+    for r in records:
+        by.setdefault(r["reason"], []).append(r)
+    parts = []
+    for reason, rs in sorted(by.items(), key=lambda kv: -sum(r.get("n", 1) for r in kv[1])):
+        names = ", ".join(_name(r) for r in rs[:n]) + (", ..." if len(rs) > n else "")
+        parts.append(f"{reason} {sum(r.get('n', 1) for r in rs)} ({names})")
+    return "; ".join(parts)
+
+
+def _name(r: dict) -> str:
+    ids = " ".join(f"{k} {v}" for k, v in r.items() if k not in ("split", "what", "reason", "file", "n", "detail"))
+    return " ".join(x for x in (r.get("file", ""), ids) if x)
 
 
 class PackFormat:
@@ -373,6 +477,18 @@ class PackFormat:
     verify = staticmethod(verify_image)       # pass 1, in workers: ImageItem.path -> metadata with sha1, phash
     produce = staticmethod(load_image_item)   # pass 2, in workers: Task.arg -> what `samples` turns into samples
     threads = True              # `produce` in threads (bytes copied through), else in processes (decoding)
+    inputs: list | tuple = ()   # every input path (folders and files): --out may not be, hold or lie in one
+
+    def sample_ids(self, image: ImageItem, task: Task | None = None) -> list[dict] | None:
+        """The ids of the samples an image (or one of its pass-2 tasks) stands for, one dict per sample
+        (e.g. [{"ann_id": 7}, ...]), to name each of them when the image is dropped; None: the image is the
+        one sample (its key names it)."""
+        return None
+
+    def file_of(self, image: ImageItem) -> str:
+        """The file a drop of this image names when the failure itself names none."""
+        p = image.path
+        return str(p if isinstance(p, (str, os.PathLike)) else p[0])
 
     def images(self) -> list[ImageItem]:
         """Every input image, split by split, in the order the samples are to be written."""
@@ -392,8 +508,9 @@ class PackFormat:
         raise NotImplementedError
 
     def job(self, verified: dict) -> dict:
-        """What an interrupted pack must match to be resumed (`PackWriter`'s `job`)."""
-        return job_identity(verified, **self.options)
+        """What an interrupted pack must match to be resumed, and a finished one to be replaced without
+        --overwrite (`PackWriter`'s `job`): the options, the annotation files read and every input image."""
+        return job_identity(verified, options=self.options, sources=self.sources)
 
     def report(self, verified: dict) -> dict:
         """The manifest's report besides "leakage": by default {split: {"packed", "dropped"}}."""
@@ -405,44 +522,122 @@ class PackFormat:
 
 
 def pack(fmt: PackFormat, out_dir: str | os.PathLike, *, max_samples: int = 1000, workers: int | None = None,
-         on_leak: str = "error", overwrite: bool = False, progress: bool = True) -> dict:
-    """Pack a source format's images into shards in `out_dir` (module docstring). Returns the manifest."""
+         on_leak: str = "error", overwrite: bool = False, progress: bool = True,
+         max_dropped: float = DEFAULT_MAX_DROPPED) -> dict:
+    """Pack a source format's images into shards in `out_dir` (module docstring). Returns the manifest.
+
+    Refused before any image is read: an --out that `check_out_dir` may not replace, a split listing no image.
+    Stopped before anything is published: a split none of whose images can be read or that ends with no
+    sample, and a split losing more than `max_dropped` of its samples to problems with the input
+    (`Tally.failed`). Every drop is named in drops.jsonl, published with the pack."""
     check_leak_policy(on_leak)
+    if not 0 <= max_dropped <= 1:
+        raise AttrdistError(f"--max-dropped {max_dropped}: a fraction of a split's samples, in [0, 1]")
+    out_dir = Path(out_dir)
     images, tally = fmt.images(), fmt.tally
-    check_replaceable(Path(out_dir), fmt.dataset, overwrite)  # fail fast, before reading any image
+    early = pack_identity(pack_job(dataset=fmt.dataset, attributes=fmt.attributes, label_fields=fmt.label_fields,
+                                   max_samples=max_samples, max_bytes=MAX_SHARD_BYTES, job=fmt.job({})))
+    check_out_dir(out_dir, inputs=fmt.inputs, overwrite=overwrite,  # fail fast, before reading any image
+                  identity={"dataset": early["dataset"], "options": early["options"]})
+    totals = {s: sum(tally.dropped(s).values()) for s in fmt.splits}
+    for im in images:
+        totals[im.split] = totals.get(im.split, 0) + im.samples
+    listed = Counter(im.split for im in images)
+    for s in fmt.splits:
+        if not listed[s]:
+            raise AttrdistError(f"{out_dir}: split {s!r} lists no image to pack"
+                                + (f" ({describe_drops(tally.named(s))})" if tally.named(s) else "")
+                                + "; check its inputs, or leave the split out")
     verified = verify_all(images, fmt.verify, workers, progress)  # pass 1
     readable = []
     for im in images:
         meta = verified[(im.split, im.key)]
         if isinstance(meta, ItemError):
-            tally.drop(im.split, meta.reason, im.samples)
+            _drop_image(fmt, im, meta.reason, meta.file, meta.detail)
         else:
             readable.append((im, meta))
+    alive = Counter(im.split for im, _ in readable)
+    for s in fmt.splits:
+        if not alive[s]:
+            _stop(fmt, out_dir, f"split {s!r}: none of its {listed[s]} images can be read "
+                                f"({describe_drops(tally.named(s))}); check that the image folders exist and hold them")
+    check_drops(fmt, out_dir, totals, max_dropped)
     leakage, leaked = check_leakage(verified, fmt.splits, on_leak, fmt.where or str(out_dir))
     with PackWriter(out_dir, dataset=fmt.dataset, attributes=fmt.attributes, label_fields=fmt.label_fields,
-                    max_samples=max_samples, overwrite=overwrite, job=fmt.job(verified)) as writer:
+                    max_samples=max_samples, max_bytes=MAX_SHARD_BYTES, overwrite=overwrite, job=fmt.job(verified),
+                    inputs=fmt.inputs) as writer:
         todo = []
         for im, meta in readable:
             reason = fmt.reject(im, meta)
             if reason is None and im.key in leaked.get(im.split, ()):
                 reason = "leak"
             if reason is not None:
-                tally.drop(im.split, reason, im.samples)
+                _drop_image(fmt, im, reason, meta["path"])
             elif (task := fmt.plan(im, meta)) is not None:
                 todo.append((im, meta, task))
         results = parallel_map(fmt.produce, (task.arg for _, _, task in todo), workers, threads=fmt.threads)  # pass 2
         for (im, meta, task), r in zip(todo, tqdm(results, total=len(todo), desc="write", unit="img",
                                                   disable=not progress)):
             if isinstance(r, ItemError):
-                tally.drop(im.split, r.reason, task.samples)
+                _drop_image(fmt, im, r.reason, r.file or meta["path"], r.detail, task)
                 continue
             for key, sample, crc32 in fmt.samples(im, meta, task, r):
                 writer.add(im.split, key, sample, crc32=crc32)
                 tally.packed[im.split] += 1
+        for s in fmt.splits:
+            if not tally.packed[s]:
+                _stop(fmt, out_dir, f"split {s!r}: no sample left to pack ({describe_drops(tally.named(s))})")
+        check_drops(fmt, out_dir, totals, max_dropped)
+        writer.write_file(DROPS, tally.jsonl())
         for name, data in fmt.files().items():
-            write_synced(writer.staging / name, data)
+            writer.write_file(name, data)
+        named = Counter(r["what"] for r in tally.records)
         return writer.commit(sources=fmt.sources, options=fmt.options,
-                             report={"leakage": leakage, **fmt.report(verified)})
+                             report={"leakage": leakage, **fmt.report(verified),
+                                     "drops": {"file": DROPS, "samples": named["sample"], "boxes": named["box"],
+                                               "max_dropped": max_dropped}})
+
+
+DROPS = "drops.jsonl"
+
+
+def _drop_image(fmt: PackFormat, im: ImageItem, reason: str, file: str | None, detail: str = "",
+                task: Task | None = None) -> None:
+    """Record the drop of an image (or of one pass-2 task's samples), each of its samples named."""
+    file = file or fmt.file_of(im)
+    ids = fmt.sample_ids(im, task)
+    if ids is None:
+        fmt.tally.drop(im.split, reason, task.samples if task else im.samples, file=file, detail=detail, key=im.key)
+    else:
+        for i in ids:
+            fmt.tally.drop(im.split, reason, file=file, detail=detail, **i)
+
+
+def _stop(fmt: PackFormat, out_dir: Path, message: str) -> None:
+    """Stop before publishing: the whole list of drops goes to the staging folder, the message names it."""
+    path = _write_drops(fmt, out_dir)
+    raise AttrdistError(f"{out_dir}: {message}; nothing was published (every drop: {path})")
+
+
+def _write_drops(fmt: PackFormat, out_dir: Path) -> Path:
+    from attrdist import atomic
+
+    staging = out_dir.with_name(f".{out_dir.name}.staging")
+    staging.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(staging / DROPS, fmt.tally.jsonl())
+    return staging / DROPS
+
+
+def check_drops(fmt: PackFormat, out_dir: Path, totals: dict[str, int], max_dropped: float) -> None:
+    """More than `max_dropped` of a split's samples dropped for problems with the input: stop (exit 2)."""
+    for s in fmt.splits:
+        failed, total = fmt.tally.failed(s), max(1, totals.get(s, 0))
+        if failed > max_dropped * total:
+            needed = math.ceil(1000 * failed / total) / 1000
+            _stop(fmt, out_dir, f"split {s!r}: {failed} of {total} samples ({failed / total:.1%}) dropped for problems "
+                                f"with the input ({describe_drops(fmt.tally.named(s, chosen=False))}), more than "
+                                f"--max-dropped {max_dropped:g} allows; fix the inputs, or pass --max-dropped "
+                                f"{needed:g} to pack without them")
 
 
 def verify_all(images: list[ImageItem], verify: Callable, workers: int | None, progress: bool) -> dict:
@@ -493,10 +688,3 @@ def check_split_names(names: list[str]) -> None:
     for n in names:
         if n == "leakage" or not n or "/" in n or n.startswith("."):
             raise AttrdistError(f"split name {n!r} is not allowed (reserved, empty, or a path); choose another name")
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import re
 import tarfile
 import threading
 import time
@@ -137,24 +138,121 @@ def source_entry(path: str | os.PathLike) -> dict:
     return {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
-def check_replaceable(out_dir: Path, dataset: str, overwrite: bool) -> None:
-    """Refuse to replace a directory holding something else (another dataset, or not shards)."""
-    if overwrite or not out_dir.exists():
+# What a pack directory and its staging directory may hold: nothing else is ever deleted or replaced.
+PUBLISHED_FILES = re.compile(r"(manifest\.json|drops\.jsonl|coco_[^/]+\.json|[^/]+-\d{6}\.tar)")
+STAGING_FILES = re.compile(PUBLISHED_FILES.pattern[:-1] + r"|progress\.json|[^/]+-\d{6}\.tar\.partial)")
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """a is b or lies inside it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def _foreign(directory: Path, allowed: re.Pattern) -> list[str]:
+    """Entries of `directory` that no pack writes (sub-folders included), sorted."""
+    return sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in directory.iterdir()
+                  if not (allowed.fullmatch(p.name) and p.is_file() and not p.is_symlink()))
+
+
+def read_pack_manifest(out_dir: Path) -> dict | None:
+    """The manifest of the attrdist pack in `out_dir`, or None when it holds none (or an unreadable one)."""
+    try:
+        m = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+
+
+def check_out_dir(out_dir: str | os.PathLike, *, inputs=(), overwrite: bool = False,
+                  identity: dict | None = None) -> None:
+    """Refuse (one line: what was found, what to do) any --out whose replacement could lose data.
+
+    - --out may not be, hold, or lie inside any input path (`inputs`), with or without --overwrite.
+    - A missing or empty --out is packed into.
+    - An attrdist pack (a manifest.json of this format, and only the files a pack writes) is replaced with
+      --overwrite, or without it when its `identity` (`PackWriter.identity`: dataset, options, and when known
+      the digest of every input image) is this pack's: a resume or re-run of the same inputs and options.
+      Only the keys of `identity` given are compared, so a caller can check the options before reading images.
+    - Anything else (a file, a symlink, a non-empty folder that is not a pack, a pack holding other files) is
+      never replaced, --overwrite or not.
+    """
+    out = Path(out_dir)
+    real = out.resolve()
+    for p in inputs:
+        rp = Path(p).resolve()
+        if _inside(real, rp) or _inside(rp, real):
+            what = "is" if real == rp else ("lies inside" if _inside(real, rp) else "holds")
+            raise AttrdistError(f"{out}: --out {what} the input {p}; pack to a folder that neither holds nor lies "
+                                f"inside any input")
+    if out.is_symlink():
+        raise AttrdistError(f"{out}: --out is a symbolic link (to {os.readlink(out)}); pass the folder itself")
+    if not out.exists():
         return
-    if not out_dir.is_dir():
-        raise AttrdistError(f"{out_dir}: exists and is not a directory; choose another --out")
-    m = out_dir / MANIFEST
-    if m.is_file():
-        try:
-            other = json.loads(m.read_text()).get("dataset")
-        except ValueError:
-            other = None
-        if other != dataset:
-            raise AttrdistError(f"{out_dir}: already holds dataset {other!r}, not {dataset!r}; pass --overwrite "
-                                f"to replace it or choose another --out")
-    elif any(out_dir.iterdir()):
-        raise AttrdistError(f"{out_dir}: not empty and not an attrdist pack; pass --overwrite to replace it "
-                            f"or choose another --out")
+    if not out.is_dir():
+        raise AttrdistError(f"{out}: exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return
+    m = read_pack_manifest(out)
+    if m is None:
+        raise AttrdistError(f"{out}: not empty and not an attrdist pack (no {MANIFEST} of format {FORMAT}); attrdist "
+                            f"replaces only its own packs or an empty folder: choose another --out, or move its "
+                            f"contents away yourself")
+    foreign = _foreign(out, PUBLISHED_FILES)
+    if foreign:
+        raise AttrdistError(f"{out}: this pack folder also holds {len(foreign)} files attrdist did not write "
+                            f"({', '.join(foreign[:3])}); move them out of it, or choose another --out")
+    if overwrite:
+        return
+    theirs = m.get("identity") or {}
+    if identity is not None and all(theirs.get(k) == v for k, v in identity.items()):
+        return
+    dataset = identity.get("dataset") if identity else None
+    why = (f"dataset {m.get('dataset')!r}, not {dataset!r}" if dataset is not None and m.get("dataset") != dataset
+           else "made by an older attrdist, without an identity" if not theirs
+           else "packed from other options" if identity and theirs.get("options") != identity.get("options")
+           else "packed from other input files")
+    raise AttrdistError(f"{out}: already holds a pack of other data ({why}); pass --overwrite to replace it, or "
+                        f"choose another --out")
+
+
+class PackLock:
+    """`.<out>.lock` beside the output, flock'ed while a packer writes it, and removed when it is done.
+
+    filelock leaves its 0-byte file behind by design (removing it is unsafe when another process may have
+    opened it in the meantime). Here the holder checks after locking that the path still names the file it
+    locked, and tries again when it does not, which makes removing it on release safe. A crash leaves the
+    file; the next packer takes it over and removes it.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.path, self.out_dir, self._fd = out_dir.with_name(f".{out_dir.name}.lock"), out_dir, None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise AttrdistError(f"{self.out_dir}: another packer is writing this output right now "
+                                    f"({self.path} is locked); wait for it to finish") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self._fd = fd
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # removed by the holder that just finished: lock the new one
+        raise AttrdistError(f"{self.out_dir}: could not lock {self.path}; another packer keeps replacing it")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self._fd)
+            self._fd = None
 
 
 class PackWriter:
@@ -179,36 +277,40 @@ class PackWriter:
 
     def __init__(self, out_dir: str | os.PathLike, *, dataset: str, attributes: list[str],
                  label_fields: list[str], max_samples: int = 1000, max_bytes: int = 256 << 20,
-                 overwrite: bool = False, job: dict | None = None):
-        from filelock import FileLock, Timeout
-
+                 overwrite: bool = False, job: dict | None = None, inputs=()):
         self.out_dir = Path(out_dir)
-        check_replaceable(self.out_dir, dataset, overwrite)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.out_dir.with_name(f".{self.out_dir.name}.lock")))
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            raise AttrdistError(f"{self.out_dir}: another packer is writing this output right now") from None
-        self.staging = self.out_dir.with_name(f".{self.out_dir.name}.staging")
         self.dataset, self.attributes, self.label_fields = dataset, list(attributes), list(label_fields)
         self.max_samples, self.max_bytes = max_samples, max_bytes
-        self.job = json.loads(json.dumps({"dataset": dataset, "attributes": self.attributes,
-                                          "label_fields": self.label_fields, "max_samples": max_samples,
-                                          "max_bytes": max_bytes, "job": job or {}}, default=str))
-        self.splits: dict[str, dict[str, Any]] = {}
-        self._open: dict[str, tuple[object, Path, int, int, dict]] = {}  # split -> (TarShardWriter, ...)
-        self._skip: dict[str, int] = {}
-        self.committed = False
-        self.resumed_samples = 0
-        self._writing = self.staging  # the file being written (for error messages)
-        self._resume_or_reset()
+        self.job = pack_job(dataset=dataset, attributes=attributes, label_fields=label_fields,
+                            max_samples=max_samples, max_bytes=max_bytes, job=job)
+        self.identity = pack_identity(self.job)
+        check_out_dir(self.out_dir, inputs=inputs, overwrite=overwrite, identity=self.identity)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = PackLock(self.out_dir)
+        self._lock.acquire()
+        try:
+            check_out_dir(self.out_dir, inputs=inputs, overwrite=overwrite, identity=self.identity)  # now we hold it
+            self.staging = self.out_dir.with_name(f".{self.out_dir.name}.staging")
+            self.splits: dict[str, dict[str, Any]] = {}
+            self._open: dict[str, tuple[object, Path, int, int, dict]] = {}  # split -> (TarShardWriter, ...)
+            self._skip: dict[str, int] = {}
+            self.committed = False
+            self.resumed_samples = 0
+            self._writing = self.staging  # the file being written (for error messages)
+            self._resume_or_reset()
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -------------------------------------------------------------- resume
     def _resume_or_reset(self) -> None:
-        import shutil
-
         progress = self.staging / "progress.json"
+        if self.staging.is_symlink() or (self.staging.exists() and not self.staging.is_dir()):
+            raise AttrdistError(f"{self.staging}: in the way of this pack's staging folder and not one; move it away")
+        foreign = _foreign(self.staging, STAGING_FILES) if self.staging.is_dir() else []
+        if foreign:
+            raise AttrdistError(f"{self.staging}: this staging folder holds {len(foreign)} files attrdist did not write "
+                                f"({', '.join(foreign[:3])}); move them out of it, then run again")
         if self.staging.is_dir() and progress.is_file():
             try:
                 state = json.loads(progress.read_text())
@@ -225,10 +327,12 @@ class PackWriter:
                 log.info("%s: resuming an interrupted pack: %d samples in %d finished shards kept", self.out_dir,
                          self.resumed_samples, len(keep))
                 return
-        if self.staging.exists():
-            log.info("%s: discarding the staging directory of an interrupted pack of other inputs", self.out_dir)
-            shutil.rmtree(self.staging)
-        self.staging.mkdir(parents=True)
+        if self.staging.is_dir():
+            if any(self.staging.iterdir()):
+                log.info("%s: discarding the staging folder of an interrupted pack of other inputs", self.out_dir)
+            for p in self.staging.iterdir():  # only what a pack writes (checked above)
+                p.unlink()
+        self.staging.mkdir(parents=True, exist_ok=True)
 
     def done(self, split: str) -> int:
         """Samples of `split` already in finished shards (a resumed pack skips producing them)."""
@@ -340,7 +444,7 @@ class PackWriter:
             "format": FORMAT, "dataset": self.dataset, "attrdist_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attributes": self.attributes,
             "label_fields": self.label_fields, "splits": splits, "sources": sources,
-            "options": options, "report": report or {},
+            "options": options, "report": report or {}, "identity": self.identity,
         }
         self._writing = self.staging / MANIFEST
         atomic.write_json(self.staging / MANIFEST, manifest)
@@ -361,3 +465,29 @@ class PackWriter:
                 pass
         self._open.clear()
         self._lock.release()
+
+    def write_file(self, name: str, data: bytes) -> Path:
+        """A file published with the shards (coco_<split>.json, drops.jsonl), fsync'ed into the staging folder."""
+        if not STAGING_FILES.fullmatch(name):
+            raise ValueError(f"{name}: not a file name a pack may hold (writer.PUBLISHED_FILES)")
+        path = self._writing = self.staging / name
+        with self._write_errors(), open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return path
+
+
+def pack_job(*, dataset: str, attributes: list[str], label_fields: list[str], max_samples: int, max_bytes: int,
+             job: dict | None) -> dict:
+    """What a resumed pack must match (progress.json's "job"), as JSON gives it back."""
+    return json.loads(json.dumps({"dataset": dataset, "attributes": list(attributes), "label_fields": list(label_fields),
+                                  "max_samples": max_samples, "max_bytes": max_bytes, "job": job or {}}, default=str))
+
+
+def pack_identity(job: dict) -> dict:
+    """What `check_out_dir` compares to decide that a pack may be replaced without --overwrite: the dataset
+    name, a digest of the options (everything of the job but its input digest) and the input digest."""
+    rest = {**job, "job": {k: v for k, v in (job.get("job") or {}).items() if k != "items"}}
+    digest = hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()
+    return {"dataset": job.get("dataset"), "options": digest, "inputs": (job.get("job") or {}).get("items")}
