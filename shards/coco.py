@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attrdist.pack.coco import (AnnSource, SplitSource, pack_coco_captions, pack_coco_images,  # noqa: E402
                            pack_coco_objects, summary_lines)
-from attrdist.pack.pipeline import INTERRUPTED, add_pack_args, finish_lines, packer_help  # noqa: E402
+from attrdist.pack.inspect import finish_lines  # noqa: E402
+from attrdist.pack.pipeline import INTERRUPTED, add_pack_args, packer_help  # noqa: E402
 from attrdist.errors import AttrdistError, user_errors  # noqa: E402
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attrdist.pack.cocottributes import pack_cocottributes, summary_line  # noqa: E402
-from attrdist.pack.pipeline import INTERRUPTED, add_pack_args, finish_lines, packer_help  # noqa: E402
+from attrdist.pack.inspect import finish_lines  # noqa: E402
+from attrdist.pack.pipeline import INTERRUPTED, add_pack_args, packer_help  # noqa: E402
 from attrdist.errors import user_errors  # noqa: E402
 
 

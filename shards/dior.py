@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attrdist.pack.dior import VARIANTS, pack_dior  # noqa: E402
 from attrdist.errors import AttrdistError, user_errors  # noqa: E402
-from attrdist.pack.pipeline import INTERRUPTED, add_pack_args, finish_lines, packer_help  # noqa: E402
+from attrdist.pack.inspect import finish_lines  # noqa: E402
+from attrdist.pack.pipeline import INTERRUPTED, add_pack_args, packer_help  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attrdist.errors import user_errors  # noqa: E402
 from attrdist.pack.imagefolder import pack_imagefolder  # noqa: E402
-from attrdist.pack.pipeline import INTERRUPTED, add_pack_args, finish_lines, packer_help  # noqa: E402
+from attrdist.pack.inspect import finish_lines  # noqa: E402
+from attrdist.pack.pipeline import INTERRUPTED, add_pack_args, packer_help  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -17,9 +17,11 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from attrdist.data.reader import ShardReader, load_manifest
+from attrdist.errors import AttrdistError
 from attrdist.pack.pipeline import ImageItem, PackFormat, Tally, pack
 
 
@@ -72,9 +74,15 @@ def test_add_a_dataset_format(tmp_path):
                 (root / path).write_bytes(written[Path(path).stem])
 
     out = tmp_path / "shards"
-    manifest = pack(CsvFormat(root, ["cat", "dog"]), out, max_samples=2, workers=2, progress=False)
+    with pytest.raises(AttrdistError, match=r"split 'train': 1 of 4 samples \(25.0%\) dropped .*gone.jpg.*--max-dropped"):
+        pack(CsvFormat(root, ["cat", "dog"]), out, max_samples=2, workers=2, progress=False)  # 25 % > 5 %
+    assert not out.exists()
+    manifest = pack(CsvFormat(root, ["cat", "dog"]), out, max_samples=2, workers=2, progress=False, max_dropped=0.25)
 
     assert manifest["report"]["train"] == {"packed": 3, "dropped": {"missing_image": 1}}
+    (drop,) = [json.loads(line) for line in (out / "drops.jsonl").read_text().splitlines()]
+    assert drop == {"split": "train", "what": "sample", "reason": "missing_image", "file": str(root / "img/gone.jpg"),
+                    "key": "gone", "detail": f"{root / 'img/gone.jpg'}: no such file"}
     assert manifest["report"]["val"] == {"packed": 2, "dropped": {}}
     assert manifest["report"]["leakage"]["exact"] == manifest["report"]["leakage"]["near"] == 0
     m = load_manifest(out)

@@ -391,7 +391,7 @@ def test_disk_full_while_packing_keeps_the_previous_pack_and_resumes(small_demo,
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
     (small_disk / "filler").write_bytes(bytes(max(0, free - 600_000)))
     with pytest.raises(AttrdistError) as e:
-        pack_coco_captions(out, splits, vocab, **pack)
+        pack_coco_captions(out, splits, vocab, overwrite=True, **pack)
     msg = str(e.value)
     staging = small_disk / ".pack.staging"
     assert "\n" not in msg and msg.startswith(str(staging)) and "no space left on device while packing " + str(out) in msg
@@ -408,7 +408,7 @@ def test_disk_full_while_packing_keeps_the_previous_pack_and_resumes(small_demo,
     # space freed: the same command resumes (finished shards kept as they are) and publishes the pack
     (small_disk / "filler").unlink()
     with caplog.at_level("INFO", logger="attrdist"):
-        m = pack_coco_captions(out, splits, vocab, **pack)
+        m = pack_coco_captions(out, splits, vocab, overwrite=True, **pack)
     assert any("resuming an interrupted pack" in r.getMessage() for r in caplog.records)
     assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
     assert {s: m["splits"][s]["nsamples"] for s in m["splits"]} == {"train": 96, "val": 32, "test": 32}

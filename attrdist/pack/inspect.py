@@ -90,6 +90,11 @@ def drop_lines(root: str | os.PathLike, n: int = 3) -> list[str]:
     return ["drops (first names of each reason):", *out, f"every drop, named: {Path(root) / 'drops.jsonl'}"]
 
 
+def finish_lines(manifest: dict, out_dir: str | os.PathLike) -> list[str]:
+    """What every packer prints after its own summary: the drops by split (first names) and what it wrote."""
+    return [*drop_lines(out_dir), f"wrote {Path(out_dir) / 'manifest.json'}"]
+
+
 def _font(size: int):
     from PIL import ImageFont
 

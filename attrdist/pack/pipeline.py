@@ -82,13 +82,6 @@ def add_pack_args(ap) -> None:
 INTERRUPTED = "run the same command again: the pack resumes from its finished shards"
 
 
-def finish_lines(manifest: dict, out_dir: str | os.PathLike) -> list[str]:
-    """What every packer prints after its own summary: the drops by split (first names) and what it wrote."""
-    from attrdist.pack.inspect import drop_lines
-
-    return [*drop_lines(out_dir), f"wrote {Path(out_dir) / 'manifest.json'}"]
-
-
 def packer_help(doc: str) -> dict:
     """argparse keywords for a packer entry point: its whole docstring as the description, shown as written."""
     import argparse
