@@ -69,7 +69,7 @@ candidate (d <= 2):
   the characters demo (random fonts/rotations; offline copies shifted +-3 px and rotated +-8 deg), 26 x
     10 sources x 3: the hash matched 2 of its 780 copy pairs (0.958, 0.972) and the pixel check rejects
     them: rotated copies were never reliably caught (see LIMITS), and now not by chance either.
-  cost: ~2.5 ms per candidate pair (two 640 px JPEGs read, draft-decoded, compared; one thread); only
+  cost: 2.0-2.4 ms per candidate pair (two 640 px JPEGs read, draft-decoded, compared; one thread); only
     candidates are decoded, in `check_leakage`'s worker threads.
 A candidate whose file cannot be read again counts as a duplicate (report["near_unchecked"]).
 
