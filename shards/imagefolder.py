@@ -26,14 +26,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(**packer_help(__doc__))
     ap.add_argument("--root", required=True, type=Path, help="root/<class>/<images> (or root/<split>/<class>/...)")
     ap.add_argument("--out", required=True, type=Path, help="output pack folder, published whole once complete (see --overwrite)")
-    ap.add_argument("--val", type=float, default=0.2, help="fraction of images for val")
-    ap.add_argument("--test", type=float, default=0.0, help="fraction of images for test")
-    ap.add_argument("--seed", type=int, default=0, help="split seed")
-    ap.add_argument("--split-dirs", action="store_true", help="use the official splits root/<split>/<class>/...")
-    ap.add_argument("--group-by", choices=("prefix", "csv", "none"), default="prefix",
-                    help="group ids: file-stem prefix, a CSV (path,group), or none (each file alone)")
-    ap.add_argument("--group-sep", default="_", help="prefix: separator in the file stem")
-    ap.add_argument("--group-parts", type=int, default=2, help="prefix: number of separated parts forming the group")
+    # the split options default to None so that giving one with --split-dirs (where none applies) can be refused
+    ap.add_argument("--val", type=float, help="fraction of images for val (default 0.2)")
+    ap.add_argument("--test", type=float, help="fraction of images for test (default 0.0)")
+    ap.add_argument("--seed", type=int, help="split seed (default 0)")
+    ap.add_argument("--split-dirs", action="store_true",
+                    help="use the official splits root/<split>/<class>/... (then no split or group option applies)")
+    ap.add_argument("--group-by", choices=("prefix", "csv", "none"),
+                    help="group ids: file-stem prefix (default), a CSV (path,group), or none (each file alone)")
+    ap.add_argument("--group-sep", help="prefix: separator in the file stem (default _)")
+    ap.add_argument("--group-parts", type=int,
+                    help="prefix: number of separated parts forming the group (default 2)")
     ap.add_argument("--groups", type=Path, help="csv: file with columns path,group (paths relative to --root)")
     ap.add_argument("--max-side", type=int, default=0, help="shrink images so the longer side is at most N pixels")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
@@ -50,8 +53,8 @@ def main(argv=None) -> None:
         print(f"{len(m['attributes'])} classes; skipped files {m['report']['scan']['skipped_files']}")
         for name in m["options"]["splits"]:
             rep = m["report"][name]
-            print(f"{name}: packed {rep['packed']} of {rep['files']} files in {rep['groups']} groups; "
-                  f"dropped {rep['dropped']}")
+            groups = f" in {rep['groups']} groups" if "groups" in rep else ""  # --split-dirs: the folders split
+            print(f"{name}: packed {rep['packed']} of {rep['files']} files{groups}; dropped {rep['dropped']}")
         for line in finish_lines(m, args.out):
             print(line)
 

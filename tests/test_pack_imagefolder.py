@@ -192,7 +192,7 @@ def test_leak_of_augmented_copies(tmp_path):
     out = tmp_path / "out"
     # the default policy refuses: one line naming the root
     p = main_inproc("--root", root, "--out", out, "--group-by", "none", "--val", 0.3, "--workers", 2)
-    assert_one_line_error(p, str(root), "near-duplicate", "--on-leak")
+    assert_one_line_error(p, str(root), "near-duplicate", "--on-leak", "same group", "--group-by csv")
     assert not out.exists()
     # drop: the val copies of sources that also have a copy in train go
     m = pack(root, out, group_by="none", val=0.3, on_leak="drop")
@@ -228,6 +228,7 @@ def test_split_dirs_and_max_side(tmp_path):
     tr, va = samples(out, "train"), samples(out, "val")
     assert len(tr) == 9 and len(va) == 7
     assert all(s["id"].startswith("train/") for s in tr) and all(s["id"].startswith("val/") for s in va)
+    assert all(s["group"] is None for s in tr + va) and "groups" not in m["report"]["val"]  # the folders split
     assert {s["class"] for s in va} == set(CLASSES) and [s["labels"] for s in va if s["class"] == "D"] == [[3]]
     r = ShardReader(load_manifest(out), "val")
     for i in range(len(r)):

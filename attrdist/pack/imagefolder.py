@@ -3,10 +3,11 @@
 Two layouts:
 
     root/<class>/<files>                  split here into train/val(/test) by fractions
-    root/<split>/<class>/<files>          --split-dirs: the official splits as given
+    root/<split>/<class>/<files>          --split-dirs: the official splits as given (no groups: the split
+                                          and group options do not apply, and giving one is an error)
 
-Each image becomes one sample `{"id": path relative to root, "class", "group", "labels": [class
-index], "width", "height"}`; manifest attributes are the sorted class names.
+Each image becomes one sample `{"id": path relative to root, "class", "group" (null with --split-dirs),
+"labels": [class index], "width", "height"}`; manifest attributes are the sorted class names.
 
 The split (fractions mode) is a pure function of (seed, file list, groups): every member of a
 group goes to the same split, and groups are assigned class by class (stratified by each group's
@@ -14,8 +15,10 @@ majority class) to the split furthest below its target. Groups come from `--grou
 (file stem cut at the n-th separator: `A_0012_aug3.jpg` -> `A_0012`), `--group-by csv` (columns
 path,group) or `--group-by none` (each file its own group). A group split cannot separate
 augmented copies that carry no group id, so the cross-split leakage check (content + perceptual
-hash, attrdist.pack.leakage) runs on the result: `--on-leak error` (default) fails, `drop` removes the
-leaked copies from the later split, `warn` only reports.
+hash confirmed by pixels, attrdist.pack.leakage) runs on the result: `--on-leak error` (default) fails
+(naming the pairs' files and a contact sheet, `<out>.leaks.png`; its advice: give copies one group, or with
+--split-dirs, where the folders give the splits, move one of each pair), `drop` removes the leaked copies
+from the later split, `warn` only reports.
 
 `ImageFolderFormat` is run by `attrdist.pack.pipeline.pack` (verify, leak check, write). Unreadable or
 corrupt files are counted by reason in the manifest report, never fatal.
@@ -35,6 +38,7 @@ from pathlib import Path
 from PIL import Image
 
 from attrdist.errors import AttrdistError
+from attrdist.pack.leakage import ADVICE_GROUPS
 from attrdist.pack.pipeline import (DEFAULT_MAX_DROPPED, ImageItem, ItemFailure, PackFormat, Task, Tally, encode_jpeg, open_image, pack,
                                     read_checked, resize_max_side, verify_bytes)
 from attrdist.pack.writer import source_entry
@@ -216,7 +220,8 @@ def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int, int]
 
 def collect(root: Path, *, split_dirs: bool, group_by: str, sep: str, parts: int, groups_csv: Path | None,
             fractions: dict[str, float], seed: int) -> tuple[list[str], dict[str, list[ImageFile]], dict]:
-    """(classes, split -> files with groups, scan report). Paths (and CSV paths) are relative to root."""
+    """(classes, split -> files with groups, scan report). Paths (and CSV paths) are relative to root. With
+    split_dirs the files have no group (""): the folders give the split, and the group options are unused."""
     skipped: Counter = Counter()
     if split_dirs:
         split_names = scan_classes(root)
@@ -226,13 +231,10 @@ def collect(root: Path, *, split_dirs: bool, group_by: str, sep: str, parts: int
                                 f"{unknown[:3]}; rename them or drop --split-dirs")
         split_names.sort(key=SPLIT_ORDER.index)
         classes = sorted({c for s in split_names for c in scan_classes(root / s)})
-        tagged = [(s, f) for s in split_names for c in scan_classes(root / s)
-                  for f in list_class_dir(root, root / s / c, c, skipped)]
-        grouped, csv_unused = assign_groups([f for _, f in tagged], group_by, sep=sep, parts=parts,
-                                            groups_csv=groups_csv)
         per_split: dict[str, list[ImageFile]] = {s: [] for s in split_names}
-        for (s, _), f in zip(tagged, grouped):
-            per_split[s].append(f)
+        for s in split_names:  # no groups: they would only shape a split made here
+            per_split[s] = [f for c in scan_classes(root / s) for f in list_class_dir(root, root / s / c, c, skipped)]
+        csv_unused = None
     else:
         classes = scan_classes(root)
         files = [f for c in classes for f in list_class_dir(root, root / c, c, skipped)]
@@ -252,14 +254,27 @@ class ImageFolderFormat(PackFormat):
     verify = staticmethod(_probe)
     produce = staticmethod(_encode)
 
-    def __init__(self, root: Path, *, val: float, test: float, seed: int, split_dirs: bool, group_by: str,
-                 group_sep: str, group_parts: int, groups_csv: Path | None, max_side: int, quality: int,
+    def __init__(self, root: Path, *, val: float | None = None, test: float | None = None, seed: int | None = None,
+                 split_dirs: bool, group_by: str | None = None, group_sep: str | None = None,
+                 group_parts: int | None = None, groups_csv: Path | None = None, max_side: int, quality: int,
                  on_leak: str, dataset: str):
         if on_leak not in ("error", "warn", "drop"):
             raise AttrdistError(f"--on-leak {on_leak!r}: expected error, warn or drop")
+        split_options = {"--val": val, "--test": test, "--seed": seed, "--group-by": group_by,
+                         "--group-sep": group_sep, "--group-parts": group_parts, "--groups": groups_csv}
+        if split_dirs:
+            given = [k for k, v in split_options.items() if v is not None]
+            if given:
+                raise AttrdistError(f"{root}: --split-dirs takes the splits from the folders {root}/<split>/, so "
+                                    f"{', '.join(given)} (which only shape a split made here) cannot be honoured; "
+                                    f"drop {'it' if len(given) == 1 else 'them'}, or drop --split-dirs")
+        else:
+            val, test, seed = 0.2 if val is None else val, 0.0 if test is None else test, seed or 0
+            group_by, group_sep = group_by or "prefix", "_" if group_sep is None else group_sep
+            group_parts = 2 if group_parts is None else group_parts
         if not split_dirs and not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
             raise AttrdistError(f"--val {val} --test {test}: fractions must be in [0, 1) and sum to less than 1")
-        fractions = {"train": 1.0 - val - test, "val": val, "test": test}
+        fractions = None if split_dirs else {"train": 1.0 - val - test, "val": val, "test": test}
         classes, self.per_split, self.scan = collect(root, split_dirs=split_dirs, group_by=group_by, sep=group_sep,
                                                      parts=group_parts, groups_csv=groups_csv, fractions=fractions,
                                                      seed=seed)
@@ -271,7 +286,8 @@ class ImageFolderFormat(PackFormat):
         self.class_counts = {s: dict.fromkeys(classes, 0) for s in self.splits}
         self.sources = [source_entry(groups_csv)] if groups_csv else []
         self.inputs = [root] + ([groups_csv] if groups_csv else [])
-        self.options = {"root": str(root), "split_dirs": split_dirs, "fractions": None if split_dirs else fractions,
+        self.leak_advice = None if split_dirs else ADVICE_GROUPS  # folder splits: the default (given splits)
+        self.options = {"root": str(root), "split_dirs": split_dirs, "fractions": fractions,
                         "seed": seed, "group_by": group_by, "group_sep": group_sep, "group_parts": group_parts,
                         "groups": str(groups_csv) if groups_csv else None, "max_side": max_side, "quality": quality,
                         "on_leak": on_leak, "splits": self.splits}
@@ -288,23 +304,31 @@ class ImageFolderFormat(PackFormat):
         data, ext, w, h, crc = result
         f = image.info
         self.class_counts[image.split][f.cls] += 1
-        sample = {"id": f.rel, "class": f.cls, "group": f.group, "labels": [self.cindex[f.cls]], "width": w,
+        sample = {"id": f.rel, "class": f.cls, "group": f.group or None, "labels": [self.cindex[f.cls]], "width": w,
                   "height": h}
         yield task.info, {ext: data, "json": sample}, {ext: crc}
 
     def report(self, verified: dict) -> dict:
-        return {"scan": self.scan, **{s: {"files": len(fs), "groups": len({f.group for f in fs}),
-                                          "packed": self.tally.packed[s], "dropped": self.tally.dropped(s),
-                                          "class_counts": self.class_counts[s]} for s, fs in self.per_split.items()}}
+        """{"scan", split: {"files", "groups" (only where groups made the split), "packed", "dropped",
+        "class_counts"}}."""
+        grouped = not self.options["split_dirs"]
+        return {"scan": self.scan,
+                **{s: {"files": len(fs), **({"groups": len({f.group for f in fs})} if grouped else {}),
+                       "packed": self.tally.packed[s], "dropped": self.tally.dropped(s),
+                       "class_counts": self.class_counts[s]} for s, fs in self.per_split.items()}}
 
 
-def pack_imagefolder(root: str | os.PathLike, out_dir: str | os.PathLike, *, val: float = 0.2, test: float = 0.0,
-                     seed: int = 0, split_dirs: bool = False, group_by: str = "prefix", group_sep: str = "_",
-                     group_parts: int = 2, groups_csv: str | os.PathLike | None = None, max_side: int = 0,
-                     quality: int = 90, workers: int | None = None, on_leak: str = "error",
-                     dataset: str = "imagefolder", max_samples: int = 1000, overwrite: bool = False, max_dropped: float = DEFAULT_MAX_DROPPED,
-                     progress: bool = True) -> dict:
-    """Pack an image-folder dataset. Returns the manifest."""
+def pack_imagefolder(root: str | os.PathLike, out_dir: str | os.PathLike, *, val: float | None = None,
+                     test: float | None = None, seed: int | None = None, split_dirs: bool = False,
+                     group_by: str | None = None, group_sep: str | None = None, group_parts: int | None = None,
+                     groups_csv: str | os.PathLike | None = None, max_side: int = 0, quality: int = 90,
+                     workers: int | None = None, on_leak: str = "error", dataset: str = "imagefolder",
+                     max_samples: int = 1000, overwrite: bool = False, progress: bool = True,
+                     max_dropped: float = DEFAULT_MAX_DROPPED) -> dict:
+    """Pack an image-folder dataset. Returns the manifest.
+
+    Split here (default): val 0.2, test 0.0, seed 0, group_by "prefix", group_sep "_", group_parts 2 unless
+    given. With split_dirs the folders give the splits: giving any of those (or groups_csv) is an error."""
     fmt = ImageFolderFormat(Path(root), val=val, test=test, seed=seed, split_dirs=split_dirs, group_by=group_by,
                             group_sep=group_sep, group_parts=group_parts,
                             groups_csv=Path(groups_csv) if groups_csv else None, max_side=max_side, quality=quality,

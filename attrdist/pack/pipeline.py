@@ -470,6 +470,7 @@ class PackFormat:
     verify = staticmethod(verify_image)       # pass 1, in workers: ImageItem.path -> metadata with sha1, phash
     produce = staticmethod(load_image_item)   # pass 2, in workers: Task.arg -> what `samples` turns into samples
     threads = True              # `produce` in threads (bytes copied through), else in processes (decoding)
+    leak_advice: str | None = None  # how to fix a leak error; None: the splits are given by the input
     inputs: list | tuple = ()   # every input path (folders and files): --out may not be, hold or lie in one
 
     def sample_ids(self, image: ImageItem, task: Task | None = None) -> list[dict] | None:
@@ -555,7 +556,8 @@ def pack(fmt: PackFormat, out_dir: str | os.PathLike, *, max_samples: int = 1000
             _stop(fmt, out_dir, f"split {s!r}: none of its {listed[s]} images can be read "
                                 f"({describe_drops(tally.named(s))}); check that the image folders exist and hold them")
     check_drops(fmt, out_dir, totals, max_dropped)
-    leakage, leaked = check_leakage(verified, fmt.splits, on_leak, fmt.where or str(out_dir))
+    leakage, leaked = check_leakage(verified, fmt.splits, on_leak, fmt.where or str(out_dir), out_dir=out_dir,
+                                    advice=fmt.leak_advice, workers=workers)
     with PackWriter(out_dir, dataset=fmt.dataset, attributes=fmt.attributes, label_fields=fmt.label_fields,
                     max_samples=max_samples, max_bytes=MAX_SHARD_BYTES, overwrite=overwrite, job=fmt.job(verified),
                     inputs=fmt.inputs) as writer:
@@ -647,18 +649,70 @@ def check_leak_policy(policy: str) -> None:
         raise AttrdistError(f"--on-leak {policy!r}: expected one of {', '.join(LEAK_POLICIES)}")
 
 
-def check_leakage(verified: dict, split_names: list[str], policy: str, where: str) -> tuple[dict, dict[str, set]]:
-    """Leak report over all verified images + the keys to drop per split (policy error|warn|drop)."""
-    from attrdist.pack.leakage import apply_policy, find_leaks
+def check_leakage(verified: dict, split_names: list[str], policy: str, where: str, *,
+                  out_dir: str | os.PathLike | None = None, advice: str | None = None,
+                  workers: int | None = None) -> tuple[dict, dict[str, set]]:
+    """Leak report over all verified images + the keys to drop per split (policy error|warn|drop).
+
+    `attrdist.pack.leakage.find_leaks` over every verified image's (sha1, phash), named by its metadata's
+    "path"; its near candidates (hash matches that are not byte copies) are confirmed by pixels: only the
+    candidates' files are read again (`read_checked`, in `workers` threads) and compared
+    (`leakage.similarity`); a candidate whose file cannot be read again, or whose metadata has no "path",
+    counts as a duplicate. Where any duplicate is found and `out_dir` is given, a contact sheet of the first
+    pairs is written beside it, `<out_dir>.leaks.png` (`leakage.sheet_path`; atomically; a stale one from an
+    earlier pack is removed when none is found), and named in the message and in report["contact_sheet"].
+    `advice` (a format's `leak_advice`) ends an error's message."""
+    from attrdist.atomic import write_bytes
+    from attrdist.pack.leakage import apply_policy, find_leaks, is_leak_sheet, leak_sheet, sheet_path
 
     check_leak_policy(policy)
     items: dict[str, list] = {s: [] for s in split_names}
     for (split, key), r in verified.items():
         if not isinstance(r, ItemError):
-            items[split].append((key, r["sha1"], r["phash"]))
-    report = find_leaks(items)
-    drop = apply_policy(report, policy, where) or {}
+            items[split].append((key, r["sha1"], r["phash"], r.get("path")))
+    report = find_leaks(items, confirm=lambda pairs: _pixel_similarities(verified, pairs, workers))
+    report["policy"] = policy
+    sheet = sheet_path(out_dir) if out_dir is not None else None
+    if sheet is not None and (sheet.is_symlink() or (sheet.exists() and not is_leak_sheet(sheet))):
+        sheet = None  # a file of the user's by that name: never replaced or removed (the message names the pairs)
+    if sheet is not None:
+        if report["exact"] + report["near"]:
+            known = {str(r["path"]) for r in verified.values() if isinstance(r, dict) and r.get("path")}
+            try:
+                write_bytes(sheet, leak_sheet(report, lambda name: Path(name).read_bytes() if name in known else None))
+                report["contact_sheet"] = str(sheet)
+            except OSError:  # an unwritable place: the message names the pairs all the same
+                sheet = None
+        else:
+            try:
+                sheet.unlink(missing_ok=True)  # from an earlier pack of this output: no longer true
+            except OSError:
+                pass
+            sheet = None
+    drop = apply_policy(report, policy, where, advice=advice, sheet=str(sheet) if sheet else None) or {}
     return jsonable(report), {s: set(v) for s, v in drop.items()}
+
+
+def _leak_views(item: tuple) -> Any:
+    """The pixels `leakage.similarity` compares, of one image file that pass 1 verified: (path, sha1) -> views."""
+    from attrdist.pack.leakage import image_views
+
+    path, sha1 = item
+    if path is None:
+        raise ItemFailure("no_path", "the format's metadata names no file")
+    return image_views(read_checked(path, sha1))
+
+
+def _pixel_similarities(verified: dict, pairs: list, workers: int | None) -> list[float | None]:
+    """`leakage.similarity` of each ((split, key), (split, key)) pair; None where a file could not be read again.
+    Each image is read and decoded once, however many pairs it is in."""
+    from attrdist.pack.leakage import similarity
+
+    ids = sorted({i for pair in pairs for i in pair})
+    views = dict(zip(ids, parallel_map(_leak_views, [(verified[i].get("path"), verified[i]["sha1"]) for i in ids],
+                                       workers, threads=True)))
+    return [None if isinstance(views[a], ItemError) or isinstance(views[b], ItemError)
+            else similarity(views[a], views[b]) for a, b in pairs]
 
 
 def jsonable(x):
