@@ -51,6 +51,11 @@ def summary(root: str | os.PathLike) -> str:
                    f"{leak.get('near', 0)} near ({pairs or 'no split pairs'})")
         for e in leak.get("examples", [])[:5]:
             out.append(f"  {e['a']} ~ {e['b']} (distance {e['distance']})")
+        if leak.get("near_unconfirmed"):
+            out.append(f"  {leak['near_unconfirmed']} more hash matches whose pixels differ (not duplicates; "
+                       f"similarity < {leak.get('min_similarity')})")
+        if leak.get("contact_sheet"):
+            out.append(f"  contact sheet of the pairs: {leak['contact_sheet']}")
         if leak.get("policy"):
             out.append(f"  policy: {leak['policy']}")
     out += drop_lines(m.root)
