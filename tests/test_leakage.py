@@ -317,7 +317,7 @@ def test_glyph_copy_is_caught(glyph_root, tmp_path):
     assert m["report"]["val"]["dropped"]["leak"] == 1 and m["splits"]["val"]["nsamples"] == 26 * 8
     # once the copy is gone the stale sheet goes too
     (root / "val" / "R" / "scan.jpg").unlink()
-    assert _main("--root", root, "--out", out, "--split-dirs", "--workers", 2).returncode == 0
+    assert _main("--root", root, "--out", out, "--split-dirs", "--workers", 2, "--overwrite").returncode == 0
     assert not sheet.exists()
 
 
