@@ -454,3 +454,15 @@ def test_no_packer_deletes_a_file_outside_a_previous_pack(calls):
             assert not outside, (out, overwrite, fmt, outside)
     finally:
         shutil.rmtree(base)
+
+
+def test_a_folder_where_any_input_file_belongs(tmp_path):
+    """Each packer's file inputs: a folder given in their place is named as a folder, not as "not found"."""
+    from attrdist.pack.cocottributes import load_pickle
+    from attrdist.pack.dior import read_split_ids
+    from attrdist.pack.imagefolder import read_group_csv
+    from attrdist.pack.vocab import load_vocabulary
+
+    for load in (load_pickle, read_split_ids, read_group_csv, load_vocabulary):
+        with pytest.raises(AttrdistError, match="is a folder, not "):
+            load(tmp_path)

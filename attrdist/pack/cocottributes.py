@@ -116,6 +116,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 def load_pickle(path: str | os.PathLike):
     path = Path(path)
+    if path.is_dir():
+        raise AttrdistError(f"{path}: is a folder, not the COCO Attributes pickle; pass the path of "
+                            f"cocottributes_eccv_version.pkl itself")
     if not path.is_file():
         raise AttrdistError(f"{path}: COCO Attributes pickle not found; pass the path of cocottributes_eccv_version.pkl")
     try:

@@ -246,6 +246,8 @@ def _annotation_dir(root: Path, boxes: str) -> Path:
 
 
 def read_split_ids(path: Path) -> list[str]:
+    if path.is_dir():
+        raise AttrdistError(f"{path}: is a folder, not a split file; ImageSets/Main must hold train.txt, val.txt, test.txt")
     if not path.is_file():
         raise AttrdistError(f"{path}: split file not found; choose --splits among those in {path.parent}")
     try:

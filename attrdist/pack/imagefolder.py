@@ -104,6 +104,8 @@ def prefix_group(rel: str, sep: str = "_", parts: int = 2) -> str:
 
 def read_group_csv(path: Path) -> dict[str, str]:
     """{relative path: group} from a CSV with header columns path,group."""
+    if path.is_dir():
+        raise AttrdistError(f"{path}: is a folder, not a groups CSV; pass the CSV file itself to --groups")
     if not path.is_file():
         raise AttrdistError(f"{path}: groups CSV not found; check --groups")
     groups: dict[str, str] = {}

@@ -128,6 +128,9 @@ def load_vocabulary(path: str | Path) -> Vocabulary:
     path = Path(path)
     fmt = ('expected {"name": ..., "attributes": [{"name": ..., "group": ..., '
            '"keywords": [...]}, ...]}')
+    if path.is_dir():
+        raise _fail(path, "is a folder, not a vocabulary file; pass the vocabulary JSON itself (e.g. "
+                          "recipes/coconut_vocab.json)")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
