@@ -152,6 +152,11 @@ def test_a_pack_of_other_data_is_replaced_only_with_overwrite(coco, tmp_path):
     one_line_error(run_main("coco", "--mode", "image", "--out", out, *both, "--workers", 1), "other input files")
     assert tree(out) == first
     photo.write_bytes(original)
+    # same options, an annotation file's content changed: other inputs too
+    text = val.read_text()
+    val.write_text(text.replace('"iscrowd": 0', '"iscrowd": 0 ', 1))
+    one_line_error(run_main("coco", "--mode", "image", "--out", out, *both, "--workers", 1), "other input files")
+    val.write_text(text)
     # the same command again: a re-run, replaced without --overwrite (identical shards)
     time.sleep(1.1)  # "created" has one-second resolution
     assert run_main("coco", "--mode", "image", "--out", out, *both, "--workers", 1).returncode == 0

@@ -487,7 +487,17 @@ def pack_job(*, dataset: str, attributes: list[str], label_fields: list[str], ma
 
 def pack_identity(job: dict) -> dict:
     """What `check_out_dir` compares to decide that a pack may be replaced without --overwrite: the dataset
-    name, a digest of the options (everything of the job but its input digest) and the input digest."""
-    rest = {**job, "job": {k: v for k, v in (job.get("job") or {}).items() if k != "items"}}
-    digest = hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()
-    return {"dataset": job.get("dataset"), "options": digest, "inputs": (job.get("job") or {}).get("items")}
+    name, a digest of the options, and a digest of the inputs (every input image's sha1, `job_identity`'s
+    "items", and the annotation files read, its "sources" option)."""
+    inner = dict(job.get("job") or {})
+    items = inner.pop("items", None)
+    opts = inner.get("options")
+    sources = opts.get("sources") if isinstance(opts, dict) else None
+    if isinstance(opts, dict):
+        inner["options"] = {k: v for k, v in opts.items() if k != "sources"}
+
+    def digest(x) -> str:
+        return hashlib.sha1(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()
+
+    return {"dataset": job.get("dataset"), "options": digest({**job, "job": inner}),
+            "inputs": digest([items, sources]) if items is not None or sources is not None else None}
