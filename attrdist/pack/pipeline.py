@@ -2,20 +2,30 @@
 
 `pack(fmt, out_dir, ...)` is the whole pack of any dataset:
 
+  refuse  before any image is read: an --out that may not be replaced (`writer.check_out_dir`: never an
+          input, a folder holding or inside one, or anything but an attrdist pack or an empty folder;
+          a pack only by a re-run of the same inputs and options, or with --overwrite), a split
+          listing no image.
   pass 1  every image the format lists (`PackFormat.images`) is read and decoded once in worker
           processes (`fmt.verify`, by default `verify_image`: `verify_bytes`) and fingerprinted; only
-          small metadata comes back to this process. A failure is counted by reason, never fatal.
-  check   `attrdist.pack.leakage.find_leaks` over all splits; `--on-leak error|warn|drop`
-          (`apply_policy`); its report goes to the manifest's report["leakage"].
+          small metadata comes back to this process. A failure drops the image, named (`Tally`).
+  stop    a split none of whose images can be read, or losing more than `max_dropped` of its
+          samples to problems with the input (`check_drops`), stops the pack (exit 2) before anything
+          is published; the whole list of drops goes to `.<out>.staging/drops.jsonl`.
+  check   `attrdist.pack.leakage.find_leaks` over all splits, hash candidates confirmed on their pixels;
+          `--on-leak error|warn|drop` (`apply_policy`); its report goes to the manifest's
+          report["leakage"], a contact sheet of the pairs beside --out.
   pass 2  for each image still in (`fmt.reject`, the leak drops), `fmt.plan` says what to make of it
           and `fmt.produce` makes it in workers (threads where bytes are mostly copied through,
           `fmt.threads`); `fmt.samples` turns each result into samples, written in order by
-          `attrdist.pack.writer.PackWriter`, which `commit`s the pack whole.
+          `attrdist.pack.writer.PackWriter`, which `commit`s the pack whole, with drops.jsonl, once
+          no split is empty and the drops are within `max_dropped`.
 
 A source format (coco, cocottributes, dior, imagefolder) is a `PackFormat`: it lists its images
-(`ImageItem`: split, key, path, its own data) and turns one image's pass-2 result into samples; the
-pipeline does the rest. Every image or sample not packed is counted by reason per split in one
-place, the format's `Tally`, which its report puts in the manifest (`report[split]["dropped"]`).
+(`ImageItem`: split, key, path, its own data) and its inputs (`inputs`), and turns one image's pass-2
+result into samples; the pipeline does the rest. Every image, sample or box not packed is recorded in
+one place, the format's `Tally`: counted by reason per split in the manifest (`report[split]["dropped"]`)
+and named, one line each, in drops.jsonl.
 
 `parallel_map(fn, items, workers)` runs `fn` over items in worker processes (a few items per task)
 and yields results in input order with a bounded number in flight, so packing uses every core
