@@ -161,7 +161,11 @@ def test_dior_remoteclip_demo_trains_evaluates_base_and_novel_and_draws(aerial_s
         assert {"mAP", "mAP50", "mAP75", "per_class", "base", "novel", "baseline"} <= d.keys()
         assert d["novel"]["classes"] == 3 and d["per_class"]["windmill"]["num_gt"] > 0
         assert 0 <= d["mAP50"] <= 1 and d["baseline"]["name"] == "shuffled labels"
+        assert d["max_dets"] == max(100, d["max_gt_per_image"])  # the detection limit fits the data
     report = (run_dir / "report.md").read_text()
+    n = rep["results"]["val"]["details"]["max_dets"]
+    assert f"COCOeval, up to {n} per image and class)" in report and f"Detection limit: COCOeval counts up to {n} " in report
+    assert "The detector keeps up to 1000 per image" in report
     assert "| windmill | novel |" in report and "| airplane | base |" in report and "- inference: " in report
     assert "- scores: the region classifier alone" in report  # random CLIP: no crop scorer
     evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]

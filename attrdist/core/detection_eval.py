@@ -7,12 +7,22 @@
     m["per_class"]["ship"]                    # {"AP", "AP50", "AP75", "num_gt"}; APs None without GT
     m["base"]["mAP50"], m["novel"]["mAP50"]   # the same averages within each group (None if empty)
     m["baseline"]["mAP50"]                    # the shuffled-label baseline (below)
+    m["max_dets"], m["max_gt_per_image"]      # the per-image detection limit used (below)
 
 Detections are dicts `{"image_id", "category_id", "bbox": [x, y, w, h], "score"}` in the pixels of
 the ground-truth images; `class_names` are category names of `gt` (the evaluated classes, in the
 order per_class lists them). AP follows COCOeval exactly: 101-point interpolated precision,
-IoU thresholds 0.50:0.05:0.95, all areas, up to 100 detections per image; mAP averages the
-classes with >= 1 ground-truth box (`classes_without_gt` counts the others).
+IoU thresholds 0.50:0.05:0.95, all areas, the `max_dets` highest-scoring detections per image
+and class; mAP averages the classes with >= 1 ground-truth box (`classes_without_gt` counts the others).
+
+Detection limit: COCOeval's default `maxDets=[1, 10, 100]` (AP at the last) caps recall on dense
+images: DIOR images hold up to several hundred boxes, and on such an image even the ground truth
+scored against itself gets AP < 1 (tests/test_detection_eval.py). So by default `max_dets` = max(100, the most
+ground-truth boxes any evaluated image has), which keeps COCO's 100 on COCO-like data and makes the
+ground truth against itself exactly 1.0 on any data; pass `max_dets` to fix it (e.g. 100 to compare
+with numbers reported under COCO's default). COCOeval runs with `params.maxDets = [1, 10, max_dets]`
+(the entries below max_dets) and AP is read at max_dets. The result states `max_dets`,
+`max_gt_per_image` and `images_over_100_gt` (images with more than 100 ground-truth boxes).
 
 Baseline ("shuffled labels"): the same boxes and scores with their category ids permuted across
 all detections (seeded). It keeps the localisation and the predicted class frequencies and
@@ -35,6 +45,7 @@ from attrdist.core import rng as rnglib
 from attrdist.errors import AttrdistError
 
 IOU_50, IOU_75 = 0, 5  # indices of 0.50 and 0.75 in COCOeval's iouThrs
+COCO_MAX_DETS = 100  # COCOeval's default per-image limit (the last of its maxDets=[1, 10, 100])
 
 
 def to_coco_detections(outputs: list[dict], image_ids: list[int], category_ids: list[int],
@@ -81,12 +92,28 @@ def _coco_results(coco_gt, detections: list[dict]):
         return dt
 
 
-def _precision(coco_gt, detections: list[dict], cat_ids: list[int]) -> np.ndarray:
-    """COCOeval precision [T iou thresholds, R=101 recall points, K classes] (all areas, 100 dets); -1 = no GT."""
+def gt_boxes_per_image(gt: dict) -> dict[int, int]:
+    """Ground-truth boxes of each image listed in `gt` (crowd boxes included, as COCOeval keeps them)."""
+    counts = {int(im["id"]): 0 for im in gt["images"]}
+    for a in gt.get("annotations", []):
+        if int(a["image_id"]) in counts:
+            counts[int(a["image_id"])] += 1
+    return counts
+
+
+def default_max_dets(gt: dict) -> int:
+    """max(100, the most ground-truth boxes any image of `gt` has): COCO's limit unless the data is denser."""
+    return max([COCO_MAX_DETS, *gt_boxes_per_image(gt).values()])
+
+
+def _precision(coco_gt, detections: list[dict], cat_ids: list[int], max_dets: int) -> np.ndarray:
+    """COCOeval precision [T iou thresholds, R=101 recall points, K classes] (all areas, `max_dets`
+    detections per image); -1 = no GT."""
     from pycocotools.cocoeval import COCOeval
 
     ev = COCOeval(coco_gt, _coco_results(coco_gt, detections), iouType="bbox")
     ev.params.catIds = list(cat_ids)
+    ev.params.maxDets = [m for m in (1, 10) if m < max_dets] + [max_dets]  # AP is read at the last
     with contextlib.redirect_stdout(io.StringIO()):
         ev.evaluate()
         ev.accumulate()
@@ -119,8 +146,15 @@ def shuffled_labels(detections: list[dict], seed: int = 0) -> list[dict]:
     return [{**d, "category_id": detections[j]["category_id"]} for d, j in zip(detections, perm)]
 
 
-def coco_evaluate(gt: dict, detections: list[dict], class_names: list[str], novel=(), seed: int = 0) -> dict:
-    """mAP, mAP50, mAP75, per-class AP/AP50/AP75, base/novel group means and the shuffled-label baseline."""
+def coco_evaluate(gt: dict, detections: list[dict], class_names: list[str], novel=(), seed: int = 0,
+                  max_dets: int | None = None) -> dict:
+    """mAP, mAP50, mAP75, per-class AP/AP50/AP75, base/novel group means and the shuffled-label baseline,
+    counting up to `max_dets` detections per image (None: `default_max_dets(gt)`, see the module doc)."""
+    if max_dets is not None and (isinstance(max_dets, bool) or not isinstance(max_dets, (int, np.integer))
+                                 or max_dets < 1):
+        raise AttrdistError(f"max_dets={max_dets!r}: give a positive number of detections per image (or None)")
+    per_image = gt_boxes_per_image(gt)
+    max_dets = default_max_dets(gt) if max_dets is None else int(max_dets)
     coco_gt = _coco_gt(gt)
     by_name = {c["name"]: c["id"] for c in gt["categories"]}
     missing = [n for n in class_names if n not in by_name]
@@ -130,12 +164,15 @@ def coco_evaluate(gt: dict, detections: list[dict], class_names: list[str], nove
     if not novel <= set(class_names):
         raise AttrdistError(f"novel class {sorted(novel - set(class_names))[0]!r} is not among the evaluated classes")
     cat_ids = [by_name[n] for n in class_names]
-    result = _summarise(_precision(coco_gt, detections, cat_ids), class_names, novel)
+    result = _summarise(_precision(coco_gt, detections, cat_ids, max_dets), class_names, novel)
     for n, cid in zip(class_names, cat_ids):
         result["per_class"][n]["num_gt"] = len(coco_gt.getAnnIds(catIds=[cid], iscrowd=False))
     result["classes_without_gt"] = sum(c["num_gt"] == 0 for c in result["per_class"].values())
     result["num_images"], result["num_detections"] = len(coco_gt.getImgIds()), len(detections)
-    base = _summarise(_precision(coco_gt, shuffled_labels(detections, seed), cat_ids), class_names, novel)
+    result["max_dets"] = max_dets
+    result["max_gt_per_image"] = max(per_image.values(), default=0)
+    result["images_over_100_gt"] = sum(n > COCO_MAX_DETS for n in per_image.values())
+    base = _summarise(_precision(coco_gt, shuffled_labels(detections, seed), cat_ids, max_dets), class_names, novel)
     result["baseline"] = {"name": "shuffled labels", **{k: v for k, v in base.items() if k != "per_class"}}
     return result
 

@@ -164,8 +164,9 @@ class Task(BaseTask):
         novel = self.novel
         for split, res in results.items():
             d = res["_details"]
-            L += [f"## {split} ({d['num_images']} images, {d['num_detections']} detections; COCOeval, up to 100 per "
-                  f"image)", "", "| metric | model | shuffled-label baseline |", "| --- | ---: | ---: |"]
+            L += [f"## {split} ({d['num_images']} images, {d['num_detections']} detections; COCOeval, up to "
+                  f"{d.get('max_dets', 100)} per image and class)", "", self.limit_text(d), "",
+                  "| metric | model | shuffled-label baseline |", "| --- | ---: | ---: |"]
             L += [f"| {label} | {fmt(d[key])} | {fmt(d['baseline'][key])} |" for key, label in METRICS]
             for group in ("base", "novel"):
                 with_gt = sum(1 for n, c in d["per_class"].items() if c["num_gt"] and (n in novel) == (group == "novel"))
@@ -179,6 +180,33 @@ class Task(BaseTask):
                   f"{c['num_gt']} |" for n, c in d["per_class"].items() if c["num_gt"]]
             L.append("")
         return L
+
+    def limit_text(self, d: dict) -> str:
+        """Why COCOeval counted up to d["max_dets"] detections per image, and whether the model's own limit fits."""
+        n, densest, over = d.get("max_dets", 100), d.get("max_gt_per_image"), d.get("images_over_100_gt")
+        if densest is None:
+            return f"Detection limit: up to {n} detections per image and class are counted (COCOeval maxDets)."
+        if n < densest:
+            why = (f"fewer than the densest image's {densest} ground-truth boxes ({over} images have more than 100): "
+                   f"recall is capped there (even the ground truth scored against itself would not reach AP 1)")
+        elif densest > 100:
+            why = (f"the densest image here has {densest} ground-truth boxes ({over} images have more than 100), "
+                   f"so COCO's default of 100 would cap recall (the ground truth scored against itself would not "
+                   f"reach AP 1)")
+        elif n == 100:
+            why = f"COCO's default; no image here has more than 100 ground-truth boxes (the densest: {densest})"
+        else:
+            why = f"set explicitly; the densest image here has {densest} ground-truth boxes"
+        steps = [m for m in (1, 10) if m < n] + [n]
+        text = (f"Detection limit: COCOeval counts up to {n} detections per image and class (maxDets={steps}, "
+                f"AP read at {n}): {why}.")
+        kept = self.cfg.model.detector.detections_per_img
+        if kept < densest:
+            text += (f" **The detector keeps only {kept} detections per image (model.detector.detections_per_img), "
+                     f"fewer than the densest image's {densest} boxes: its recall is capped there.**")
+        else:
+            text += f" The detector keeps up to {kept} per image (model.detector.detections_per_img)."
+        return text
 
     def report_json(self, results: dict) -> dict:
         return {"novel_classes": list(self.novel)}
