@@ -126,7 +126,7 @@ def test_shared_dior_sample_packed_ground_truth_against_itself(tmp_path):
         pytest.skip(f"{root}: the shared DIOR sample is not here")
     from attrdist.pack.dior import pack_dior
 
-    pack_dior(root, tmp_path / "shards", workers=1, progress=False)
+    pack_dior(root, tmp_path / "shards", workers=1, progress=False, max_dropped=1)
     gt = json.loads((tmp_path / "shards" / "coco_train.json").read_text())
     assert gt["annotations"]
     m = coco_evaluate(gt, as_detections(gt), CLASS_NAMES)
@@ -144,7 +144,7 @@ def test_detector_keeps_as_many_detections_per_image_as_configured():
     from attrdist.core.config import DetectorConfig
     from attrdist.models.detector import build_detector
 
-    assert DetectorConfig().detections_per_img >= 600 and DetectorConfig.tiny().detections_per_img >= 600  # DIOR-dense
+    assert DetectorConfig().detections_per_img is None is DetectorConfig.tiny().detections_per_img  # fitted (below)
     torch.manual_seed(0)
     image = torch.rand(3, 128, 128)
     counts = {}
@@ -179,7 +179,7 @@ def test_report_states_the_limit_and_why():
     text = Task(Config()).limit_text(d)
     assert "counts up to 600 detections per image and class (maxDets=[1, 10, 600]" in text
     assert "densest image here has 600 ground-truth boxes (2 images have more than 100)" in text
-    assert "The detector keeps up to 1000 per image" in text
+    assert "The detector keeps up to 600 per image" in text  # fitted: no pack here, so to the evaluated data
     capped = Task(replace(Config(), model=ModelConfig(detector=DetectorConfig(detections_per_img=100))))
     assert "keeps only 100 detections per image" in capped.limit_text(d)
     text = Task(Config()).limit_text(coco_evaluate(gt, as_detections(gt), CLASS_NAMES, max_dets=100))
@@ -188,3 +188,29 @@ def test_report_states_the_limit_and_why():
     sparse = {**gt, "images": gt["images"][2:], "annotations": [a for a in gt["annotations"] if a["image_id"] > 2]}
     assert "COCO's default; no image here has more than 100" in Task(Config()).limit_text(
         coco_evaluate(sparse, as_detections(sparse), CLASS_NAMES))
+
+
+def test_the_detector_limit_is_fitted_to_the_pack(tmp_path):
+    """detections_per_img empty: the task sets the built detector's limit to max(100, the pack's densest image),
+    so a DIOR-dense pack keeps 600 per image and a sparse one COCO's 100; a value given is kept."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from attrdist.core.config import Config, DetectorConfig, ModelConfig
+    from attrdist.models.detector import build_detector
+    from attrdist.tasks.detection import Task
+
+    def pack_of(gt: dict):
+        (tmp_path / "coco_val.json").write_text(json.dumps(gt))
+        return SimpleNamespace(root=tmp_path, attributes=CLASS_NAMES, data={"splits": {"val": {}}})
+
+    model = build_detector(DetectorConfig.tiny(), ["a ship", "a vehicle"], clip="tiny")
+    assert model.roi_heads.detections_per_img == 100  # before the task fits it
+    gt = dior_like_gt()
+    for data, cfg, want in ((gt, Config(), 600),
+                            ({**gt, "annotations": [a for a in gt["annotations"] if a["image_id"] > 2]}, Config(), 100),
+                            (gt, replace(Config(), model=ModelConfig(detector=DetectorConfig(detections_per_img=250))), 250)):
+        task = Task(cfg, pack_of(data))
+        task.base_prompts = ["a ship", "a vehicle"]
+        task.prepare(model)
+        assert model.roi_heads.detections_per_img == want

@@ -96,7 +96,7 @@ class DetectorConfig:
     freeze_bn: bool | None = _f(None, "freeze the trunk's BatchNorm (empty/null: frozen iff pretrained weights were loaded)")
     temperature: float = _f(0.07, "initial region/text softmax temperature (learned)")
     score_thresh: float = _f(0.01, "detections below this score are dropped (keep low for mAP)")
-    detections_per_img: int = _f(1000, "detections kept per image (torchvision box_detections_per_img); above the densest image's box count (DIOR: several hundred), or recall is capped there. torchvision's 100 suits COCO, not DIOR")
+    detections_per_img: int | None = _f(None, "detections kept per image (torchvision box_detections_per_img); empty/null: fitted to the pack, max(100, the most boxes any of its images has), since fewer than the densest image's boxes caps recall there (DIOR: several hundred; torchvision's 100 suits COCO)")
     clip_crops: bool | None = _f(None, "score detections also with a frozen copy of the CLIP image tower on square crops around them (ViLD ensemble; empty/null: iff pretrained weights were loaded)")
     crop_weight_base: float = _f(0.35, "clip_crops: weight w of the CLIP crop probability for base classes, score = det^(1-w) * clip^w")
     crop_weight_novel: float = _f(0.65, "clip_crops: the same for novel classes (never trained: the crop score matters more)")

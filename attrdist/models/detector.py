@@ -63,6 +63,7 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, roi_align
 
 from attrdist.core.config import DetectorConfig
+from attrdist.core.detection_eval import COCO_MAX_DETS
 from attrdist.errors import AttrdistError
 
 log = logging.getLogger("attrdist")
@@ -286,7 +287,7 @@ class OpenVocabDetector(FasterRCNN):
             box_roi_pool=roi_pool, box_head=box_head,
             box_predictor=TextEmbeddingPredictor(cfg.box_head_dim, embed_dim, cfg.temperature),
             box_batch_size_per_image=cfg.roi_batch_size, box_score_thresh=cfg.score_thresh,
-            box_detections_per_img=cfg.detections_per_img)
+            box_detections_per_img=cfg.detections_per_img or COCO_MAX_DETS)  # None: the task fits it to the data
         self.text = clip.requires_grad_(False).eval()
         self.crop_scorer = scorer
         self.crop_topk = cfg.crop_topk

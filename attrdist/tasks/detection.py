@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from attrdist.core.detection_eval import coco_evaluate, to_coco_detections
+from attrdist.core.detection_eval import COCO_MAX_DETS, coco_evaluate, to_coco_detections
 from attrdist.data.detection import DetectionDataset, collate
 from attrdist.errors import AttrdistError
 from attrdist.pack.dior import prompt
@@ -47,6 +47,13 @@ class Task(BaseTask):
         self.all_prompts = [prompt(n) for n in names]
         self.base_prompts = [self.all_prompts[i] for i in self.base]
         self.novel_prompts = [prompt(n) for n in self.novel]
+        self.densest = densest_image(manifest)
+
+    def detections_per_img(self, densest_eval: int = 0) -> int:
+        """The detector's own per-image output limit: model.detector.detections_per_img, or fitted to the pack
+        (max(100, its densest image's boxes)) when that is empty."""
+        n = self.cfg.model.detector.detections_per_img
+        return n if n is not None else max(COCO_MAX_DETS, getattr(self, "densest", 0) or densest_eval)
 
     def describe(self) -> str:
         return (f"open-vocabulary split: {len(self.base)} base classes trained; {len(self.novel)} novel classes held "
@@ -62,6 +69,7 @@ class Task(BaseTask):
 
     def prepare(self, model) -> None:
         model.set_classes(self.base_prompts)  # the class embeddings follow the (loaded) text tower
+        model.roi_heads.detections_per_img = self.detections_per_img()
 
     @contextlib.contextmanager
     def eval_mode(self, model):
@@ -200,7 +208,7 @@ class Task(BaseTask):
         steps = [m for m in (1, 10) if m < n] + [n]
         text = (f"Detection limit: COCOeval counts up to {n} detections per image and class (maxDets={steps}, "
                 f"AP read at {n}): {why}.")
-        kept = self.cfg.model.detector.detections_per_img
+        kept = self.detections_per_img(densest)
         if kept < densest:
             text += (f" **The detector keeps only {kept} detections per image (model.detector.detections_per_img), "
                      f"fewer than the densest image's {densest} boxes: its recall is capped there.**")
@@ -210,6 +218,19 @@ class Task(BaseTask):
 
     def report_json(self, results: dict) -> dict:
         return {"novel_classes": list(self.novel)}
+
+
+def densest_image(manifest) -> int:
+    """The most boxes any image of the pack has, over its coco_<split>.json files (0 without them)."""
+    import collections
+
+    most = 0
+    for split in manifest.data.get("splits", {}):
+        path = Path(manifest.root) / f"coco_{split}.json"
+        if path.is_file():
+            counts = collections.Counter(a["image_id"] for a in json.loads(path.read_text()).get("annotations", []))
+            most = max([most, *counts.values()])
+    return most
 
 
 def _num(v) -> float:
