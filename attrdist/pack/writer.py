@@ -140,7 +140,7 @@ def source_entry(path: str | os.PathLike) -> dict:
 
 # What a pack directory and its staging directory may hold: nothing else is ever deleted or replaced.
 PUBLISHED_FILES = re.compile(r"(manifest\.json|drops\.jsonl|coco_[^/]+\.json|[^/]+-\d{6}\.tar)")
-STAGING_FILES = re.compile(PUBLISHED_FILES.pattern[:-1] + r"|progress\.json|[^/]+-\d{6}\.tar\.partial)")
+STAGING_FILES = re.compile(PUBLISHED_FILES.pattern[:-1] + r"|progress\.json|[^/]+-\d{6}\.tar\.partial|\.[^/]+\.tmp-\d+)")  # + atomic temp files
 
 
 def _inside(a: Path, b: Path) -> bool:
