@@ -184,3 +184,17 @@ def test_bad_inputs(tmp_path, fixture):
     wrong.write_bytes(b"\x80\x02}q\x00(X")  # truncated
     with pytest.raises(AttrdistError, match="not a readable pickle"):
         load_cocottributes(wrong)
+
+
+def test_a_refused_global_is_named_on_one_line(tmp_path):
+    """Found by fuzzing: a pickle naming a module with a newline in it made the refusal two lines."""
+    from attrdist.pack.cocottributes import load_pickle
+
+    def short(s: bytes) -> bytes:
+        return b"\x8c" + bytes([len(s)]) + s
+
+    path = tmp_path / "odd.pkl"
+    path.write_bytes(b"\x80\x04" + short(b"\numpy._core.numeric") + short(b"_frombuffer") + b"\x93.")
+    with pytest.raises(AttrdistError) as e:
+        load_pickle(path)
+    assert "\n" not in str(e.value) and "'\\numpy._core.numeric._frombuffer'" in str(e.value)

@@ -108,7 +108,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         obj = self.allowed.get((module, name))
         if obj is None:
-            raise AttrdistError(f"{self.path}: pickle refers to {module}.{name}, which is not allowed (only builtin "
+            where = f"{module}.{name}"
+            where = where if where.isprintable() else ascii(where)  # one line, whatever the pickle holds
+            raise AttrdistError(f"{self.path}: pickle refers to {where}, which is not allowed (only builtin "
                                 f"containers and numpy arrays); refusing to load it: use the released "
                                 f"cocottributes_eccv_version.pkl or re-save it as plain dicts + numpy arrays")
         return obj
