@@ -58,6 +58,35 @@ def run_recipe(args: list[str], *, timeout: float = 300, env: dict | None = None
     return p
 
 
+def packer_main(script: str, *args) -> subprocess.CompletedProcess:
+    """shards/<script>.py's main() run in this process, with --quiet: the CLI's code path (argument parsing,
+    one-line errors, exit status, what it prints) without a new interpreter's start-up."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location(f"shards_{script}", ROOT / "shards" / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            mod.main([*map(str, args), "--quiet"])
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit status 2 and one line `attrdist: error: ...` on stderr holding every needle; returns the line."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attrdist: error: "), p.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
 def train_steps(metrics: Path) -> list[int]:
     """The optimizer steps logged in a metrics.jsonl (a torn last line after SIGKILL is skipped)."""
     import json

@@ -17,7 +17,7 @@ from PIL import Image
 
 from attrdist.errors import AttrdistError
 from attrdist.data.reader import FORMAT, ShardReader, load_manifest
-from tests.conftest import ROOT, SHARED_DATA, run_env
+from tests.conftest import ROOT, SHARED_DATA, assert_one_line_error, packer_main, run_env
 
 pytestmark = pytest.mark.packers
 REAL = SHARED_DATA / "dior"
@@ -120,27 +120,7 @@ def cli(*args, check=False) -> subprocess.CompletedProcess:
 
 def main_inproc(*args) -> subprocess.CompletedProcess:
     """shards/dior.py's main() in this process (same code path as the CLI, without the start-up cost)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("shards_dior", ROOT / "shards" / "dior.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            mod.main([*map(str, args), "--quiet"])
-        except SystemExit as e:
-            code = e.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attrdist: error: "), p.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+    return packer_main("dior", *args)
 
 
 # ---------------------------------------------------------------------------------------------

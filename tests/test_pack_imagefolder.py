@@ -3,7 +3,6 @@ files counted, and the leakage check catching augmented copies packed without gr
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import subprocess
@@ -16,7 +15,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 from attrdist.errors import AttrdistError
 from attrdist.data.reader import FORMAT, ShardReader, load_manifest
-from tests.conftest import ROOT, run_env
+from tests.conftest import ROOT, assert_one_line_error, packer_main, run_env
 
 pytestmark = pytest.mark.packers
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
@@ -71,26 +70,7 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 
 def main_inproc(*args) -> subprocess.CompletedProcess:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("shards_imagefolder", ROOT / "shards" / "imagefolder.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            mod.main([*map(str, args), "--quiet"])
-        except SystemExit as e:
-            code = e.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-def assert_one_line_error(p, *needles):
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attrdist: error: "), p.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+    return packer_main("imagefolder", *args)
 
 
 # ---------------------------------------------------------------------------------------------

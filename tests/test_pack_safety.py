@@ -7,9 +7,7 @@ test here ever points a packer at ../shared as an output) or generated JPEGs/PNG
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -29,36 +27,14 @@ from PIL import Image
 
 from attrdist.data.reader import FORMAT, load_manifest
 from attrdist.errors import AttrdistError
-from tests.conftest import ROOT, SHARED_DATA, run_env
+from tests.conftest import ROOT, SHARED_DATA, assert_one_line_error as one_line_error
+from tests.conftest import packer_main as run_main
+from tests.conftest import run_env
 
 COCO = SHARED_DATA / "coco"
 DIOR = SHARED_DATA / "dior"
 needs_coco = pytest.mark.skipif(not COCO.is_dir(), reason=f"real COCO sample not found at {COCO}")
 needs_dior = pytest.mark.skipif(not DIOR.is_dir(), reason=f"real DIOR sample not found at {DIOR}")
-
-
-def run_main(script: str, *args) -> subprocess.CompletedProcess:
-    """shards/<script>.py's main() in this process: the CLI's code path without its start-up cost."""
-    spec = importlib.util.spec_from_file_location(f"shards_{script}", ROOT / "shards" / f"{script}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            mod.main([*map(str, args), "--quiet"])
-        except SystemExit as e:
-            code = e.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-def one_line_error(p: subprocess.CompletedProcess, *needles: str) -> str:
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attrdist: error: "), p.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def tree(root: Path) -> dict[str, str]:
