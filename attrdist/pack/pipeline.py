@@ -538,33 +538,10 @@ def pack(fmt: PackFormat, out_dir: str | os.PathLike, *, max_samples: int = 1000
     if not 0 <= max_dropped <= 1:
         raise AttrdistError(f"--max-dropped {max_dropped}: a fraction of a split's samples, in [0, 1]")
     out_dir = Path(out_dir)
-    images, tally = fmt.images(), fmt.tally
-    early = pack_identity(pack_job(dataset=fmt.dataset, attributes=fmt.attributes, label_fields=fmt.label_fields,
-                                   max_samples=max_samples, max_bytes=MAX_SHARD_BYTES, job=fmt.job({})))
-    check_out_dir(out_dir, inputs=fmt.inputs, overwrite=overwrite,  # fail fast, before reading any image
-                  identity={"dataset": early["dataset"], "options": early["options"]})
-    totals = {s: sum(tally.dropped(s).values()) for s in fmt.splits}
-    for im in images:
-        totals[im.split] = totals.get(im.split, 0) + im.samples
-    listed = Counter(im.split for im in images)
-    for s in fmt.splits:
-        if not listed[s]:
-            raise AttrdistError(f"{out_dir}: split {s!r} lists no image to pack"
-                                + (f" ({describe_drops(tally.named(s))})" if tally.named(s) else "")
-                                + "; check its inputs, or leave the split out")
+    images = fmt.images()
+    totals = _refuse_before_reading(fmt, images, out_dir, overwrite, max_samples)
     verified = verify_all(images, fmt.verify, workers, progress)  # pass 1
-    readable = []
-    for im in images:
-        meta = verified[(im.split, im.key)]
-        if isinstance(meta, ItemError):
-            _drop_image(fmt, im, meta.reason, meta.file, meta.detail)
-        else:
-            readable.append((im, meta))
-    alive = Counter(im.split for im, _ in readable)
-    for s in fmt.splits:
-        if not alive[s]:
-            _stop(fmt, out_dir, f"split {s!r}: none of its {listed[s]} images can be read "
-                                f"({describe_drops(tally.named(s))}); check that the image folders exist and hold them")
+    readable = _readable(fmt, images, verified, out_dir)
     check_drops(fmt, out_dir, totals, max_dropped)
     leakage, leaked = check_leakage(verified, fmt.splits, on_leak, fmt.where or str(out_dir), out_dir=out_dir,
                                     advice=fmt.leak_advice, workers=workers)
@@ -588,15 +565,15 @@ def pack(fmt: PackFormat, out_dir: str | os.PathLike, *, max_samples: int = 1000
                 continue
             for key, sample, crc32 in fmt.samples(im, meta, task, r):
                 writer.add(im.split, key, sample, crc32=crc32)
-                tally.packed[im.split] += 1
+                fmt.tally.packed[im.split] += 1
         for s in fmt.splits:
-            if not tally.packed[s]:
-                _stop(fmt, out_dir, f"split {s!r}: no sample left to pack ({describe_drops(tally.named(s))})")
+            if not fmt.tally.packed[s]:
+                _stop(fmt, out_dir, f"split {s!r}: no sample left to pack ({describe_drops(fmt.tally.named(s))})")
         check_drops(fmt, out_dir, totals, max_dropped)
-        writer.write_file(DROPS, tally.jsonl())
+        writer.write_file(DROPS, fmt.tally.jsonl())
         for name, data in fmt.files().items():
             writer.write_file(name, data)
-        named = Counter(r["what"] for r in tally.records)
+        named = Counter(r["what"] for r in fmt.tally.records)
         return writer.commit(sources=fmt.sources, options=fmt.options,
                              report={"leakage": leakage, **fmt.report(verified),
                                      "drops": {"file": DROPS, "samples": named["sample"], "boxes": named["box"],
@@ -604,6 +581,48 @@ def pack(fmt: PackFormat, out_dir: str | os.PathLike, *, max_samples: int = 1000
 
 
 DROPS = "drops.jsonl"
+
+
+def _refuse_before_reading(fmt: PackFormat, images: list[ImageItem], out_dir: Path, overwrite: bool,
+                           max_samples: int) -> dict[str, int]:
+    """The refusals that need no image read: an --out that may not be replaced (its options compared; the
+    inputs are compared once read, by `PackWriter`), a split that lists no image. Returns the samples each
+    split stands for (listed, and dropped before listing), `check_drops`' denominators."""
+    early = pack_identity(pack_job(dataset=fmt.dataset, attributes=fmt.attributes, label_fields=fmt.label_fields,
+                                   max_samples=max_samples, max_bytes=MAX_SHARD_BYTES, job=fmt.job({})))
+    check_out_dir(out_dir, inputs=fmt.inputs, overwrite=overwrite,
+                  identity={"dataset": early["dataset"], "options": early["options"]})
+    totals = {s: sum(fmt.tally.dropped(s).values()) for s in fmt.splits}
+    for im in images:
+        totals[im.split] = totals.get(im.split, 0) + im.samples
+    listed = Counter(im.split for im in images)
+    for s in fmt.splits:
+        if not listed[s]:
+            named = fmt.tally.named(s)
+            raise AttrdistError(f"{out_dir}: split {s!r} lists no image to pack"
+                                + (f" ({describe_drops(named)})" if named else "")
+                                + "; check its inputs, or leave the split out")
+    return totals
+
+
+def _readable(fmt: PackFormat, images: list[ImageItem], verified: dict, out_dir: Path) -> list[tuple]:
+    """Pass 1's verdicts: the images that failed are dropped (named), a split left with none stops the pack;
+    returns the (image, metadata) pairs that go on."""
+    readable = []
+    for im in images:
+        meta = verified[(im.split, im.key)]
+        if isinstance(meta, ItemError):
+            _drop_image(fmt, im, meta.reason, meta.file, meta.detail)
+        else:
+            readable.append((im, meta))
+    alive = Counter(im.split for im, _ in readable)
+    listed = Counter(im.split for im in images)
+    for s in fmt.splits:
+        if not alive[s]:
+            _stop(fmt, out_dir, f"split {s!r}: none of its {listed[s]} images can be read "
+                                f"({describe_drops(fmt.tally.named(s))}); check that the image folders exist and "
+                                f"hold them")
+    return readable
 
 
 def _drop_image(fmt: PackFormat, im: ImageItem, reason: str, file: str | None, detail: str = "",
