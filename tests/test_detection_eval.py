@@ -179,7 +179,8 @@ def test_report_states_the_limit_and_why():
     text = Task(Config()).limit_text(d)
     assert "counts up to 600 detections per image and class (maxDets=[1, 10, 600]" in text
     assert "densest image here has 600 ground-truth boxes (2 images have more than 100)" in text
-    assert "The detector keeps up to 600 per image" in text  # fitted: no pack here, so to the evaluated data
+    assert "The detector keeps up to 600 per image (model.detector.detections_per_img empty: fitted to the data, " \
+           "max(100, its densest image's 600 boxes))" in text  # no pack here: fitted to the evaluated data
     capped = Task(replace(Config(), model=ModelConfig(detector=DetectorConfig(detections_per_img=100))))
     assert "keeps only 100 detections per image" in capped.limit_text(d)
     text = Task(Config()).limit_text(coco_evaluate(gt, as_detections(gt), CLASS_NAMES, max_dets=100))

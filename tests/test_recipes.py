@@ -165,7 +165,7 @@ def test_dior_remoteclip_demo_trains_evaluates_base_and_novel_and_draws(aerial_s
     report = (run_dir / "report.md").read_text()
     n = rep["results"]["val"]["details"]["max_dets"]
     assert f"COCOeval, up to {n} per image and class)" in report and f"Detection limit: COCOeval counts up to {n} " in report
-    assert "The detector keeps up to 1000 per image" in report
+    assert "The detector keeps up to 100 per image (model.detector.detections_per_img empty: fitted" in report
     assert "| windmill | novel |" in report and "| airplane | base |" in report and "- inference: " in report
     assert "- scores: the region classifier alone" in report  # random CLIP: no crop scorer
     evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]

@@ -213,7 +213,10 @@ class Task(BaseTask):
             text += (f" **The detector keeps only {kept} detections per image (model.detector.detections_per_img), "
                      f"fewer than the densest image's {densest} boxes: its recall is capped there.**")
         else:
-            text += f" The detector keeps up to {kept} per image (model.detector.detections_per_img)."
+            how = ("model.detector.detections_per_img" if self.cfg.model.detector.detections_per_img is not None else
+                   f"model.detector.detections_per_img empty: fitted to the data, max(100, its densest image's "
+                   f"{getattr(self, 'densest', 0) or densest} boxes)")
+            text += f" The detector keeps up to {kept} per image ({how})."
         return text
 
     def report_json(self, results: dict) -> dict:
