@@ -87,7 +87,15 @@ runuser -u munge -- /usr/sbin/munged --key-file="$key" --socket="$sock" --pid-fi
 cp "$mdir/munged.pid" "$dir/run/munged.pid"
 
 # --- MariaDB + slurmdbd (accounting: sacct, and submitit needs it to see jobs that died)
-dbport=$((33060 + RANDOM % 1000))
+# Ports dbport, +1000 (slurmdbd), +2000 and +2001 (slurmctld, slurmd): below the kernel's ephemeral range, where
+# no other process's outgoing connection can hold one (at 33060+ a gloo or HTTP client socket once took the
+# slurmdbd port: "Address already in use"), and not listening now.
+ephemeral=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+for _ in $(seq 50); do
+    dbport=$((10000 + RANDOM % (ephemeral > 12100 ? ephemeral - 12100 : 1000)))
+    taken=$(ss -Htln 2>/dev/null | awk '{print $4}' | grep -cE ":($dbport|$((dbport + 1000))|$((dbport + 2000))|$((dbport + 2001)))\$" || true)
+    [ "$taken" = 0 ] && break
+done
 if [ ! -d "$dir/db/mysql" ]; then
     mariadb-install-db --no-defaults --user=root --datadir="$dir/db" --auth-root-authentication-method=normal \
         >"$dir/log/mariadb-install.log" 2>&1
