@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from attrdist.core.config import AugmentConfig, DataConfig
-from attrdist.core.order import BatchPlan, epoch_order
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attrdist.core.order import BatchPlan, StreamPlan, epoch_order, first_samples, stream_count
 from attrdist.data.samples import SampleDataset, batch_images, collate
 from attrdist.data.loader import make_loader
 from attrdist.core.rng import fold
@@ -47,6 +50,71 @@ def test_eval_plan_pads_and_covers_every_sample_once():
 def test_resume_start_skips_exactly():
     full = list(BatchPlan(64, 8, 1, 0, 1, 0, True, True))
     assert list(BatchPlan(64, 8, 1, 0, 1, 0, True, True, start=3)) == full[3:]
+
+
+def stream_batches(lengths, B, W, start=0, epoch=3, **kw) -> list[list[int]]:
+    """The global batches of the windowed order, rank slices joined in rank order."""
+    ranks = [list(StreamPlan(np.asarray(lengths), B, W, r, 0, epoch, start=start, **kw)) for r in range(W)]
+    assert len({len(r) for r in ranks}) == 1  # every rank takes the same number of steps
+    return [[i for rk in ranks for i, _ in rk[b]] for b in range(len(ranks[0]))]
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(1, 60), min_size=1, max_size=25), B=st.sampled_from([2, 4, 6, 8, 12, 16, 24]),
+       streams=st.sampled_from([1, 2, 4, 6, 8, 64]), window=st.integers(1, 5), start_frac=st.floats(0, 1),
+       epoch=st.integers(0, 3))
+def test_windowed_order_is_world_size_independent_and_resumes_exactly(lengths, B, streams, window, start_frac, epoch):
+    """Any shard sizes, batch, stream count and window: floor(n/B) batches of distinct samples of the split;
+    the same global batches at every world size dividing the streams; a resume at batch k is the rest."""
+    n = sum(lengths)
+    kw = dict(streams=streams, window=window, epoch=epoch)
+    one = stream_batches(lengths, B, 1, **kw)
+    flat = [i for b in one for i in b]
+    assert len(one) == n // B and all(len(b) == B for b in one)
+    assert len(set(flat)) == len(flat) and all(0 <= i < n for i in flat)
+    S = stream_count(streams, B)
+    for W in (2, 3, 4, 8):
+        if S % W == 0:
+            assert stream_batches(lengths, B, W, **kw) == one, W
+    k = int(start_frac * len(one))
+    assert stream_batches(lengths, B, max(w for w in (1, 2) if S % w == 0), start=k, **kw) == one[k:]
+
+
+def test_windowed_order_reads_a_contiguous_share_of_the_shards_per_rank():
+    """100 shards of 50, 8 ranks: each rank's samples come from ~1/8 of the shards (its part of the epoch's
+    shard sequence, plus at most the two it shares with its neighbours), a window of 2 shards per stream
+    at a time; the epoch reshuffles which shards a rank gets; the windows cover what the rank reads."""
+    lengths, B, W = [50] * 100, 64, 8
+    shard_of = np.repeat(np.arange(100), 50)
+    got = {}
+    for epoch in (0, 1):
+        for r in range(W):
+            plan = StreamPlan(np.asarray(lengths), B, W, r, 0, epoch, streams=16, window=2)
+            seen = {int(shard_of[i]) for b in plan for i, _ in b}
+            assert len(seen) <= 100 // W + 2
+            assert seen <= {s for _, _, shards in plan.schedule() for s in shards}
+            got[epoch, r] = seen
+    assert got[0, 0] != got[1, 0]
+    plan = StreamPlan(np.asarray(lengths), B, 1, 0, 0, 0, streams=16, window=2)
+    first = plan.schedule()[:16]
+    assert all(f == 0 and len(shards) <= 2 for f, _, shards in first)  # 16 streams open 1 window each
+
+
+def test_windowed_order_is_keyed_and_mixes_streams():
+    lengths = np.asarray([40, 40, 16])
+    a = stream_batches(lengths, 8, 1, epoch=0)
+    assert a == stream_batches(lengths, 8, 1, epoch=0)
+    assert a != stream_batches(lengths, 8, 1, epoch=1)
+    assert list(StreamPlan(lengths, 8, 1, 0, seed=1, epoch=0)) != list(StreamPlan(lengths, 8, 1, 0, seed=0, epoch=0))
+    with pytest.raises(ValueError, match="do not divide the 4 canonical streams"):
+        StreamPlan(lengths, 12, 3, 0, 0, 0, streams=64)  # gcd(64, 12) = 4 streams, 3 ranks
+
+
+def test_first_samples_cuts_the_shard_list():
+    assert first_samples([40, 40, 16], 50).tolist() == [40, 10]
+    assert first_samples([40, 40, 16], 40).tolist() == [40]
+    assert first_samples([40, 40, 16], 96).tolist() == [40, 40, 16]
+    assert first_samples([40, 40, 16], 500).tolist() == [40, 40, 16]
 
 
 def test_train_transform_is_pure(small_shards):

@@ -3,7 +3,8 @@
 What "correct" means here, and what these tests control:
 
 * The data a step sees is a pure function of (seed, epoch, step): every rank takes its slice of the
-  same *global* batch (attrdist/data/samples.py BatchPlan). `run.log_samples=true` writes the gathered indices
+  same *global* batch (attrdist/core/order.py: the windowed StreamPlan by default, BatchPlan's full
+  permutation with data.order=permutation). `run.log_samples=true` writes the gathered indices
   of each step's global batch into metrics.jsonl, so 1 and 2 processes can be compared step by step.
 * The maths is then the same up to float summation order, provided nothing depends on how the global
   batch is split over ranks. Two things in the coconut demo model would:
@@ -137,15 +138,22 @@ def runs(small_shards, tmp_path_factory) -> dict[int, Path]:
     return out
 
 
-def test_one_and_two_processes_see_the_same_batches_and_losses(runs):
-    """Same global batches step by step, in the order data.py defines; losses within 1e-5 relative."""
-    from attrdist.core.order import epoch_order
+def global_batches(lengths: list[int], B: int, epoch: int = 0, **kw) -> list[list[int]]:
+    """The windowed order's global batches of one epoch (seed 0), as one process sees them."""
+    from attrdist.core.order import StreamPlan
 
+    return [[i for i, _ in b] for b in StreamPlan(np.asarray(lengths), B, 1, 0, 0, epoch, **kw)]
+
+
+def test_one_and_two_processes_see_the_same_batches_and_losses(runs):
+    """Same global batches step by step, in the order attrdist/core/order.py defines (the windowed order:
+    the test pack's train shards hold 40, 40 and 16 samples); losses within 1e-5 relative."""
     one, two = train_records(runs[1]), train_records(runs[2])
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
-    order = epoch_order(96, seed=0, epoch=0)
+    order = global_batches([40, 40, 16], 8)
+    assert sorted(i for b in order for i in b) == list(range(96))
     for s in range(1, STEPS + 1):
-        assert one[s]["samples"] == two[s]["samples"] == order[(s - 1) * 8: s * 8].tolist(), s
+        assert one[s]["samples"] == two[s]["samples"] == order[s - 1], s
     rel = max_rel_loss_diff(one, two, range(1, STEPS + 1))
     diff, rel_l2 = weight_diff(last_weights(runs[1]), last_weights(runs[2]))
     print(f"\n1 vs 2 processes: max relative loss difference {rel:.2e} over {STEPS} steps; "
@@ -156,6 +164,32 @@ def test_one_and_two_processes_see_the_same_batches_and_losses(runs):
     assert "world_size=2" in log2 and "(4 per rank x 2 ranks)" in log2
     assert f"train loop done: optimizer steps per rank [{STEPS}, {STEPS}]" in log2
     assert f"train loop done: optimizer steps per rank [{STEPS}]" in (runs[1] / "train.log").read_text()
+
+
+def test_four_processes_see_the_batches_and_losses_of_one(runs, small_shards, tmp_path):
+    """4 ranks (2 samples each of the global batch of 8; the 8 canonical streams, 2 per rank), 6 steps:
+    the same global batches and losses as 1 process."""
+    run_dir = tmp_path / "np4"
+    launch(4, args(small_shards, run_dir, "run.max_steps=6"), timeout=300)
+    one, four = train_records(runs[1]), train_records(run_dir)
+    assert sorted(four) == list(range(1, 7))
+    assert all(one[s]["samples"] == four[s]["samples"] for s in range(1, 7))
+    rel = max_rel_loss_diff(one, four, range(1, 7))
+    print(f"\n1 vs 4 processes: max relative loss difference {rel:.2e} over 6 steps")
+    assert rel < 1e-5
+    assert "(2 per rank x 4 ranks)" in (run_dir / "train.log").read_text()
+
+
+def test_permutation_order_one_and_two_processes(small_shards, tmp_path):
+    """data.order=permutation (the full permutation, for data in the page cache): 2 ranks take the global
+    batches of `epoch_order`, as 1 process does."""
+    from attrdist.core.order import epoch_order
+
+    run_dir = tmp_path / "perm"
+    launch(2, args(small_shards, run_dir, "data.order=permutation", "run.max_steps=3"))
+    order = epoch_order(96, seed=0, epoch=0)
+    recs = train_records(run_dir)
+    assert [recs[s]["samples"] for s in (1, 2, 3)] == [order[k * 8:(k + 1) * 8].tolist() for k in range(3)]
 
 
 def test_two_processes_sigkill_mid_epoch_then_resume_match_uninterrupted(runs, small_shards, tmp_path):
@@ -261,13 +295,11 @@ def test_uneven_shards_two_ranks_two_workers_complete(small_shards, tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "45 samples, global batch 8 (4 per rank x 2 ranks), 5 batches/epoch; the last 5 samples" in log
     assert "train loop done: optimizer steps per rank [4, 4] (global samples seen, per rank: [64, 64])" in log
-    from attrdist.core.order import epoch_order
-
     recs = train_records(run_dir)
     assert sorted(recs) == [1, 2, 3, 4] and all(len(r["samples"]) == 16 for r in recs.values())
     for epoch in (0, 1):
         seen = recs[1 + 2 * epoch]["samples"] + recs[2 + 2 * epoch]["samples"]
-        assert seen == epoch_order(45, seed=0, epoch=epoch)[:32].tolist()
+        assert seen == sum(global_batches([37, 5, 3], 8, epoch)[:4], [])
     assert len([r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                 if r["type"] == "eval"]) == 2
     assert "## test vs `true_labels`" in (run_dir / "report.md").read_text()

@@ -72,6 +72,9 @@ class DataConfig:
     eval_labels: tuple[str, ...] = _f(("labels",), "label fields to evaluate against (first = headline)")
     max_corrupt: int = _f(10, "stop the run once more than this many samples failed to decode")
     subset: int = _f(0, "use only the first N samples of each split (0 = all)")
+    order: Literal["windowed", "permutation"] = _f("windowed", "training order (attrdist/core/order.py): 'windowed' = shards permuted and cut into data.streams canonical streams, each shuffled a window of data.shuffle_window shards at a time (each rank reads a 1/world share of the shards, a few at a time; O(shards) memory); 'permutation' = a full permutation of the samples (best mixing, every rank reads every shard: data that fits the page cache). Both give the same batches at every supported world size")
+    streams: int = _f(64, "windowed order: canonical streams; the run uses S = gcd(data.streams, data.batch_size) and supports every world size dividing S. More streams mix more shards per batch, but every process reads S/world windows at once (cache: README 'Remote shards')")
+    shuffle_window: int = _f(4, "windowed order: shards per shuffle window of a stream (samples are permuted within a window); larger mixes better and needs more shards open/cached per stream (BENCHMARKS.md 'Data at scale')")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -314,6 +317,8 @@ def validate(cfg: Config) -> None:
         (d.eval_batch_size >= 0, "data.eval_batch_size must be >= 0"),
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
         (d.max_corrupt >= 0, "data.max_corrupt must be >= 0"),
+        (d.streams >= 1, "data.streams must be >= 1"),
+        (d.shuffle_window >= 1, "data.shuffle_window must be >= 1 (shards per window)"),
         (len(d.eval_labels) >= 1, "data.eval_labels needs at least one label field"),
         (0 < d.augment.crop_scale[0] <= d.augment.crop_scale[1] <= 1, "data.augment.crop_scale must satisfy 0 < lo <= hi <= 1"),
         (0 < d.augment.crop_ratio[0] <= d.augment.crop_ratio[1], "data.augment.crop_ratio must satisfy 0 < lo <= hi"),

@@ -28,10 +28,39 @@ def _init_worker(tune, malloc: str, worker_id: int) -> None:
     tune(malloc)
 
 
+class Prefetching:
+    """A plan's batches, telling `prefetch` (a remote pack's `ShardReader.prefetch`) which shards the windows
+    opening within the next window's span of batches need, before their first batch is read. The loader
+    draws batches from it ahead of the workers (prefetch_factor x workers), so shards are asked for earlier
+    still. Each window is asked for once."""
+
+    def __init__(self, plan, prefetch: Callable[[list[int]], None]):
+        self.plan, self.prefetch = plan, prefetch
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self):
+        windows = self.plan.schedule()
+        span = max((last - first + 1 for first, last, _ in windows), default=1)  # batches one window lasts
+        k = 0
+        for b, batch in enumerate(self.plan, start=self.plan.start):
+            first = k
+            while k < len(windows) and windows[k][0] < b + span:
+                k += 1
+            if k > first:
+                self.prefetch([s for _, _, shards in windows[first:k] for s in shards])
+            yield batch
+
+
 def make_loader(dataset: Dataset, plan: BatchPlan, num_workers: int, pin_memory: bool = False,
                 malloc: str = "keep", collate_fn: Callable = collate) -> DataLoader:
     """Batches of `plan` (its global batch's slice for this rank), read, decoded and collated by
-    `num_workers` worker processes (`collate_fn`: `samples.collate`, or a task's own)."""
+    `num_workers` worker processes (`collate_fn`: `samples.collate`, or a task's own). A windowed plan over a
+    reader that can prefetch (a remote pack) asks for each window's shards ahead (`Prefetching`)."""
+    prefetch = getattr(getattr(dataset, "reader", None), "prefetch", None)
+    if prefetch is not None and hasattr(plan, "schedule"):
+        plan = Prefetching(plan, prefetch)
     return DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, persistent_workers=False, worker_init_fn=tuned_workers(malloc),
                       prefetch_factor=2 if num_workers else None)

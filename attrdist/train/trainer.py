@@ -34,7 +34,7 @@ from attrdist.core import loop
 from attrdist.core import rng as rnglib
 from attrdist.core.config import Config, to_dict, to_json
 from attrdist.core.loop import LoopState, itstime
-from attrdist.core.order import BatchPlan
+from attrdist.core.order import BatchPlan, StreamPlan, first_samples, stream_count
 from attrdist.core.schedules import lr_factor
 from attrdist.data.loader import make_loader
 from attrdist.data.samples import CorruptTally, worker_image_dtype
@@ -63,6 +63,15 @@ class DataPlan:
     total_steps: int  # of the whole run (run.epochs, capped by run.max_steps)
     eval_batch: int  # the global evaluation batch, a multiple of the world size
 
+    def train_plan(self, d, world: int, rank: int, seed: int, epoch: int, start: int, shuffle: bool = True):
+        """This rank's batches of one training epoch from global batch `start` (data.order; unshuffled for
+        run.overfit_batches: the same first samples every epoch)."""
+        if d.order == "permutation" or not shuffle:
+            return BatchPlan(self.n_train, d.batch_size, world, rank, seed, epoch, shuffle=shuffle, drop_last=True,
+                             start=start)
+        return StreamPlan(first_samples(self.train_reader.lengths, self.n_train), d.batch_size, world, rank, seed,
+                          epoch, streams=d.streams, window=d.shuffle_window, start=start)
+
     def step_batches(self, grad_accum: int) -> int:
         """The global batches an epoch trains on: whole optimizer steps only."""
         return self.steps_per_epoch * grad_accum
@@ -86,6 +95,11 @@ def build_data(cfg: Config, manifest, world: int) -> DataPlan:
     if batches < cfg.optim.grad_accum:
         raise AttrdistError(f"split {d.train_split!r} has {n} samples: fewer than one optimizer step of "
                             f"{B} x {cfg.optim.grad_accum}; lower data.batch_size")
+    S = stream_count(d.streams, B)
+    if d.order == "windowed" and S % world and not cfg.run.overfit_batches:
+        raise AttrdistError(f"data.order=windowed: {world} processes do not divide the {S} canonical streams "
+                            f"(gcd of data.streams={d.streams} and data.batch_size={B}); use a world size dividing {S}, "
+                            f"or data.streams a multiple of {world} (changes the order), or data.order=permutation")
     steps = batches // cfg.optim.grad_accum
     total = steps * cfg.run.epochs
     if cfg.run.max_steps:
@@ -93,6 +107,10 @@ def build_data(cfg: Config, manifest, world: int) -> DataPlan:
     log.info("train split %r: %d samples, global batch %d (%d per rank x %d ranks), %d batches/epoch; "
              "the last %d samples of each epoch's order are dropped (incomplete global batch)",
              d.train_split, n, B, B // world, world, batches, n - batches * B)
+    if d.order == "windowed":
+        log.info("order: windowed, %d canonical streams of %d samples per batch, windows of %d shards; the same "
+                 "batches at any world size dividing %d; each rank reads a 1/%d share of the shards per epoch",
+                 S, B // S, d.shuffle_window, S, world)
     return DataPlan(reader, n, batches, steps, total, eval_batch)
 
 
@@ -426,8 +444,8 @@ class Trainer:
         epoch_batches = self.data.step_batches(ga)
         stop = loop.steps_done(self.state, cfg.run.max_steps)  # resumed at the end: nothing left to train
         while self.state.epoch < cfg.run.epochs and not stop:
-            plan = BatchPlan(self.data.n_train, B, acc.num_processes, acc.process_index, cfg.run.seed,
-                             self.state.epoch, shuffle=not cfg.run.overfit_batches, drop_last=True, start=self.state.batch)
+            plan = self.data.train_plan(cfg.data, acc.num_processes, acc.process_index, cfg.run.seed, self.state.epoch,
+                                        self.state.batch, shuffle=not cfg.run.overfit_batches)
             self.model.train()
             t_epoch = t_step = time.perf_counter()
             step_errors, step_samples = [], []
