@@ -16,6 +16,10 @@ quality: how much a global batch mixes, windowed (several windows) vs permutatio
   shards of 1000 and 1000 classes laid out two ways: "sorted" (each shard one class, as a pack made from a
   class-sorted folder would be: the worst case for any shard-local order) and "random". Distinct shards
   and classes per batch of 256, averaged over an epoch's first 400 batches.
+demo (loss curves): the coconut recipe's demo profile (12 epochs, batch 32) on its demo data packed into
+  shards of 25 samples (so that windows and streams mean something), seeds 0 and 1, data.order=windowed
+  (shuffle_window 1 and 4) vs permutation: mean training loss of the first, middle and last epoch, and the
+  best val mAP. Not in the default parts (~10 min here); run it with --parts demo.
 io (beyond the page cache): a pack of random bytes (samples of 100 kB) on the local disk; rank 0 of 4
   reads its samples of one epoch in order with attrdist's ShardReader after every shard's pages were
   dropped (posix_fadvise DONTNEED), windowed vs permutation, alternating rounds: MB/s from disk.
@@ -156,6 +160,45 @@ def quality(n: int, batches: int = 400, B: int = 256) -> list[dict]:
     return rows
 
 
+def demo_curves(tmp: Path, seeds=(0, 1)) -> list[dict]:
+    import json
+    import subprocess
+    import sys
+
+    from attrdist.demo import scenes
+    from attrdist.pack.coco import SplitSource, pack_coco_captions
+    from attrdist.pack.vocab import load_vocabulary
+
+    root_dir = Path(__file__).resolve().parents[1]
+    vocab = root_dir / "recipes" / "coconut_demo_vocab.json"
+    data = scenes.ensure_demo(None, scenes.DemoSpec())
+    shards = tmp / "demo-25"
+    ann = data / "annotations"
+    pack_coco_captions(shards, [SplitSource(s, data / "images", ann / f"captions_{s}.json", ann / f"instances_{s}.json")
+                                for s in ("train", "val", "test")], load_vocabulary(vocab), dataset="coconut-demo",
+                       vocab_path=vocab, max_samples=25, progress=False)
+    rows = []
+    for name, over in (("windowed w=1", ["data.order=windowed", "data.shuffle_window=1"]),
+                       ("windowed w=4", ["data.order=windowed", "data.shuffle_window=4"]),
+                       ("permutation", ["data.order=permutation"])):
+        for seed in seeds:
+            out = tmp / "runs" / f"{name.replace(' ', '_')}-{seed}"
+            subprocess.run([sys.executable, str(root_dir / "recipes" / "coconut.py"), f"data.shards={shards}",
+                            f"run.run_dir={out}", f"run.seed={seed}", *over], cwd=root_dir, check=True,
+                           capture_output=True)
+            recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            train = [r for r in recs if r.get("type") == "train"]
+            epochs = sorted({r["epoch"] for r in train})
+            mean = {e: statistics.mean(r["loss"] for r in train if r["epoch"] == e) for e in epochs}
+            maps = [r["val/true_labels/mAP"] for r in recs if r.get("type") == "eval" and "val/true_labels/mAP" in r]
+            rows.append({"benchmark": "scale", "part": "demo", "order": name, "seed": seed,
+                         "loss_first_epoch": round(mean[epochs[0]], 4),
+                         "loss_mid_epoch": round(mean[epochs[len(epochs) // 2]], 4),
+                         "loss_last_epoch": round(mean[epochs[-1]], 4), "best_val_map": round(max(maps), 4)})
+            print(" | ".join(f"{k}={v}" for k, v in rows[-1].items() if k != "benchmark"), flush=True)
+    return rows
+
+
 def make_pack(root: Path, shards: int, per_shard: int, sample_bytes: int) -> Path:
     """A real pack (manifest + tar shards) of random bytes, written and synced."""
     import json
@@ -247,6 +290,8 @@ def main(argv=None) -> list[dict]:
             ]
         if "quality" in parts:
             rows += quality(min(args.samples, 1_000_000))
+        if "demo" in parts:
+            rows += demo_curves(tmp)
         if "io" in parts:
             pack = make_pack(tmp / "pack", args.io_shards, 200, 100_000)
             io_rows, t = io(pack, args.rounds)

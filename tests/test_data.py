@@ -266,3 +266,24 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding():
            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     with pytest.raises(Image.DecompressionBombError, match="10000x10000 pixels is more than the 89478485 allowed"):
         decode_image(png)
+
+
+def test_prefetching_asks_for_each_window_once_before_its_first_batch():
+    """The loader's plan wrapper: every shard a rank reads is asked for (once per window) before the batch that
+    first reads it, at most one window's span of batches ahead; a resumed epoch skips the windows it passed."""
+    from attrdist.data.loader import Prefetching
+
+    lengths = np.asarray([30] * 20)
+    shard_of = np.repeat(np.arange(20), 30)
+    for start in (0, 40):
+        plan = StreamPlan(lengths, 8, 2, 1, 0, 0, streams=4, window=2, start=start)
+        asked: list[list[int]] = []
+        seen_before: set[int] = set()
+        for b, batch in enumerate(Prefetching(plan, asked.append), start=start):
+            seen_before.update(s for req in asked for s in req)
+            assert {int(shard_of[i]) for i, _ in batch} <= seen_before, b
+        flat = [s for req in asked for s in req]
+        assert sorted(flat) == sorted(s for _, _, shards in plan.schedule() for s in shards)
+        if start:
+            full = StreamPlan(lengths, 8, 2, 1, 0, 0, streams=4, window=2).schedule()
+            assert len(plan.schedule()) < len(full)
