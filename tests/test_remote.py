@@ -329,8 +329,8 @@ def test_full_cache_disk_evicts_and_retries_then_one_line(served, small_shards, 
 
 def test_shard_larger_than_the_limit_says_the_limit_needed(served, small_shards, tmp_path):
     m = load_manifest(copy_pack(served, "plimit", small_shards), Cache(tmp_path / "c", limit_gb=0.0001))
-    with pytest.raises(AttrdistError, match=r"train-000001\.tar: this shard alone is 0\.195 GB, more than data\.cache_limit_gb="
-                                            r"0\.0001; set data\.cache_limit_gb to at least 0\.195$"):
+    with pytest.raises(AttrdistError, match=r"train-000001\.tar: this shard alone is 0\.001 GB, more than data\.cache_limit_gb="
+                                            r"0\.0001; set data\.cache_limit_gb to at least 0\.001$"):
         m.cache.open("train-000001.tar")
 
 
