@@ -257,9 +257,11 @@ def test_sha256_mismatch_downloads_once_more_then_one_line(served, small_shards,
 
 
 class CuttingHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves its directory, but sends only the first half of every .tar and then closes the connection."""
+    """Serves its directory, but for every .tar sends only the first half and then closes the connection
+    (mode "cut"), or answers 503 (mode "503")."""
 
     counts: dict = {}
+    mode = "cut"
 
     def log_message(self, *a):
         pass
@@ -268,6 +270,8 @@ class CuttingHandler(http.server.SimpleHTTPRequestHandler):
         type(self).counts[self.path] = type(self).counts.get(self.path, 0) + 1
         if not self.path.endswith(".tar"):
             return super().do_GET()
+        if self.mode == "503":
+            return self.send_error(503, "busy")
         data = Path(self.translate_path(self.path)).read_bytes()
         self.send_response(200)
         self.send_header("Content-Type", "application/x-tar")
@@ -279,8 +283,9 @@ class CuttingHandler(http.server.SimpleHTTPRequestHandler):
         self.close_connection = True
 
 
-def test_connection_cut_mid_shard_is_retried_then_one_line(small_shards, tmp_path, fast_retries):
-    handler = type("H", (CuttingHandler,), {"counts": {}})
+@pytest.mark.parametrize("mode", ["cut", "503"])
+def test_connection_cut_mid_shard_or_5xx_is_retried_then_one_line(mode, small_shards, tmp_path, fast_retries):
+    handler = type("H", (CuttingHandler,), {"counts": {}, "mode": mode})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(small_shards)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -325,6 +330,21 @@ def test_full_cache_disk_evicts_and_retries_then_one_line(served, small_shards, 
     assert "\n" not in str(e.value) and filler.stat().st_size == 100_000
     filler.unlink()
     assert_nothing_half_written(tmpfs, m)
+
+
+def test_disk_full_in_the_middle_of_a_download(served, small_shards, tmpfs):
+    """ENOSPC from a real write (the free-space check passes: the manifest under-states the shard's size), then
+    eviction and a retry; what the retry downloads fails the size check twice: one line, nothing kept."""
+    url = copy_pack(served, "pmid", small_shards)
+    data = json.loads((served.root / "pmid" / "manifest.json").read_text())
+    data["splits"]["train"]["shards"][1]["bytes"] = 50_000  # 195 KB on the server
+    (served.root / "pmid" / "manifest.json").write_text(json.dumps(data))
+    m = load_manifest(url, Cache(tmpfs, limit_gb=10))
+    os.close(m.cache.open("train-000000.tar"))  # 184 KB of 256 KB
+    with pytest.raises(AttrdistError, match=r"pmid/train-000001\.tar: 194560 bytes with sha256 .* in two downloads"):
+        m.cache.open("train-000001.tar")
+    assert served.gets("pmid/train-000001.tar") == 3  # cut by ENOSPC, then two whole downloads that fail the check
+    assert not cached_files(tmpfs)  # the first shard was evicted to make room; no temp file is left
 
 
 def test_shard_larger_than_the_limit_says_the_limit_needed(served, small_shards, tmp_path):
@@ -445,10 +465,15 @@ def test_training_from_http_and_s3_gives_the_local_losses_bitwise(served, s3_pac
     for name, shards, env in (("local", str(small_shards), {}), ("http", copy_pack(served, "ptrain", small_shards), {}),
                               ("s3", s3_url, s3_env)):
         run_dir = tmp_path / name
-        run_recipe([*args, f"data.shards={shards}", f"run.run_dir={run_dir}",
-                    f"data.cache_dir={tmp_path / 'cache' / name}"],
-                   env=run_env(**env))
+        p = run_recipe([*args, f"data.shards={shards}", f"run.run_dir={run_dir}",
+                        f"data.cache_dir={tmp_path / 'cache' / name}"], env=run_env(**env))
         runs[name] = _losses(run_dir)
+        if name != "local":  # really read through the cache: the train split's shards are there, verified
+            m = load_manifest(shards if name == "http" else small_shards, Cache(tmp_path / "cache" / name))
+            assert {"train-000000.tar", "train-000001.tar", "train-000002.tar"} <= {
+                f.name for f in cached_files(tmp_path / "cache" / name)}
+            assert_nothing_half_written(tmp_path / "cache" / name, m)
+            assert "Traceback" not in p.stdout + p.stderr and "Unclosed" not in p.stdout + p.stderr
     assert len(runs["local"]) == 6
     assert runs["http"] == runs["local"] and runs["s3"] == runs["local"]
     for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
