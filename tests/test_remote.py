@@ -181,6 +181,9 @@ def test_http_pack_reads_like_the_local_pack_and_downloads_lazily(served, small_
     for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
         assert served.gets(name) == 1
     assert_nothing_half_written(tmp_path / "cache", m)
+    # pickled (a spawned DataLoader worker): its own descriptors and locks, the cached copies, no GET
+    import pickle
+    assert read_all(pickle.loads(pickle.dumps(reader))) == read_all(reader)
     # the same pack again (another process, a later run): served from the cache, no GET
     assert read_all(ShardReader(load_manifest(url, Cache(tmp_path / "cache")), "train")) == read_all(reader)
     assert served.gets("train-000000.tar") == 1
