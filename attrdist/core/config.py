@@ -55,7 +55,10 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    shards: str = _f("", "directory of packed shards (with manifest.json); empty = built-in demo")
+    shards: str = _f("", "directory of packed shards (with manifest.json), or a remote pack's URL: https://host/pack/ or s3://bucket/pack/ (shards fetched into data.cache_dir); empty = built-in demo")
+    cache_dir: str = _f("", "remote shards: the node-local cache directory (a folder per pack inside); empty = <attrdist cache>/shards ($ATTRDIST_CACHE or ~/.cache/attrdist)")
+    cache_limit_gb: float = _f(100.0, "remote shards: the most the cache directory may hold; least recently used shards are evicted beyond it (it must hold data.prefetch_shards shards per process reading)")
+    prefetch_shards: int = _f(4, "remote shards: how many upcoming shards ShardReader.prefetch downloads ahead (0 = none)")
     train_split: str = _f("train", "split used for training")
     val_split: str = _f("val", "split used for validation / early stopping")
     test_split: str = _f("test", "split reported at the end with thresholds tuned on val (skipped if absent)")
@@ -319,6 +322,8 @@ def validate(cfg: Config) -> None:
         (d.max_corrupt >= 0, "data.max_corrupt must be >= 0"),
         (d.streams >= 1, "data.streams must be >= 1"),
         (d.shuffle_window >= 1, "data.shuffle_window must be >= 1 (shards per window)"),
+        (d.cache_limit_gb > 0, "data.cache_limit_gb must be > 0"),
+        (d.prefetch_shards >= 0, "data.prefetch_shards must be >= 0"),
         (len(d.eval_labels) >= 1, "data.eval_labels needs at least one label field"),
         (0 < d.augment.crop_scale[0] <= d.augment.crop_scale[1] <= 1, "data.augment.crop_scale must satisfy 0 < lo <= hi <= 1"),
         (0 < d.augment.crop_ratio[0] <= d.augment.crop_ratio[1], "data.augment.crop_ratio must satisfy 0 < lo <= hi"),

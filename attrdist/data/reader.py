@@ -14,6 +14,10 @@ checked by the data loaders), "labels": [positive attribute indices], optional o
 "true_labels") and "<field>_ignore" lists of unlabelled attribute indices, "captions"...}.
 Reading (`ShardReader`) indexes each shard's tar headers once, checked (a truncated, damaged or hostile
 shard is reported by name and its unreadable samples counted, never a crash), then reads by offset.
+
+A pack may also be remote (`data.shards=https://host/pack/` or `s3://bucket/pack/`): its manifest is
+fetched and checked the same way, and its shards are read from a node-local cache of whole, verified
+copies (attrdist.data.remote), each indexed the first time one of its samples is read.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attrdist.data import remote
 from attrdist.errors import AttrdistError
 
 log = logging.getLogger("attrdist")
@@ -39,8 +44,9 @@ FORMAT = "attrdist-shards-v1"
 
 @dataclass(frozen=True)
 class Manifest:
-    root: Path
+    root: Path | str  # a directory, or a remote pack's URL (no trailing '/')
     data: dict = field(repr=False)
+    cache: remote.ShardCache | None = field(default=None, repr=False, compare=False)  # a remote pack's shards
 
     @property
     def attributes(self) -> list[str]:
@@ -52,7 +58,7 @@ class Manifest:
 
     def split(self, name: str) -> dict:
         if name not in self.data["splits"]:
-            raise AttrdistError(f"{self.root / MANIFEST}: no split {name!r} (have: {', '.join(self.data['splits'])})")
+            raise AttrdistError(f"{remote.join(self.root, MANIFEST)}: no split {name!r} (have: {', '.join(self.data['splits'])})")
         return self.data["splits"][name]
 
     def has_split(self, name: str) -> bool:
@@ -63,7 +69,12 @@ class Manifest:
         return np.asarray(info["label_counts"][label_field], dtype=np.float64) / max(1, info["nsamples"])
 
 
-def load_manifest(root: str | os.PathLike) -> Manifest:
+def load_manifest(root: str | os.PathLike, cache=None) -> Manifest:
+    """The checked manifest of the pack at `root`: a directory or an https://, http:// or s3:// URL. `cache`
+    (for a URL): where and how its shards are cached, an object with cache_dir, cache_limit_gb and
+    prefetch_shards (a DataConfig); None = the defaults."""
+    if remote.is_remote(root):
+        return _load_remote_manifest(str(root), cache)
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
@@ -76,17 +87,40 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
         raise AttrdistError(f"{path}: not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]}); re-pack the dataset") from None
     except OSError as e:
         raise AttrdistError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
+    _check_manifest(path, data)
+    for split, info in data["splits"].items():
+        for s in info["shards"]:
+            if not (root / s["file"]).is_file():
+                raise AttrdistError(f"{root / s['file']}: shard listed in {MANIFEST} is missing; re-pack or restore it")
+    return Manifest(root, data)
+
+
+def _check_manifest(path, data) -> None:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise AttrdistError(f"{path}: format {got!r}, expected {FORMAT!r}; re-pack with this attrdist version")
     problem = _manifest_problem(data)
     if problem:
         raise AttrdistError(f"{path}: {problem}; the manifest is damaged or was not written by attrdist: re-pack the dataset")
+
+
+def _load_remote_manifest(url: str, cache) -> Manifest:
+    """A remote pack's manifest, checked like a local one; its shards are not touched here (each one is
+    fetched when first read or prefetched: a missing one is a 404 then)."""
+    root, raw, digest = remote.read_manifest(url)
+    path = f"{root}/{MANIFEST}"
+    data = remote.manifest_json(path, raw)
+    _check_manifest(path, data)
     for split, info in data["splits"].items():
         for s in info["shards"]:
-            if not (root / s["file"]).is_file():
-                raise AttrdistError(f"{root / s['file']}: shard listed in {MANIFEST} is missing; re-pack or restore it")
-    return Manifest(root, data)
+            if not (isinstance(s.get("bytes"), int) and isinstance(s.get("sha256"), str)):
+                raise AttrdistError(f"{path}: shard {s['file']} has no \"bytes\" and \"sha256\", which a remote pack "
+                                    f"needs to verify its downloads; re-pack the dataset with this attrdist version")
+    shards = {s["file"]: s for info in data["splits"].values() for s in info["shards"]}
+    c = remote.ShardCache(root, digest, shards, getattr(cache, "cache_dir", ""),
+                          getattr(cache, "cache_limit_gb", remote.DEFAULT_LIMIT_GB),
+                          getattr(cache, "prefetch_shards", remote.DEFAULT_PREFETCH))
+    return Manifest(root, data, c)
 
 
 def _is_count(v) -> bool:
@@ -145,9 +179,9 @@ class ShardError(AttrdistError):
     """A sample that cannot be read from its shard (truncated, damaged or refused shard): the message
     names the shard file and the sample and says what to do; `.shard` (file name) and `.key` too."""
 
-    def __init__(self, path: Path, key: str, reason: str):
+    def __init__(self, path: Path | str, key: str, reason: str):
         super().__init__(f"{path}: sample {key}: {reason}")
-        self.shard, self.key, self.reason = path.name, key, reason
+        self.shard, self.key, self.reason = str(path).rsplit("/", 1)[-1], key, reason
 
 
 def unsafe_member_name(name: str) -> bool:
@@ -232,11 +266,14 @@ class ShardIndex:
     size: int = 0  # bytes of the shard file
 
 
-def index_shard(path: Path, nsamples: int) -> ShardIndex:
-    """Index one shard; a damaged or truncated shard keeps its complete leading samples, a shard with a
-    member name that could escape an unpacking directory (or a link, a device...) is refused whole."""
+def index_shard(path: Path, nsamples: int, fd: int | None = None) -> ShardIndex:
+    """Index one shard (or the open descriptor `fd` of it, left open); a damaged or truncated shard keeps its
+    complete leading samples, a shard with a member name that could escape an unpacking directory (or a
+    link, a device...) is refused whole."""
+    own = fd is None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        if own:
+            fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         return ShardIndex([], f"cannot be opened ({e.strerror})", refused=True)
     try:
@@ -245,7 +282,8 @@ def index_shard(path: Path, nsamples: int) -> ShardIndex:
     except OSError as e:
         return ShardIndex([], f"cannot be read ({e.strerror})", refused=True)
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
     for name, offset, msize, kind in members:
         base = name.rsplit("/", 1)[-1]
@@ -275,37 +313,53 @@ class ShardReader:
     index. Bytes are read with pread on a per-process file descriptor, opened on first use. A sample
     that cannot be read (its shard truncated, damaged or refused) raises `ShardError`; the data
     loader counts it as corrupt (data.max_corrupt) instead of stopping.
+
+    A remote pack (`manifest.cache` set) is not downloaded here: each process indexes a shard the first
+    time it reads one of its samples, from the node cache (`ShardCache.open`: fetched and verified first
+    if needed), with the same warnings; a shard that cannot be fetched is warned about once, naming its
+    URL, and its samples raise `ShardError`. At most `MAX_OPEN_REMOTE` cached shards stay open per process,
+    so evicted shards free their disk space. `prefetch(shard_numbers)` starts their download ahead.
     """
+
+    MAX_OPEN_REMOTE = 8
 
     def __init__(self, manifest: Manifest, split: str):
         info = manifest.split(split)
-        self.split, self.root = split, manifest.root
-        self.paths = [str(manifest.root / s["file"]) for s in info["shards"]]
+        self.split, self.root, self.cache = split, manifest.root, manifest.cache
+        self.shards = info["shards"]
+        self.paths = [remote.join(manifest.root, s["file"]) for s in info["shards"]]
         self.lengths = np.asarray([s["nsamples"] for s in info["shards"]], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
-        self.index = [index_shard(Path(p), int(n)) for p, n in zip(self.paths, self.lengths)]
-        self.unreadable = 0  # samples listed in the manifest that no shard can give
-        warned = 0
-        for path, s, idx in zip(self.paths, info["shards"], self.index):
-            lost = s["nsamples"] if idx.refused else s["nsamples"] - len(idx.samples)
-            self.unreadable += lost
-            changed = s.get("bytes") is not None and idx.size != s["bytes"]
-            warned += bool(idx.problem or changed)
-            if warned > 20 and (idx.problem or changed):
-                continue  # the first 20 are named; the summary below counts the rest
-            if idx.problem:
-                log.warning("%s: %s; %d of its %d samples cannot be read: they are skipped and counted as corrupt "
-                            "(data.max_corrupt); restore the shard or re-pack the dataset", path, idx.problem, lost,
-                            s["nsamples"])
-            elif changed:
-                log.warning("%s: %d bytes where %s says %d: the shard changed after packing; samples that no longer "
-                            "decode are skipped and counted as corrupt; restore the shard or re-pack the dataset",
-                            path, idx.size, MANIFEST, s["bytes"])
-        if warned > 20:
-            log.warning("%s: %d shards of split %r are damaged or changed (the first 20 named above), %d samples cannot "
-                        "be read; re-pack the dataset", manifest.root, warned, split, self.unreadable)
+        self.unreadable = 0  # samples listed in the manifest that no shard can give (remote: of the shards indexed)
+        self._warned = 0
         self._fds: dict[int, int] = {}
         self._pid = None
+        if self.cache is not None:
+            self.index: list[ShardIndex | None] = [None] * len(self.paths)
+            return
+        self.index = [index_shard(Path(p), int(n)) for p, n in zip(self.paths, self.lengths)]
+        for path, s, idx in zip(self.paths, info["shards"], self.index):
+            self._report(path, s, idx)
+        if self._warned > 20:
+            log.warning("%s: %d shards of split %r are damaged or changed (the first 20 named above), %d samples cannot "
+                        "be read; re-pack the dataset", manifest.root, self._warned, split, self.unreadable)
+
+    def _report(self, path: str, s: dict, idx: ShardIndex) -> None:
+        """Count a shard's unreadable samples and warn (the first 20 shards by name) when it is damaged or changed."""
+        lost = s["nsamples"] if idx.refused else s["nsamples"] - len(idx.samples)
+        self.unreadable += lost
+        changed = s.get("bytes") is not None and idx.size != s["bytes"]
+        self._warned += bool(idx.problem or changed)
+        if self._warned > 20 and (idx.problem or changed):
+            return  # the first 20 are named; a summary counts the rest
+        if idx.problem:
+            log.warning("%s: %s; %d of its %d samples cannot be read: they are skipped and counted as corrupt "
+                        "(data.max_corrupt); restore the shard or re-pack the dataset", path, idx.problem, lost,
+                        s["nsamples"])
+        elif changed:
+            log.warning("%s: %d bytes where %s says %d: the shard changed after packing; samples that no longer "
+                        "decode are skipped and counted as corrupt; restore the shard or re-pack the dataset",
+                        path, idx.size, MANIFEST, s["bytes"])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -315,18 +369,47 @@ class ShardReader:
         shard = int(np.searchsorted(self.starts, index, side="right") - 1)
         return shard, index - int(self.starts[shard])
 
+    def prefetch(self, shard_numbers: list[int]) -> None:
+        """Start downloading these shards (in this order; the first data.prefetch_shards of them) into the node
+        cache in the background, keeping them there until the next call; returns at once. A local pack: nothing."""
+        if self.cache is not None:
+            self.cache.prefetch([self.shards[k]["file"] for k in shard_numbers])
+
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # a fresh worker process (or unpickled): descriptors of its own
             self._fds, self._pid = {}, os.getpid()
         if shard not in self._fds:
-            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            if self.cache is None:
+                self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            else:
+                fd = self.cache.open(self.shards[shard]["file"])  # AttrdistError: cannot be fetched
+                while len(self._fds) >= self.MAX_OPEN_REMOTE:  # oldest first (dicts keep insertion order)
+                    os.close(self._fds.pop(next(iter(self._fds))))
+                self._fds[shard] = fd
         return self._fds[shard]
+
+    def _remote_index(self, shard: int) -> ShardIndex:
+        """Index a remote pack's shard in this process, from its verified cached copy (fetched now if needed)."""
+        s = self.shards[shard]
+        try:
+            idx = index_shard(Path(self.paths[shard]), s["nsamples"], fd=self._fd(shard))
+        except AttrdistError as e:
+            idx = ShardIndex([], f"cannot be fetched ({e})", refused=True)
+            self.index[shard] = idx
+            log.warning("%s; its %d samples are skipped and counted as corrupt (data.max_corrupt)", e, s["nsamples"])
+            self.unreadable += s["nsamples"]
+            return idx
+        self.index[shard] = idx
+        self._report(self.paths[shard], s, idx)
+        return idx
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
         shard, pos = self.locate(index)
-        path, idx = Path(self.paths[shard]), self.index[shard]
+        path, idx = self.paths[shard], self.index[shard]
+        if idx is None:  # a remote pack's shard not read before by this process (or the one it was forked from)
+            idx = self._remote_index(shard)
         if idx.refused or pos >= len(idx.samples):
             raise ShardError(path, f"#{pos}", f"cannot be read: the shard {idx.problem}; restore it or re-pack "
                                               f"the dataset")
@@ -342,6 +425,8 @@ class ShardReader:
         except OSError as e:
             raise ShardError(path, key, f"cannot be read ({e.strerror}); check the file and its disk, restore "
                                         f"it or re-pack the dataset") from None
+        except AttrdistError as e:  # a remote shard closed (too many open) and now cannot be fetched again
+            raise ShardError(path, key, f"cannot be fetched again ({e})") from None
         return out
 
     def __del__(self):

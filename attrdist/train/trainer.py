@@ -161,7 +161,7 @@ class Trainer:
         self.acc, self.rt = make_accelerator(cfg.run, cfg.optim, cfg.data.batch_size)
         self.main = self.acc.is_main_process
         self.run_dir = self.open_run_dir()
-        self.manifest = load_manifest(cfg.data.shards)
+        self.manifest = load_manifest(cfg.data.shards, cache=cfg.data)
         self.task = make_task(cfg, self.manifest)
         self.data = build_data(cfg, self.manifest, self.acc.num_processes)
         self.model, self.optimizer = self.build_model_and_optimizer()
