@@ -268,22 +268,24 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding():
         decode_image(png)
 
 
-def test_prefetching_asks_for_each_window_once_before_its_first_batch():
-    """The loader's plan wrapper: every shard a rank reads is asked for (once per window) before the batch that
-    first reads it, at most one window's span of batches ahead; a resumed epoch skips the windows it passed."""
+def test_prefetching_asks_for_each_window_before_its_first_batch():
+    """The loader's plan wrapper: every shard a rank reads is in the set handed to `prefetch` before the batch
+    that reads it, no more than one window's span of batches ahead; a finished window leaves the set; a resumed
+    epoch never asks for the windows it passed."""
     from attrdist.data.loader import Prefetching
 
     lengths = np.asarray([30] * 20)
     shard_of = np.repeat(np.arange(20), 30)
     for start in (0, 40):
         plan = StreamPlan(lengths, 8, 2, 1, 0, 0, streams=4, window=2, start=start)
+        windows = plan.schedule()
+        span = max(last - first + 1 for first, last, _ in windows)
         asked: list[list[int]] = []
-        seen_before: set[int] = set()
         for b, batch in enumerate(Prefetching(plan, asked.append), start=start):
-            seen_before.update(s for req in asked for s in req)
-            assert {int(shard_of[i]) for i, _ in batch} <= seen_before, b
-        flat = [s for req in asked for s in req]
-        assert sorted(flat) == sorted(s for _, _, shards in plan.schedule() for s in shards)
+            assert {int(shard_of[i]) for i, _ in batch} <= set(asked[-1]), b
+            assert set(asked[-1]) == {s for first, last, shards in windows if first < b + span and last >= b
+                                      for s in shards}, b
+        assert {s for req in asked for s in req} == {s for _, _, shards in windows for s in shards}
         if start:
             full = StreamPlan(lengths, 8, 2, 1, 0, 0, streams=4, window=2).schedule()
-            assert len(plan.schedule()) < len(full)
+            assert len(windows) < len(full)

@@ -481,3 +481,19 @@ def test_training_from_http_and_s3_gives_the_local_losses_bitwise(served, s3_pac
     assert runs["http"] == runs["local"] and runs["s3"] == runs["local"]
     for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
         assert served.gets(f"ptrain/{name}") == 1  # the rank and its worker: one download each
+
+
+def test_cache_limit_too_small_for_the_order_stops_at_start(served, small_shards, tmp_path):
+    """A cache that cannot hold what the order reads at once (the windows of every stream, open + next; for
+    the full permutation the whole split) would evict shards still in use and fetch them again and again:
+    the run stops before any step with one line giving the size it needs."""
+    url = copy_pack(served, "tight", small_shards)
+    base = ["--profile", "demo", *FAST, "run.epochs=1", f"data.shards={url}", f"data.cache_dir={tmp_path / 'c'}",
+            "data.cache_limit_gb=0.0003"]
+    for extra, needs in (([], "or lower data.shuffle_window or data.streams"),
+                         (["data.order=permutation"], "or use data.order=windowed")):
+        p = run_recipe([*base, *extra, f"run.run_dir={tmp_path / 'run'}"], check=False)
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert f"data.cache_limit_gb=0.0003 cannot hold what this node reads at once" in p.stderr
+        assert needs in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "c").exists() or not cached_files(tmp_path / "c")

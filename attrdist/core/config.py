@@ -58,7 +58,7 @@ class DataConfig:
     shards: str = _f("", "directory of packed shards (with manifest.json), or a remote pack's URL: https://host/pack/ or s3://bucket/pack/ (shards fetched into data.cache_dir); empty = built-in demo")
     cache_dir: str = _f("", "remote shards: the node-local cache directory (a folder per pack inside); empty = <attrdist cache>/shards ($ATTRDIST_CACHE or ~/.cache/attrdist)")
     cache_limit_gb: float = _f(100.0, "remote shards: the most the cache directory may hold; least recently used shards are evicted beyond it (it must hold data.prefetch_shards shards per process reading)")
-    prefetch_shards: int = _f(4, "remote shards: how many upcoming shards ShardReader.prefetch downloads ahead (0 = none)")
+    prefetch_shards: int = _f(0, "remote shards: the most shards ShardReader.prefetch keeps downloaded ahead and pinned; 0 = every shard of the windows the data order has open or opens within the next window's span (README 'Remote shards': the cache must hold them)")
     train_split: str = _f("train", "split used for training")
     val_split: str = _f("val", "split used for validation / early stopping")
     test_split: str = _f("test", "split reported at the end with thresholds tuned on val (skipped if absent)")

@@ -29,10 +29,11 @@ def _init_worker(tune, malloc: str, worker_id: int) -> None:
 
 
 class Prefetching:
-    """A plan's batches, telling `prefetch` (a remote pack's `ShardReader.prefetch`) which shards the windows
-    opening within the next window's span of batches need, before their first batch is read. The loader
-    draws batches from it ahead of the workers (prefetch_factor x workers), so shards are asked for earlier
-    still. Each window is asked for once."""
+    """A plan's batches, keeping a remote pack's node cache ahead of them (`ShardReader.prefetch`). Before each
+    batch it hands over, in order of need, the shards of the windows that are open at that batch or open
+    within the next window's span of batches, whenever that set changes: the cache downloads the missing ones
+    in the background and pins the set (never evicted) until the next call. The loader draws batches from it
+    ahead of the workers (prefetch_factor x workers), so shards are asked for earlier still."""
 
     def __init__(self, plan, prefetch: Callable[[list[int]], None]):
         self.plan, self.prefetch = plan, prefetch
@@ -41,15 +42,18 @@ class Prefetching:
         return len(self.plan)
 
     def __iter__(self):
-        windows = self.plan.schedule()
+        windows = self.plan.schedule()  # [(first batch, last batch, shards)] by first batch
         span = max((last - first + 1 for first, last, _ in windows), default=1)  # batches one window lasts
-        k = 0
+        k, wanted = 0, []
         for b, batch in enumerate(self.plan, start=self.plan.start):
-            first = k
+            changed = False
             while k < len(windows) and windows[k][0] < b + span:
-                k += 1
-            if k > first:
-                self.prefetch([s for _, _, shards in windows[first:k] for s in shards])
+                wanted.append(windows[k])
+                k, changed = k + 1, True
+            if any(w[1] < b for w in wanted):
+                wanted, changed = [w for w in wanted if w[1] >= b], True
+            if changed:
+                self.prefetch(list(dict.fromkeys(s for _, _, shards in wanted for s in shards)))
             yield batch
 
 

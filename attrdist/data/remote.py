@@ -53,7 +53,7 @@ SCHEMES = ("http://", "https://", "s3://")
 RETRIES = 5  # attempts for a transfer cut, timed out or answered 5xx
 BACKOFF_S = 0.5  # first wait between attempts; doubled each time
 DEFAULT_LIMIT_GB = 100.0
-DEFAULT_PREFETCH = 4
+DEFAULT_PREFETCH = 0  # no cap: every shard of the windows the order has open or opens next
 LOCKS, EVICT_LOCK, PART = ".locks", ".evict.lock", ".part"
 
 
@@ -363,10 +363,11 @@ class ShardCache:
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, files: list[str]) -> None:
-        """Download `files` (the first data.prefetch_shards of them) in order in a background thread, and keep
-        them pinned until the next call; returns at once. A failure is kept and raised by `open`."""
+        """Download `files` (the first data.prefetch_shards of them; 0 = all) in order in a background thread, and
+        keep them pinned until the next call; returns at once. A failure is kept and raised by `open`."""
         self._local()
-        window = list(dict.fromkeys(files))[:self.prefetch_shards]
+        window = list(dict.fromkeys(files))
+        window = window[:self.prefetch_shards] if self.prefetch_shards else window
         for file in list(self._pinned):  # the last window's shards may go now (never while they were in it)
             if file not in window:
                 self.unpin(file)

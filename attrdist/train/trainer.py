@@ -19,6 +19,7 @@ and the loop state (epoch, batch within the epoch, step, early-stopping counters
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -100,6 +101,8 @@ def build_data(cfg: Config, manifest, world: int) -> DataPlan:
         raise AttrdistError(f"data.order=windowed: {world} processes do not divide the {S} canonical streams "
                             f"(gcd of data.streams={d.streams} and data.batch_size={B}); use a world size dividing {S}, "
                             f"or data.streams a multiple of {world} (changes the order), or data.order=permutation")
+    if manifest.cache is not None:
+        check_cache_room(cfg, manifest, world, S)
     steps = batches // cfg.optim.grad_accum
     total = steps * cfg.run.epochs
     if cfg.run.max_steps:
@@ -112,6 +115,27 @@ def build_data(cfg: Config, manifest, world: int) -> DataPlan:
                  "batches at any world size dividing %d; each rank reads a 1/%d share of the shards per epoch",
                  S, B // S, d.shuffle_window, S, world)
     return DataPlan(reader, n, batches, steps, total, eval_batch)
+
+
+def check_cache_room(cfg: Config, manifest, world: int, streams: int) -> None:
+    """A remote pack: data.cache_limit_gb must hold what this node's ranks read at once, or shards would be
+    evicted while still in use and downloaded again and again. Windowed order: each rank keeps up to two
+    windows (open + next, prefetched) of each of its streams; permutation: every shard of the split."""
+    d = cfg.data
+    local = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    sizes = sorted((s["bytes"] for s in manifest.split(d.train_split)["shards"]), reverse=True)
+    if d.order == "permutation":
+        need, why = sum(sizes), "data.order=permutation reads every shard every epoch"
+    else:
+        n = local * 2 * (streams // world) * d.shuffle_window
+        need = sum(sizes[:n])
+        why = (f"{local} ranks on this node x 2 windows (open + next) x {streams // world} streams each x "
+               f"data.shuffle_window={d.shuffle_window} shards")
+    if need > d.cache_limit_gb * 1e9:
+        raise AttrdistError(f"{manifest.root}: data.cache_limit_gb={d.cache_limit_gb:g} cannot hold what this node "
+                            f"reads at once ({why}: up to {math.ceil(need / 1e8) / 10:g} GB); raise data.cache_limit_gb"
+                            + (" or use data.order=windowed" if d.order == "permutation" else
+                               ", or lower data.shuffle_window or data.streams (either changes the order)"))
 
 
 def debug_config(cfg: Config) -> Config:
