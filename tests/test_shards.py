@@ -212,3 +212,36 @@ def test_shard_writer_raises_its_thread_s_write_error(tmp_path):
     with pytest.raises(OSError):
         w.close()
     assert w._file.closed
+
+
+def test_large_local_split_is_indexed_lazily_with_the_same_samples_and_warnings(small_shards, tmp_path, caplog,
+                                                                                 monkeypatch):
+    """A split of more than ShardReader.EAGER_MAX_SHARDS local shards (here: any, with the bound set to 0) is
+    not indexed up front: each shard is indexed when first read, gives the same samples as the eager reader,
+    is reported then when damaged, and at most `max_indexed` shard indexes are kept (least recently used
+    dropped, re-indexed when read again)."""
+    import shutil
+
+    from attrdist.data.reader import ShardReader, load_manifest
+
+    root = tmp_path / "pack"
+    shutil.copytree(small_shards, root)
+    eager = ShardReader(load_manifest(root), "train")
+    want = [eager[i] for i in range(len(eager))]
+    monkeypatch.setattr(ShardReader, "EAGER_MAX_SHARDS", 0)
+    lazy = ShardReader(load_manifest(root), "train", max_indexed=2)
+    assert lazy.lazy and lazy.index == [None] * len(lazy.paths)
+    assert [lazy[i] for i in range(len(lazy))] == want
+    assert sum(x is not None for x in lazy.index) == 2  # 3 shards read, the index of 2 kept
+    assert lazy[0] == want[0] and lazy.index[0] is not None  # dropped, then indexed again
+    full = (root / "train-000001.tar").read_bytes()
+    (root / "train-000001.tar").write_bytes(full[:len(full) // 2])
+    with caplog.at_level("WARNING", logger="attrdist"):
+        lazy = ShardReader(load_manifest(root), "train")
+        assert not [r for r in caplog.records if "train-000001.tar" in r.getMessage()]  # nothing read yet
+        lazy[0]
+        assert not [r for r in caplog.records if "train-000001.tar" in r.getMessage()]
+        got = lazy[40]  # the first sample of the cut shard is whole
+    (line,) = [r.getMessage() for r in caplog.records if "train-000001.tar" in r.getMessage()]
+    assert "of its 40 samples" in line and "restore the shard or re-pack" in line
+    assert got["jpg"] == want[40]["jpg"]

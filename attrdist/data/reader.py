@@ -308,33 +308,44 @@ def index_shard(path: Path, nsamples: int, fd: int | None = None) -> ShardIndex:
 class ShardReader:
     """Random access to the samples of one split: `reader[i] -> {"jpg": bytes, "json": bytes, "__key__": key}`.
 
-    Every shard is indexed when the reader is made (`index_shard`: its tar headers, checked), so a
-    damaged shard is reported once, up front, naming it; DataLoader workers forked later inherit the
-    index. Bytes are read with pread on a per-process file descriptor, opened on first use. A sample
-    that cannot be read (its shard truncated, damaged or refused) raises `ShardError`; the data
-    loader counts it as corrupt (data.max_corrupt) instead of stopping.
+    A split of at most `EAGER_MAX_SHARDS` local shards is indexed when the reader is made (`index_shard`:
+    its tar headers, checked), so a damaged shard is reported once, up front, naming it; DataLoader workers
+    forked later inherit the index. A larger split is indexed lazily: each process indexes a shard the first
+    time it reads one of its samples (with the same warnings, from that process), and keeps the index of at
+    most `max_indexed` shards (least recently used dropped). Measured (bench/scale.py): indexing costs
+    ~23 ms per 1000-sample shard, so an eager index of 100k shards would take ~40 min per rank before the
+    first batch, and its memory (~0.4 MB per 1000 samples) grows with the split, not with what a rank reads.
+    Bytes are read with pread on a per-process file descriptor, opened on first use (at most `max_open` per
+    process, oldest closed first). A sample that cannot be read (its shard truncated, damaged or refused)
+    raises `ShardError`; the data loader counts it as corrupt (data.max_corrupt) instead of stopping.
 
-    A remote pack (`manifest.cache` set) is not downloaded here: each process indexes a shard the first
-    time it reads one of its samples, from the node cache (`ShardCache.open`: fetched and verified first
-    if needed), with the same warnings; a shard that cannot be fetched is warned about once, naming its
-    URL, and its samples raise `ShardError`. At most `MAX_OPEN_REMOTE` cached shards stay open per process,
-    so evicted shards free their disk space. `prefetch(shard_numbers)` starts their download ahead.
+    A remote pack (`manifest.cache` set) is always indexed lazily and not downloaded here: each shard comes
+    from the node cache (`ShardCache.open`: fetched and verified first if needed); a shard that cannot be
+    fetched is warned about once, naming its URL, and its samples raise `ShardError`. At most
+    `MAX_OPEN_REMOTE` cached shards stay open per process, so evicted shards free their disk space.
+    `prefetch(shard_numbers)` starts their download ahead.
     """
 
+    EAGER_MAX_SHARDS = 256
     MAX_OPEN_REMOTE = 8
+    MAX_OPEN_LOCAL = 128
 
-    def __init__(self, manifest: Manifest, split: str):
+    def __init__(self, manifest: Manifest, split: str, max_indexed: int = 256):
         info = manifest.split(split)
         self.split, self.root, self.cache = split, manifest.root, manifest.cache
         self.shards = info["shards"]
         self.paths = [remote.join(manifest.root, s["file"]) for s in info["shards"]]
         self.lengths = np.asarray([s["nsamples"] for s in info["shards"]], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
-        self.unreadable = 0  # samples listed in the manifest that no shard can give (remote: of the shards indexed)
+        self.unreadable = 0  # samples listed in the manifest that no shard can give (lazy: of the shards indexed)
+        self.lazy = self.cache is not None or len(self.paths) > self.EAGER_MAX_SHARDS
+        self.max_indexed = max_indexed  # lazy: shards whose index a process keeps
+        self.max_open = self.MAX_OPEN_REMOTE if self.cache is not None else self.MAX_OPEN_LOCAL
         self._warned = 0
         self._fds: dict[int, int] = {}
+        self._indexed: dict[int, None] = {}  # lazy: the shards this process indexed, least recently used first
         self._pid = None
-        if self.cache is not None:
+        if self.lazy:
             self.index: list[ShardIndex | None] = [None] * len(self.paths)
             return
         self.index = [index_shard(Path(p), int(n)) for p, n in zip(self.paths, self.lengths)]
@@ -375,32 +386,44 @@ class ShardReader:
         if self.cache is not None:
             self.cache.prefetch([self.shards[k]["file"] for k in shard_numbers])
 
-    def _fd(self, shard: int) -> int:
+    def _this_process(self) -> None:
         if self._pid != os.getpid():  # a fresh worker process (or unpickled): descriptors of its own
-            self._fds, self._pid = {}, os.getpid()
+            self._fds, self._indexed, self._pid = {}, {}, os.getpid()
+
+    def _fd(self, shard: int) -> int:
+        self._this_process()
         if shard not in self._fds:
             if self.cache is None:
-                self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+                fd = os.open(self.paths[shard], os.O_RDONLY)
             else:
                 fd = self.cache.open(self.shards[shard]["file"])  # AttrdistError: cannot be fetched
-                while len(self._fds) >= self.MAX_OPEN_REMOTE:  # oldest first (dicts keep insertion order)
-                    os.close(self._fds.pop(next(iter(self._fds))))
-                self._fds[shard] = fd
+            while len(self._fds) >= self.max_open:  # oldest first (dicts keep insertion order)
+                os.close(self._fds.pop(next(iter(self._fds))))
+            self._fds[shard] = fd
         return self._fds[shard]
 
-    def _remote_index(self, shard: int) -> ShardIndex:
-        """Index a remote pack's shard in this process, from its verified cached copy (fetched now if needed)."""
+    def _lazy_index(self, shard: int) -> ShardIndex:
+        """Index a shard in this process (a remote one from its verified cached copy, fetched now if needed),
+        keeping at most `max_indexed` shards' indexes."""
+        self._this_process()
         s = self.shards[shard]
         try:
             idx = index_shard(Path(self.paths[shard]), s["nsamples"], fd=self._fd(shard))
+        except OSError as e:
+            idx = ShardIndex([], f"cannot be opened ({e.strerror})", refused=True)
+            self._report(self.paths[shard], s, idx)
         except AttrdistError as e:
             idx = ShardIndex([], f"cannot be fetched ({e})", refused=True)
-            self.index[shard] = idx
             log.warning("%s; its %d samples are skipped and counted as corrupt (data.max_corrupt)", e, s["nsamples"])
             self.unreadable += s["nsamples"]
-            return idx
+        else:
+            self._report(self.paths[shard], s, idx)
         self.index[shard] = idx
-        self._report(self.paths[shard], s, idx)
+        self._indexed[shard] = None
+        while len(self._indexed) > max(1, self.max_indexed):
+            oldest = next(iter(self._indexed))
+            del self._indexed[oldest]
+            self.index[oldest] = None
         return idx
 
     def __getitem__(self, index: int) -> dict:
@@ -408,8 +431,10 @@ class ShardReader:
             raise IndexError(index)
         shard, pos = self.locate(index)
         path, idx = self.paths[shard], self.index[shard]
-        if idx is None:  # a remote pack's shard not read before by this process (or the one it was forked from)
-            idx = self._remote_index(shard)
+        if idx is None:  # lazy: a shard not indexed by this process (or the one it was forked from), or dropped
+            idx = self._lazy_index(shard)
+        elif self.lazy:
+            self._indexed[shard] = self._indexed.pop(shard, None)  # most recently used
         if idx.refused or pos >= len(idx.samples):
             raise ShardError(path, f"#{pos}", f"cannot be read: the shard {idx.problem}; restore it or re-pack "
                                               f"the dataset")

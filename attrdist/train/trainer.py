@@ -110,6 +110,12 @@ def build_data(cfg: Config, manifest, world: int) -> DataPlan:
     log.info("train split %r: %d samples, global batch %d (%d per rank x %d ranks), %d batches/epoch; "
              "the last %d samples of each epoch's order are dropped (incomplete global batch)",
              d.train_split, n, B, B // world, world, batches, n - batches * B)
+    # a lazily indexed split (large, or remote): keep the index of every shard a process may read at once
+    # (a window of each stream it owns, the next one too), or every shard for the full permutation
+    at_once = 2 * max(1, S // world) * d.shuffle_window
+    reader.max_indexed = len(reader.paths) if d.order == "permutation" else max(reader.max_indexed, at_once)
+    if d.order == "windowed":  # and their descriptors (a window's samples come from all its shards in turn)
+        reader.max_open = max(reader.max_open, at_once)
     if d.order == "windowed":
         log.info("order: windowed, %d canonical streams of %d samples per batch, windows of %d shards; the same "
                  "batches at any world size dividing %d; each rank reads a 1/%d share of the shards per epoch",
