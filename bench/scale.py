@@ -23,7 +23,10 @@ demo (loss curves): the coconut recipe's demo profile (12 epochs, batch 32) on i
 io (beyond the page cache): a pack of random bytes (samples of 100 kB) on the local disk; rank 0 of 4
   reads its samples of one epoch in order with attrdist's ShardReader after every shard's pages were
   dropped (posix_fadvise DONTNEED), windowed vs permutation, alternating rounds: MB/s from disk.
-  (Over HTTP: bench/results/scale.csv rows 'io http'; see BENCHMARKS.md.)
+http: the same pack served by nginx on 127.0.0.1 (tests/test_remote.py's server; Debian's nginx-light),
+  read by rank 0 of 4 through the node cache (attrdist.data.remote: whole shards, sha256-checked) from an
+  empty cache each round: windowed (with the loader's prefetching) vs permutation. Time, bytes
+  downloaded and GETs per epoch; then the same epoch again from the warm cache.
 
 Targets (issue 19): per-rank order memory at 100M samples < 50 MB; time to the first batch at 512 ranks < 5 s;
 bytes fetched per node per epoch ~ dataset / nodes (target: <= 1.1x).
@@ -213,7 +216,10 @@ def make_pack(root: Path, shards: int, per_shard: int, sample_bytes: int) -> Pat
         with wds.TarWriter(str(root / name), mtime=0.0) as w:
             for i in range(per_shard):
                 w.write({"__key__": f"{s:06d}{i:06d}", "jpg": rng.bytes(sample_bytes), "json": b'{"labels": []}'})
-        info.append({"file": name, "nsamples": per_shard, "bytes": (root / name).stat().st_size})
+        from attrdist.atomic import sha256_file
+
+        info.append({"file": name, "nsamples": per_shard, "bytes": (root / name).stat().st_size,
+                     "sha256": sha256_file(root / name)})
     (root / "manifest.json").write_text(json.dumps({
         "format": "attrdist-shards-v1", "dataset": "bench-scale", "attributes": ["a"], "label_fields": ["labels"],
         "splits": {"train": {"shards": info, "nsamples": shards * per_shard, "label_counts": {"labels": [0]}}}}))
@@ -257,10 +263,58 @@ def io(root: Path, rounds: int, world: int = 4, B: int = 64) -> tuple[list[dict]
     return rows, t
 
 
+def http(pack: Path, tmp: Path, rounds: int, world: int = 4, B: int = 64) -> list[dict]:
+    import shutil
+
+    from attrdist.data.loader import Prefetching
+    from attrdist.data.reader import ShardReader, load_manifest
+    from tests.test_remote import Cache, Nginx
+
+    (tmp / "www").mkdir()
+    os.symlink(pack, tmp / "www" / "pack")
+    srv = Nginx(tmp / "www", tmp / "nginx")
+    rows = []
+    try:
+        url = f"{srv.url}/pack/"
+
+        def epoch(kind: str, cache: Path, cold: bool) -> tuple[float, int, int]:
+            if cold:
+                shutil.rmtree(cache, ignore_errors=True)
+            reader = ShardReader(load_manifest(url, Cache(cache, limit_gb=100)), "train")
+            gets = sum(srv.gets(f) for f in (s["file"] for s in reader.shards))
+            plan = (StreamPlan(reader.lengths, B, world, 0, 0, 0, streams=64, window=4) if kind == "windowed"
+                    else BatchPlan(len(reader), B, world, 0, 0, 0, True, True))
+            batches = Prefetching(plan, reader.prefetch) if kind == "windowed" else plan
+            t0 = time.perf_counter()
+            for batch in batches:
+                for i, _ in batch:
+                    reader[i]
+            secs = time.perf_counter() - t0
+            got = sum(srv.gets(f) for f in (s["file"] for s in reader.shards)) - gets
+            return secs, sum(p.stat().st_size for p in cache.rglob("*.tar")), got
+
+        res: dict[str, list] = {"windowed": [], "permutation": []}
+        for r in range(rounds):
+            for kind in (("windowed", "permutation") if r % 2 == 0 else ("permutation", "windowed")):
+                res[kind].append(epoch(kind, tmp / f"cache-{kind}", cold=True))
+        for kind, got in res.items():
+            warm = epoch(kind, tmp / f"cache-{kind}", cold=False)
+            secs = [g[0] for g in got]
+            rows.append({"benchmark": "scale", "part": "io http", "order": kind, "rounds": rounds,
+                         "median_s": round(statistics.median(secs), 3), "min_s": round(min(secs), 3),
+                         "max_s": round(max(secs), 3), "downloaded_mb": round(got[0][1] / 1e6, 1), "gets": got[0][2],
+                         "download_mb_per_s": round(got[0][1] / 1e6 / statistics.median(secs), 1),
+                         "warm_s": round(warm[0], 3), "warm_gets": warm[2]})
+            print(" | ".join(f"{k}={v}" for k, v in rows[-1].items() if k != "benchmark"), flush=True)
+    finally:
+        srv.stop()
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     ap = parser(__doc__, quick="smoke run: 1M samples, a 100 MB I/O pack, 1 round")
     ap.add_argument("--samples", type=int, default=100_000_000)
-    ap.add_argument("--parts", default="sim,quality,io")
+    ap.add_argument("--parts", default="sim,quality,io,http", help="any of sim, quality, io, http, demo")
     ap.add_argument("--io-shards", type=int, default=48, help="shards of the I/O pack (200 samples of 100 kB each)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -301,6 +355,9 @@ def main(argv=None) -> list[dict]:
                          "median": round(statistics.median(r), 2), "spread": f"{min(r):.2f}-{max(r):.2f}"})
             print(f"local disk, page cache dropped: permutation / windowed time {statistics.median(r):.2f}x "
                   f"({min(r):.2f}-{max(r):.2f})")
+        if "http" in parts:
+            pack = pack if "io" in parts else make_pack(tmp / "pack", args.io_shards, 200, 100_000)
+            rows += http(pack, tmp, args.rounds)
     return save("scale", rows, targets, quick=args.quick)
 
 
