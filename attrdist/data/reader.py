@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attrdist.data.foreign import labels_from_problem
 from attrdist.errors import AttrdistError
 
 log = logging.getLogger("attrdist")
@@ -54,6 +55,12 @@ class Manifest:
         if name not in self.data["splits"]:
             raise AttrdistError(f"{self.root / MANIFEST}: no split {name!r} (have: {', '.join(self.data['splits'])})")
         return self.data["splits"][name]
+
+    @property
+    def shard_dir(self) -> Path:
+        """Where the shard files are: the manifest's folder, or its "shard_base" (`attrdist index --out`: the
+        manifest of foreign shards written into another folder; absolute, or relative to the manifest's)."""
+        return self.root / self.data.get("shard_base", "")
 
     def has_split(self, name: str) -> bool:
         return name in self.data["splits"]
@@ -82,10 +89,11 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     problem = _manifest_problem(data)
     if problem:
         raise AttrdistError(f"{path}: {problem}; the manifest is damaged or was not written by attrdist: re-pack the dataset")
+    shard_dir = Manifest(root, data).shard_dir
     for split, info in data["splits"].items():
         for s in info["shards"]:
-            if not (root / s["file"]).is_file():
-                raise AttrdistError(f"{root / s['file']}: shard listed in {MANIFEST} is missing; re-pack or restore it")
+            if not (shard_dir / s["file"]).is_file():
+                raise AttrdistError(f"{shard_dir / s['file']}: shard listed in {MANIFEST} is missing; re-pack or restore it")
     return Manifest(root, data)
 
 
@@ -102,6 +110,10 @@ def _manifest_problem(data: dict) -> str:
         return "'dataset' is not a name"
     if not isinstance(data.get("splits"), dict):
         return "'splits' is not an object"
+    if "shard_base" in data and (not isinstance(data["shard_base"], str) or not data["shard_base"]):
+        return "'shard_base' is not the path of the shards' folder"
+    if "labels_from" in data and labels_from_problem(data["labels_from"]):
+        return labels_from_problem(data["labels_from"])
     n_attr = len(data["attributes"])
     for split, info in data["splits"].items():
         where = f"split {split!r}"
@@ -280,7 +292,8 @@ class ShardReader:
     def __init__(self, manifest: Manifest, split: str):
         info = manifest.split(split)
         self.split, self.root = split, manifest.root
-        self.paths = [str(manifest.root / s["file"]) for s in info["shards"]]
+        self.paths = [str(manifest.shard_dir / s["file"]) for s in info["shards"]]
+        self.labels_from = manifest.data.get("labels_from")  # foreign shards: where labels are (data.foreign)
         self.lengths = np.asarray([s["nsamples"] for s in info["shards"]], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
         self.index = [index_shard(Path(p), int(n)) for p, n in zip(self.paths, self.lengths)]

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 from attrdist.errors import AttrdistError
+from attrdist.data.foreign import LabelError, sample_meta
 from attrdist.data.reader import ShardReader, load_manifest
 
 
@@ -159,7 +160,10 @@ def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, *, n: int = 3
     draw = ImageDraw.Draw(sheet)
     for k, i in enumerate(idx):
         s = reader[i]
-        meta = json.loads(s["json"])
+        try:
+            meta = sample_meta(s, reader.labels_from, len(names))
+        except LabelError:  # a foreign shard's sample without usable labels (attrdist index counted it)
+            meta = {}
         data = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
         x0, y0 = pad + (k % cols) * (tile + pad), pad + (k // cols) * (tile + text_h + pad)
         if data is None:
