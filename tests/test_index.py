@@ -191,6 +191,10 @@ def test_refusals_are_one_line_and_nothing_is_replaced(foreign, tmp_path):
     (busy / "notes.txt").write_text("mine")
     with pytest.raises(AttrdistError, match="busy: holds 1 files attrdist index did not write \\(notes.txt\\)"):
         index_shards(d, labels="cls", splits=SPLITS, out=busy)
+    (busy / "notes.txt").unlink()
+    (busy / "manifest.json").write_text('{"format": "attrdist-shards-v1"}')
+    with pytest.raises(AttrdistError, match="busy/manifest.json: not an index written by attrdist index --out"):
+        index_shards(d, labels="cls", splits=SPLITS, out=busy)
     with pytest.raises(AttrdistError, match="no file matches 'test-\\*.tar' for split 'test'"):
         index_shards(d, labels="cls", splits=[*SPLITS, "test=test-*.tar"], out=tmp_path / "o")
     with pytest.raises(AttrdistError, match="--labels 'json': a JSON member needs a field"):
@@ -257,3 +261,23 @@ def test_an_indexed_foreign_packs_wids_descriptor_opens_where_the_shards_are(for
     for split in ("train", "val"):
         _same_samples_through_wids(tmp_path / "idx" / f"{split}.wids.json", ShardReader(m, split),
                                    tmp_path / f"cache-{split}")
+
+
+def test_png_and_webp_images_are_used(tmp_path):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    samples = []
+    for i, fmt in enumerate(("PNG", "WEBP", "JPEG")):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(jpeg(i, i))).save(buf, fmt)
+        samples.append({"__key__": f"{i:09d}", {"JPEG": "jpg"}.get(fmt, fmt.lower()): buf.getvalue(), "cls": i})
+    write_shard(d / "00000.tar", samples)
+    m, lines = index_shards(d, labels="cls")
+    assert m["splits"]["train"]["unusable"] == 0 and m["attributes"] == ["class_0", "class_1", "class_2"]
+    man = load_manifest(d)
+    ds = SampleDataset(ShardReader(man, "train"), 3, ["labels"], DataConfig(image_size=32), seed=0, train=False)
+    got = [ds[(i, 0)] for i in range(3)]
+    assert all(s["valid"] for s in got)
+    assert [s["labels/labels"].argmax().item() for s in got] == [0, 1, 2]
+    # the colour survives each format: red, green, blue in the image's mean
+    assert [int(s["image"].float().mean((1, 2)).argmax()) for s in got] == [0, 1, 2]
