@@ -22,7 +22,7 @@ from attrdist.data.samples import IMAGE_KEYS, SampleDataset
 from attrdist.errors import AttrdistError
 from attrdist.pack.index import IMAGE_EXTS, index_shards
 from attrdist.pack.writer import check_out_dir
-from tests.conftest import ROOT, run_env
+from tests.conftest import FAST, ROOT, run_env, run_recipe
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 230, 40)]
 CLASSES = ["red", "green", "blue", "yellow"]
@@ -133,6 +133,27 @@ def test_a_recipe_trains_and_evaluates_on_indexed_foreign_shards(foreign, tmp_pa
     assert "skipped" not in (run_dir / "train.log").read_text()  # no sample was counted as corrupt
 
 
+def test_a_multilabel_recipe_trains_on_json_label_lists(tmp_path):
+    """img2dataset-style json with a list of tags per sample -> index in --out -> the coconut recipe
+    (multilabel, cross-modal queries over the class names) trains and reports mAP on val."""
+    d = tmp_path / "tags"
+    d.mkdir()
+    for name, start, n in (("00000.tar", 0, 48), ("00001.tar", 48, 16)):
+        write_shard(d / name, [{"__key__": f"{i:09d}", "jpg": jpeg(i % 4, i),
+                                "json": {"tags": sorted({i % 4, (i + 1) % 4} if i % 3 else {i % 4}), "caption": "x"}}
+                               for i in range(start, start + n)])
+    m, lines = index_shards(d, labels="json:tags", splits=["train=00000.tar", "val=00001.tar"], out=tmp_path / "idx")
+    assert m["splits"]["train"]["label_counts"]["labels"] == [20, 20, 20, 20]  # 12 as i % 4, 8 as (i + 1) % 4
+    assert f"several labels per sample: train a multilabel recipe, e.g. python recipes/coconut.py " \
+           f"data.shards={tmp_path / 'idx'}" == lines[-1]
+    run_dir = tmp_path / "run"
+    run_recipe(["--profile", "demo", f"data.shards={tmp_path / 'idx'}", f"run.run_dir={run_dir}",
+                "data.eval_labels=labels", *FAST])
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert len(evals) == 2 and 0 <= evals[-1]["val/labels/mAP"] <= 1 and "val/labels/mAP:prior" in evals[-1]
+    assert "**Validation mAP against `labels`:" in (run_dir / "report.md").read_text()
+
+
 def test_unusable_samples_and_damaged_shards_are_named_and_counted(tmp_path):
     d = tmp_path / "bad"
     d.mkdir()
@@ -166,6 +187,12 @@ def test_unusable_samples_and_damaged_shards_are_named_and_counted(tmp_path):
     assert f"{d / 'a-00003.tar'} (train): the tar header at byte 0 is damaged" in text
     assert [x["file"] for x in m["report"]["damaged_shards"]] == ["a-00002.tar", "a-00003.tar"]
     assert info["label_counts"]["labels"] == [4, 4, 2, 2]  # the 12 usable samples only
+    p = subprocess.run([sys.executable, "-m", "attrdist.cli", "inspect", str(tmp_path / "idx")], cwd=ROOT,
+                       env=run_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert f"index of WebDataset shards in {d.resolve()} (attrdist index; labels from .cls)" in p.stdout
+    assert "unusable samples: 4 (label out of range 1" in p.stdout and "damaged shards left out of the index: 2" in p.stdout
+    assert "000000009 in a-00000.tar: its .cls member b'seven' is not an integer class index" in p.stdout
     # training meets the same verdicts: the unusable samples come out corrupt, with the reason indexing gave
     man = load_manifest(tmp_path / "idx")
     ds = SampleDataset(ShardReader(man, "train"), 4, ["labels"], DataConfig(image_size=32), seed=0, train=True)

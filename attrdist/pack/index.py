@@ -267,34 +267,53 @@ def index_shards(src: str | os.PathLike, *, labels: str, splits: list[str] = (),
         written.append(out_dir / wids_name(split))
         atomic.write_json(written[-1], wids_descriptor(f"{manifest['dataset']}-{split}", info["shards"], base))
     atomic.write_json(out_dir / MANIFEST, manifest)  # last: a manifest names a complete index
-    return manifest, summary(src, out_dir, manifest, unusable, damaged, one_label, [out_dir / MANIFEST, *written])
+    return manifest, summary(src, out_dir, manifest, one_label, [out_dir / MANIFEST, *written])
 
 
-def summary(src: Path, out_dir: Path, m: dict, unusable: list[dict], damaged: list[dict], one_label: bool,
-            written: list[Path]) -> list[str]:
-    spec, names, splits = m["labels_from"], m["attributes"], m["splits"]
-    where = f".{spec['member']}" + (f" field {spec['field']!r}" if "field" in spec else "")
+def summary(src: Path, out_dir: Path, m: dict, one_label: bool, written: list[Path]) -> list[str]:
+    names, splits = m["attributes"], m["splits"]
     lines = [f"indexed {src}: {sum(len(i['shards']) for i in splits.values())} shards, "
-             f"{sum(i['nsamples'] for i in splits.values())} samples; labels from {where}; {len(names)} classes "
+             f"{sum(i['nsamples'] for i in splits.values())} samples; labels from {_where(m)}; {len(names)} classes "
              f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"]
     lines += [f"  {k}: {len(i['shards'])} shards, {i['nsamples']} samples, {i['unusable']} unusable" for k, i in splits.items()]
-    if unusable:
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(m["report"]["unusable"].items()))
-        train = sum(u["split"] == "train" for u in unusable)
-        lines.append(f"unusable samples: {len(unusable)} ({kinds}); they stay in their shards and training skips each as "
-                     f"a corrupt sample: set data.max_corrupt above {train or len(unusable)} x the epochs of the run, "
-                     f"or fix the shards and index again")
-        lines += [f"  {u['key']} in {u['shard']}: {u['reason']}" for u in unusable[:NAMED]]
-        if len(unusable) > NAMED:
-            lines.append(f"  ... and {len(unusable) - NAMED} more (the first 100 in {out_dir / MANIFEST}, \"report\")")
-    if damaged:
-        lines.append(f"damaged shards left out of the index: {len(damaged)}; repair or re-download them, then index again")
-        lines += [f"  {src / d['file']} ({d['split']}): {d['reason']}" for d in damaged]
+    lines += problem_lines(m, src, out_dir / MANIFEST)
     lines.append("wrote " + ", ".join(str(p) for p in written))
     if one_label:
         lines.append(f"one label per sample: train a multiclass recipe, e.g. python recipes/characters.py "
                      f"data.shards={out_dir}")
     else:
-        lines.append(f"several labels per sample: train a multilabel recipe with data.task=multilabel "
+        lines.append(f"several labels per sample: train a multilabel recipe, e.g. python recipes/coconut.py "
                      f"data.shards={out_dir}")
     return lines
+
+
+def _where(m: dict) -> str:
+    spec = m["labels_from"]
+    return f".{spec['member']}" + (f" field {spec['field']!r}" if "field" in spec else "")
+
+
+def problem_lines(m: dict, src: Path, manifest_path: Path) -> list[str]:
+    """What an index's report holds: its unusable samples (counted by reason, the first named) and the
+    damaged shards it left out (all named); for `attrdist index` and `attrdist inspect`."""
+    r = m.get("report") or {}
+    unusable, damaged, kinds = r.get("unusable_samples", []), r.get("damaged_shards", []), r.get("unusable", {})
+    total = sum(kinds.values())
+    lines = []
+    if total:
+        train = m["splits"].get("train", {}).get("unusable", 0)
+        lines.append(f"unusable samples: {total} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}); they "
+                     f"stay in their shards and training skips each as a corrupt sample: set data.max_corrupt above "
+                     f"{train or total} x the epochs of the run, or fix the shards and index again")
+        lines += [f"  {u['key']} in {u['shard']}: {u['reason']}" for u in unusable[:NAMED]]
+        if total > NAMED:
+            lines.append(f"  ... and {total - NAMED} more (the first {len(unusable)} in {manifest_path}, \"report\")")
+    if damaged:
+        lines.append(f"damaged shards left out of the index: {len(damaged)}; repair or re-download them, then index again")
+        lines += [f"  {src / d['file']} ({d['split']}): {d['reason']}" for d in damaged]
+    return lines
+
+
+def inspect_lines(m) -> list[str]:
+    """`attrdist inspect` of an index (`m`: its reader.Manifest): where the shards are, labels, problems."""
+    return [f"index of WebDataset shards in {m.shard_dir} (attrdist index; labels from {_where(m.data)})",
+            *(problem_lines(m.data, m.shard_dir, m.root / MANIFEST) or ["unusable samples: none; damaged shards: none"])]

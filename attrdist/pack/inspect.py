@@ -37,6 +37,10 @@ def summary(root: str | os.PathLike) -> str:
             fmt = lambda idx: ", ".join(f"{m.attributes[i]} {counts[i]} ({counts[i] / n:.1%})" for i in idx)  # noqa: E731
             out.append(f"label frequencies [{split}/{f}] top: {fmt(ranked[:10])}")
             out.append(f"label frequencies [{split}/{f}] bottom: {fmt(ranked[::-1][:10])}")
+    if "labels_from" in d:  # an index of foreign shards (attrdist index): no packer's report or drops
+        from attrdist.pack.index import inspect_lines
+
+        return "\n".join(out + inspect_lines(m))
     report = d.get("report") or {}
     for name, r in report.items():
         if name in ("leakage", "drops") or not isinstance(r, dict):
