@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="write the index here (the manifest names the shards' folder); "
                                                "default: beside the shards, if no manifest.json is there")
     p.add_argument("--dataset", default=None, help="dataset name in the manifest (default: the folder's name)")
+    p.add_argument("--workers", type=int, default=None, help="shards scanned at once (default: the cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("version", help="print the version")
     args = ap.parse_args(argv)
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
             from attrdist.pack.index import index_shards
 
             _, lines = index_shards(args.dir, labels=args.labels, splits=args.split, classes=args.classes,
-                                    out=args.out, dataset=args.dataset, progress=not args.quiet)
+                                    out=args.out, dataset=args.dataset, workers=args.workers,
+                                    progress=not args.quiet)
             print("\n".join(lines))
         elif args.cmd == "predict":
             from attrdist.predict import load_for_inference, predict_images

@@ -77,7 +77,7 @@ def test_cls_and_json_labels_index_alike_and_reach_the_dataset(foreign, tmp_path
     before = snapshot(d)
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     m_cls, lines = index_shards(d, labels="cls", splits=SPLITS, classes=tmp_path / "classes.txt", out=tmp_path / "a")
-    m_json, _ = index_shards(d, labels="json:label_id", splits=SPLITS, out=tmp_path / "b")
+    m_json, _ = index_shards(d, labels="json:label_id", splits=SPLITS, out=tmp_path / "b", workers=1)
     assert snapshot(d) == before  # the user's shards: read, never touched; nothing written beside them
     assert m_cls["attributes"] == CLASSES and m_json["attributes"] == [f"class_{k}" for k in range(4)]
     assert m_cls["labels_from"] == {"member": "cls"} and m_json["labels_from"] == {"member": "json", "field": "label_id"}
@@ -243,6 +243,14 @@ def test_refusals_are_one_line_and_nothing_is_replaced(foreign, tmp_path):
     index_shards(idx, labels="cls", splits=["train=train-*.tar", "val=val-*.tar"])
     with pytest.raises(AttrdistError, match="holds an index of WebDataset shards that attrdist did not write"):
         check_out_dir(idx, overwrite=True)
+    # a damaged index manifest: one line from the reader
+    m = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    for bad, msg in (({"shard_base": 3}, "'shard_base' is not the path of the shards' folder"),
+                     ({"labels_from": {"member": "json"}}, "a JSON member needs a field"),
+                     ({"labels_from": {"member": "../x"}}, "'labels_from' does not name a sample member")):
+        (tmp_path / "again" / "manifest.json").write_text(json.dumps({**m, **bad}))
+        with pytest.raises(AttrdistError, match=f"again/manifest.json: {msg}.*; the manifest is damaged"):
+            load_manifest(tmp_path / "again")
     # the CLI: one line, exit status 2
     p = subprocess.run([sys.executable, "-m", "attrdist.cli", "index", str(d), "--labels", "cls", "--split", "x"],
                        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=60)
