@@ -316,3 +316,17 @@ def test_png_and_webp_images_are_used(tmp_path):
     assert [s["labels/labels"].argmax().item() for s in got] == [0, 1, 2]
     # the colour survives each format: red, green, blue in the image's mean
     assert [int(s["image"].float().mean((1, 2)).argmax()) for s in got] == [0, 1, 2]
+
+
+def test_many_unusable_samples_are_all_counted_and_the_first_named(tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    tiny = jpeg(0, 0, size=8)
+    write_shard(d / "00000.tar", [{"__key__": f"{i:09d}", "jpg": tiny, "cls": 0} for i in range(5)]
+                + [{"__key__": f"{i:09d}", "jpg": tiny, "txt": "no label"} for i in range(5, 135)])
+    m, lines = index_shards(d, labels="cls", out=tmp_path / "idx")
+    assert m["splits"]["train"]["nsamples"] == 135 and m["splits"]["train"]["unusable"] == 130
+    assert m["report"]["unusable"] == {"no label member": 130} and len(m["report"]["unusable_samples"]) == 100
+    named = [x for x in lines if x.startswith("  0000")]
+    assert len(named) == 20 and named[0] == "  000000005 in 00000.tar: the sample has no .cls member (its labels; it has: jpg, txt)"
+    assert f"  ... and 110 more (the first 100 in {tmp_path / 'idx' / 'manifest.json'}, \"report\")" in lines

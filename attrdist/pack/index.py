@@ -48,7 +48,8 @@ from attrdist.errors import AttrdistError
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # = data.samples.IMAGE_KEYS (not imported: that imports torch)
 INDEX_FILES = re.compile(r"manifest\.json|[^/]+\.wids\.json")  # what an --out folder of `attrdist index` holds
 _SPLIT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
-NAMED = 20  # unusable samples named in the output (the manifest's report names up to 100)
+NAMED = 20  # unusable samples named in the output
+KEPT = 100  # ... and in the manifest's report
 
 
 def wids_name(split: str) -> str:
@@ -66,15 +67,23 @@ def wids_descriptor(name: str, shards: list[dict], base: str = "") -> dict:
 
 @dataclass
 class ShardScan:
-    """One foreign shard as indexed: its samples' labels (None: unusable) and what is wrong with it."""
+    """One foreign shard as indexed: counts, not per-sample lists (memory flat in the shard's size: a
+    100M-sample dataset is indexed in one process), and what is wrong with it."""
 
     file: str
     damaged: str = ""  # why the whole shard is left out ("" if it is not)
     nsamples: int = 0
     bytes: int = 0
     sha256: str = ""
-    labels: list[list[int] | None] = field(default_factory=list)
-    unusable: list[tuple[str, str, str]] = field(default_factory=list)  # (key, kind, reason)
+    counts: Counter = field(default_factory=Counter)  # class index -> usable samples holding it
+    multi: bool = False  # some usable sample has several labels
+    kinds: Counter = field(default_factory=Counter)  # unusable samples by reason kind
+    unusable: list[tuple[str, str, str]] = field(default_factory=list)  # the first KEPT: (key, kind, reason)
+
+    def bad(self, key: str, kind: str, reason: str) -> None:
+        self.kinds[kind] += 1
+        if len(self.unusable) < KEPT:
+            self.unusable.append((key, kind, reason))
 
 
 def _key(name: str) -> str:
@@ -101,20 +110,21 @@ def scan_shard(path: Path, spec: dict, n_classes: int | None) -> ShardScan:
         out.nsamples, out.bytes = len(idx.samples), idx.size
         member = spec["member"]
         for key, mem in idx.samples:
-            labels = None
             if not any(e in mem for e in IMAGE_EXTS):
-                out.unusable.append((key, "no image", f"the sample has no image member ({'/'.join(IMAGE_EXTS)}; "
-                                                      f"it has: {', '.join(mem)})"))
-            else:
-                raw = dict.fromkeys(mem, b"")
-                if member in mem:
-                    offset, size = mem[member]
-                    raw[member] = os.pread(fd, size, offset)
-                try:
-                    labels = sample_labels(raw, spec, n_classes)
-                except LabelError as e:
-                    out.unusable.append((key, e.kind, str(e)))
-            out.labels.append(labels)
+                out.bad(key, "no image", f"the sample has no image member ({'/'.join(IMAGE_EXTS)}; it has: "
+                                         f"{', '.join(mem)})")
+                continue
+            raw = dict.fromkeys(mem, b"")
+            if member in mem:
+                offset, size = mem[member]
+                raw[member] = os.pread(fd, size, offset)
+            try:
+                labels = sample_labels(raw, spec, n_classes)
+            except LabelError as e:
+                out.bad(key, e.kind, str(e))
+                continue
+            out.counts.update(labels)
+            out.multi |= len(labels) != 1
         out.sha256 = atomic.sha256_file(path)
     except OSError as e:
         out.damaged = f"cannot be read ({e.strerror})"
@@ -222,7 +232,7 @@ def index_shards(src: str | os.PathLike, *, labels: str, splits: list[str] = (),
         scans = {split: list(tqdm(pool.map(lambda f: scan_shard(src / f, spec, len(names) if names else None), fs),
                                   total=len(fs), desc=f"index {split}", unit="shard", disable=not progress))
                  for split, fs in chosen.items()}
-    found = [a for ss in scans.values() for s in ss for y in s.labels if y for a in y]
+    found = [max(s.counts) for ss in scans.values() for s in ss if s.counts]
     if names is None:
         if not found:
             first = next((u for ss in scans.values() for s in ss for u in s.unusable), None)
@@ -231,7 +241,7 @@ def index_shards(src: str | os.PathLike, *, labels: str, splits: list[str] = (),
                                 + "; check --labels")
         names = [f"class_{k}" for k in range(max(found) + 1)]
     manifest_splits, damaged, unusable, kinds = {}, [], [], Counter()
-    one_label = all(len(y) == 1 for ss in scans.values() for s in ss for y in s.labels if y is not None)
+    one_label = not any(s.multi for ss in scans.values() for s in ss)
     for split, ss in scans.items():
         counts = [0] * len(names)
         shards = []
@@ -240,24 +250,23 @@ def index_shards(src: str | os.PathLike, *, labels: str, splits: list[str] = (),
                 damaged.append({"split": split, "file": s.file, "reason": s.damaged})
                 continue
             shards.append({"file": s.file, "nsamples": s.nsamples, "bytes": s.bytes, "sha256": s.sha256})
-            for y in s.labels:
-                for a in y or ():
-                    counts[a] += 1
-            for key, kind, reason in s.unusable:
-                kinds[kind] += 1
-                unusable.append({"split": split, "shard": s.file, "key": key, "reason": reason})
+            for a, c in s.counts.items():
+                counts[a] += c
+            kinds.update(s.kinds)
+            unusable += [{"split": split, "shard": s.file, "key": key, "reason": reason}
+                         for key, _, reason in s.unusable[:KEPT - len(unusable)]]
         if not shards:
             raise AttrdistError(f"{src}: every shard of split {split!r} is damaged (first: {damaged[-1]['file']}: "
                                 f"{damaged[-1]['reason']}); repair or re-download them, then index again")
         manifest_splits[split] = {"shards": shards, "nsamples": sum(s["nsamples"] for s in shards),
                                   "label_counts": {"labels": counts},
-                                  "unusable": sum(u["split"] == split for u in unusable)}
+                                  "unusable": sum(sum(s.kinds.values()) for s in ss if not s.damaged)}
     manifest = {
         "format": FORMAT, "dataset": dataset or src.resolve().name, "attrdist_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attributes": names, "label_fields": ["labels"],
         "labels_from": spec, "splits": manifest_splits, "sources": [{"path": str(src.resolve())}],
         "options": {"labels": labels, "splits": globs, "classes": str(classes) if classes else None},
-        "report": {"unusable": dict(kinds), "unusable_samples": unusable[:100], "damaged_shards": damaged},
+        "report": {"unusable": dict(kinds), "unusable_samples": unusable, "damaged_shards": damaged},
     }
     base = ""
     if not beside:
