@@ -3,6 +3,8 @@
     attrdist predict CHECKPOINT IMAGE [IMAGE ...] [--top K]   top attributes with probabilities
     attrdist predict DETECTOR_RUN IMAGE ... [--out DIR] [--classes a,b] [--threshold T]   boxes drawn (PNG)
     attrdist inspect SHARDS [--sheet out.png] [--n 32] [--split train] [--seed 0]
+    attrdist index DIR --labels cls|json:FIELD [--split NAME=GLOB ...] [--classes FILE] [--out DIR]
+                                              a manifest for existing WebDataset shards (no re-pack)
     attrdist version
 """
 
@@ -29,6 +31,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=32, help="samples on the sheet")
     p.add_argument("--split", default=None, help="split to sample for the sheet (default: train, else the first)")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("index", help="make existing WebDataset shards (img2dataset, your own) trainable: writes a "
+                                     "manifest and wids descriptors, never touches the shards")
+    p.add_argument("dir", help="folder holding the .tar shards")
+    p.add_argument("--labels", required=True, help="where each sample's labels are: cls (an integer class in "
+                                                   "<key>.cls) or json:FIELD (a class index or list of them in "
+                                                   "<key>.json)")
+    p.add_argument("--split", action="append", default=[], metavar="NAME=GLOB",
+                   help="shards of a split, by file name glob in DIR (repeat; default: train=*.tar)")
+    p.add_argument("--classes", default=None, help="class names, one a line in index order (default: class_<k>)")
+    p.add_argument("--out", default=None, help="write the index here (the manifest names the shards' folder); "
+                                               "default: beside the shards, if no manifest.json is there")
+    p.add_argument("--dataset", default=None, help="dataset name in the manifest (default: the folder's name)")
+    p.add_argument("--workers", type=int, default=None, help="shards scanned at once (default: the cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("version", help="print the version")
     args = ap.parse_args(argv)
 
@@ -50,6 +66,13 @@ def main(argv: list[str] | None = None) -> None:
                 split = args.split or default_split(load_manifest(args.shards))
                 w, h = contact_sheet(args.shards, args.sheet, n=args.n, split=split, seed=args.seed)
                 print(f"contact sheet: {args.sheet} ({w}x{h}, split {split})")
+        elif args.cmd == "index":
+            from attrdist.pack.index import index_shards
+
+            _, lines = index_shards(args.dir, labels=args.labels, splits=args.split, classes=args.classes,
+                                    out=args.out, dataset=args.dataset, workers=args.workers,
+                                    progress=not args.quiet)
+            print("\n".join(lines))
         elif args.cmd == "predict":
             from attrdist.predict import load_for_inference, predict_images
 

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "attrdist"
 FOUNDATION = {"errors", "atomic", "cache", "malloc"}
 ALLOWED = {
     "core": {"errors"},
-    "data": {"core", "errors", "atomic", "malloc"},
+    "data": {"core", "errors", "atomic", "cache", "malloc"},  # cache: where remote shards are kept
     "pack": {"core", "data", "errors", "atomic"},
     "models": {"core", "pack", "errors", "atomic", "cache"},
     "tasks": {"core", "data", "pack", "models", "errors"},

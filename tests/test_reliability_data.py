@@ -181,7 +181,7 @@ def test_every_corrupt_sample_is_skipped_named_and_counted_per_shard(damaged, ca
     assert "#39 in train-000001.tar: cannot be read: the shard holds 26 of its 40 samples" in errors["#39"]
     assert "restore it or re-pack the dataset" in errors["#39"]
     assert "has no json member" in errors[damaged["no_json"]]
-    assert "has no image member (jpg/jpeg/png; it has: json)" in errors[damaged["no_jpg"]]
+    assert "has no image member (jpg/jpeg/png/webp; it has: json)" in errors[damaged["no_jpg"]]
     for bomb in ("bomb_png", "bomb_jpeg"):  # refused from the header, before a pixel is decoded
         assert "DecompressionBombError: Image size (900000000 pixels) exceeds limit" in errors[damaged[bomb]]
     assert "IndexError" in errors[damaged["bad_labels"]]

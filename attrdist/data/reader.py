@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from attrdist.data import remote
+from attrdist.data.foreign import labels_from_problem
 from attrdist.errors import AttrdistError
 
 log = logging.getLogger("attrdist")
@@ -61,6 +62,12 @@ class Manifest:
             raise AttrdistError(f"{remote.join(self.root, MANIFEST)}: no split {name!r} (have: {', '.join(self.data['splits'])})")
         return self.data["splits"][name]
 
+    @property
+    def shard_dir(self) -> Path:
+        """Where the shard files are: the manifest's folder, or its "shard_base" (`attrdist index --out`: the
+        manifest of foreign shards written into another folder; absolute, or relative to the manifest's)."""
+        return Path(self.root) / self.data.get("shard_base", "")
+
     def has_split(self, name: str) -> bool:
         return name in self.data["splits"]
 
@@ -88,10 +95,11 @@ def load_manifest(root: str | os.PathLike, cache=None) -> Manifest:
     except OSError as e:
         raise AttrdistError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
     _check_manifest(path, data)
+    shard_dir = Manifest(root, data).shard_dir
     for split, info in data["splits"].items():
         for s in info["shards"]:
-            if not (root / s["file"]).is_file():
-                raise AttrdistError(f"{root / s['file']}: shard listed in {MANIFEST} is missing; re-pack or restore it")
+            if not (shard_dir / s["file"]).is_file():
+                raise AttrdistError(f"{shard_dir / s['file']}: shard listed in {MANIFEST} is missing; re-pack or restore it")
     return Manifest(root, data)
 
 
@@ -111,6 +119,9 @@ def _load_remote_manifest(url: str, cache) -> Manifest:
     path = f"{root}/{MANIFEST}"
     data = remote.manifest_json(path, raw)
     _check_manifest(path, data)
+    if data.get("shard_base"):
+        raise AttrdistError(f"{path}: an `attrdist index --out` manifest (its shards are in {data['shard_base']!r}) "
+                            f"cannot be read from a server; serve an index written beside its shards")
     for split, info in data["splits"].items():
         for s in info["shards"]:
             if not (isinstance(s.get("bytes"), int) and isinstance(s.get("sha256"), str)):
@@ -136,6 +147,10 @@ def _manifest_problem(data: dict) -> str:
         return "'dataset' is not a name"
     if not isinstance(data.get("splits"), dict):
         return "'splits' is not an object"
+    if "shard_base" in data and (not isinstance(data["shard_base"], str) or not data["shard_base"]):
+        return "'shard_base' is not the path of the shards' folder"
+    if "labels_from" in data and labels_from_problem(data["labels_from"]):
+        return labels_from_problem(data["labels_from"])
     n_attr = len(data["attributes"])
     for split, info in data["splits"].items():
         where = f"split {split!r}"
@@ -334,7 +349,9 @@ class ShardReader:
         info = manifest.split(split)
         self.split, self.root, self.cache = split, manifest.root, manifest.cache
         self.shards = info["shards"]
-        self.paths = [remote.join(manifest.root, s["file"]) for s in info["shards"]]
+        self.paths = [remote.join(manifest.root, s["file"]) if self.cache is not None else
+                      str(manifest.shard_dir / s["file"]) for s in info["shards"]]
+        self.labels_from = manifest.data.get("labels_from")  # foreign shards: where labels are (data.foreign)
         self.lengths = np.asarray([s["nsamples"] for s in info["shards"]], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
         self.unreadable = 0  # samples listed in the manifest that no shard can give (lazy: of the shards indexed)

@@ -16,7 +16,6 @@ the batch as a blank image with `valid=False` (and counted): shapes never change
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -28,9 +27,10 @@ from attrdist.core import rng as rnglib
 from attrdist.core.config import DataConfig
 from attrdist.core.transforms import (IDENTITY_COLOUR, IMAGENET_MEAN, NO_ERASE, decode_image, eval_geometry,
                                       photometric, train_geometry)
+from attrdist.data.foreign import sample_meta
 from attrdist.data.reader import ShardError, ShardReader, check_checksums
 
-IMAGE_KEYS = ("jpg", "jpeg", "png")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 log = logging.getLogger("attrdist")
 
 
@@ -106,6 +106,7 @@ class SampleDataset(Dataset):
         self.reader, self.A, self.fields = reader, num_attributes, list(label_fields)
         self.cfg, self.seed, self.train, self.pixels_in_workers = cfg, seed, train, pixels_in_workers
         self.image_dtype = image_dtype
+        self.labels_from = getattr(reader, "labels_from", None)  # foreign shards (attrdist index): data.foreign
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -141,7 +142,7 @@ class SampleDataset(Dataset):
         raw: dict = {}
         try:
             raw = self.reader[index]  # ShardError: the sample's shard is truncated, damaged or refused
-            meta = json.loads(raw["json"])
+            meta = sample_meta(raw, self.labels_from, self.A)  # LabelError: no label member, label out of range
             check_checksums(raw, meta)  # ChecksumError: flipped bits since packing
             labels = self._labels(meta)  # IndexError/TypeError: label indices that do not fit the attributes
             data = next(raw[k] for k in IMAGE_KEYS if k in raw)

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 from attrdist.errors import AttrdistError
+from attrdist.data.foreign import LabelError, sample_meta
 from attrdist.data.reader import ShardReader, load_manifest
 
 
@@ -36,6 +37,10 @@ def summary(root: str | os.PathLike) -> str:
             fmt = lambda idx: ", ".join(f"{m.attributes[i]} {counts[i]} ({counts[i] / n:.1%})" for i in idx)  # noqa: E731
             out.append(f"label frequencies [{split}/{f}] top: {fmt(ranked[:10])}")
             out.append(f"label frequencies [{split}/{f}] bottom: {fmt(ranked[::-1][:10])}")
+    if "labels_from" in d:  # an index of foreign shards (attrdist index): no packer's report or drops
+        from attrdist.pack.index import inspect_lines
+
+        return "\n".join(out + inspect_lines(m))
     report = d.get("report") or {}
     for name, r in report.items():
         if name in ("leakage", "drops") or not isinstance(r, dict):
@@ -159,7 +164,10 @@ def contact_sheet(root: str | os.PathLike, out: str | os.PathLike, *, n: int = 3
     draw = ImageDraw.Draw(sheet)
     for k, i in enumerate(idx):
         s = reader[i]
-        meta = json.loads(s["json"])
+        try:
+            meta = sample_meta(s, reader.labels_from, len(names))
+        except LabelError:  # a foreign shard's sample without usable labels (attrdist index counted it)
+            meta = {}
         data = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
         x0, y0 = pad + (k % cols) * (tile + pad), pad + (k // cols) * (tile + text_h + pad)
         if data is None:

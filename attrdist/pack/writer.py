@@ -1,7 +1,8 @@
 """Writing a pack: tar shards (a writer thread per shard, sha256 on the fly) and the manifest, in a
 staging directory published whole (`PackWriter.commit`), resumable after a crash.
 
-The layout and the sample JSON are described in `attrdist.data.reader`, which reads them.
+The layout and the sample JSON are described in `attrdist.data.reader`, which reads them. Beside the
+manifest, each split gets a wids descriptor `<split>.wids.json` (`attrdist.pack.index.wids_descriptor`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from attrdist import __version__, atomic
 from attrdist.atomic import sha256_file
 from attrdist.data.reader import FORMAT, MANIFEST, unsafe_member_name
 from attrdist.errors import AttrdistError
+from attrdist.pack.index import wids_descriptor, wids_name
 
 log = logging.getLogger("attrdist")
 
@@ -139,7 +141,7 @@ def source_entry(path: str | os.PathLike) -> dict:
 
 
 # What a pack directory and its staging directory may hold: nothing else is ever deleted or replaced.
-PUBLISHED_FILES = re.compile(r"(manifest\.json|drops\.jsonl|coco_[^/]+\.json|[^/]+-\d{6}\.tar)")
+PUBLISHED_FILES = re.compile(r"(manifest\.json|drops\.jsonl|coco_[^/]+\.json|[^/]+\.wids\.json|[^/]+-\d{6}\.tar)")
 STAGING_FILES = re.compile(PUBLISHED_FILES.pattern[:-1] + r"|progress\.json|[^/]+-\d{6}\.tar\.partial|\.[^/]+\.tmp-\d+)")  # + atomic temp files
 
 
@@ -197,6 +199,9 @@ def check_out_dir(out_dir: str | os.PathLike, *, inputs=(), overwrite: bool = Fa
         raise AttrdistError(f"{out}: not empty and not an attrdist pack (no {MANIFEST} of format {FORMAT}); attrdist "
                             f"replaces only its own packs or an empty folder: choose another --out, or move its "
                             f"contents away yourself")
+    if "labels_from" in m:  # `attrdist index` wrote it beside shards of another tool: never replace those
+        raise AttrdistError(f"{out}: holds an index of WebDataset shards that attrdist did not write (attrdist index); "
+                            f"attrdist never replaces them: choose another --out")
     foreign = _foreign(out, PUBLISHED_FILES)
     if foreign:
         raise AttrdistError(f"{out}: this pack folder also holds {len(foreign)} files attrdist did not write "
@@ -446,6 +451,9 @@ class PackWriter:
             "label_fields": self.label_fields, "splits": splits, "sources": sources,
             "options": options, "report": report or {}, "identity": self.identity,
         }
+        for split, info in splits.items():  # what wids/webdataset pipelines open (attrdist.pack.index)
+            self._writing = self.staging / wids_name(split)
+            atomic.write_json(self._writing, wids_descriptor(f"{self.dataset}-{split}", info["shards"]))
         self._writing = self.staging / MANIFEST
         atomic.write_json(self.staging / MANIFEST, manifest)
         (self.staging / "progress.json").unlink(missing_ok=True)  # after: a failed write above can still resume
