@@ -19,7 +19,7 @@ quality: how much a global batch mixes, windowed (several windows) vs permutatio
 demo (loss curves): the coconut recipe's demo profile (12 epochs, batch 32) on its demo data packed into
   shards of 25 samples (so that windows and streams mean something), seeds 0 and 1, data.order=windowed
   (shuffle_window 1 and 4) vs permutation: mean training loss of the first, middle and last epoch, and the
-  best val mAP. Not in the default parts (~10 min here); run it with --parts demo.
+  best val mAP. Not in the default parts (~10 min here); `--parts demo` writes bench/results/scale-demo.csv.
 io (beyond the page cache): a pack of random bytes (samples of 100 kB) on the local disk; rank 0 of 4
   reads its samples of one epoch in order with attrdist's ShardReader after every shard's pages were
   dropped (posix_fadvise DONTNEED), windowed vs permutation, alternating rounds: MB/s from disk.
@@ -358,7 +358,7 @@ def main(argv=None) -> list[dict]:
         if "http" in parts:
             pack = pack if "io" in parts else make_pack(tmp / "pack", args.io_shards, 200, 100_000)
             rows += http(pack, tmp, args.rounds)
-    return save("scale", rows, targets, quick=args.quick)
+    return save("scale-demo" if parts == ["demo"] else "scale", rows, targets, quick=args.quick)
 
 
 if __name__ == "__main__":
