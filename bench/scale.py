@@ -186,8 +186,8 @@ def demo_curves(tmp: Path, seeds=(0, 1)) -> list[dict]:
                        ("permutation", ["data.order=permutation"])):
         for seed in seeds:
             out = tmp / "runs" / f"{name.replace(' ', '_')}-{seed}"
-            subprocess.run([sys.executable, str(root_dir / "recipes" / "coconut.py"), f"data.shards={shards}",
-                            f"run.run_dir={out}", f"run.seed={seed}", *over], cwd=root_dir, check=True,
+            subprocess.run([sys.executable, str(root_dir / "recipes" / "coconut.py"), "--profile", "demo",
+                            f"data.shards={shards}", f"run.run_dir={out}", f"run.seed={seed}", *over], cwd=root_dir, check=True,
                            capture_output=True)
             recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             train = [r for r in recs if r.get("type") == "train"]
