@@ -741,20 +741,11 @@ def _write_planned_shard(spec: tuple) -> dict:
     return {**shard, "results": results}
 
 
-class _Now:
-    """A result computed when asked for: `write_shards` in this process, one shard at a time."""
-
-    def __init__(self, fn, arg):
-        self.fn, self.arg = fn, arg
-
-    def result(self):
-        return self.fn(self.arg)
-
-
 def write_shards(fmt: PackFormat, writer: PackWriter, todo: list[tuple], plans: list[ShardPlan],
                  workers: int | None, progress: bool) -> None:
-    """Pass 2: every planned shard written whole by a worker process (`_write_planned_shard`; 0 or 1 worker:
-    in this process), then recorded in plan order (`PackWriter.record_shard`): each image's result replayed
+    """Pass 2: every planned shard written whole by a worker process (`_write_planned_shard`; at least one,
+    even for `workers` 0 or 1: the worker's `fmt` is a copy, whose `samples` calls record nothing here), then
+    recorded in plan order (`PackWriter.record_shard`): each image's result replayed
     through `fmt.samples` (bytes emptied) for the tally and the format's counts, or its failure dropped, named.
 
     A shard's first index is its planned one less the samples pass 2 dropped before it in its split, as
@@ -763,8 +754,7 @@ def write_shards(fmt: PackFormat, writer: PackWriter, todo: list[tuple], plans: 
     count. A finished shard of an interrupted pack is reused when its plan digest (`_plan_digest`) and
     sha256 still match (checked in the workers), else written again. Ctrl-C cancels the shards not started;
     those being written finish as `.partial` files, discarded by the next run."""
-    global _SHARD_JOB
-    workers = default_workers() if workers is None else workers
+    workers = max(1, default_workers() if workers is None else workers)
     finished = writer.take_finished()
     job = (fmt, todo, writer.staging, writer.out_dir, writer.label_fields, len(writer.attributes))
     shift: Counter = Counter()        # split -> samples planned in recorded shards but dropped
@@ -777,23 +767,16 @@ def write_shards(fmt: PackFormat, writer: PackWriter, todo: list[tuple], plans: 
         entry, record = finished.get(plan.name, (None, {}))
         return plan, start, digest, entry["sha256"] if entry and record.get("plan") == digest else None
 
-    pool = None
-    if workers > 1:
-        pool = ProcessPoolExecutor(workers, initializer=_init_shard_worker, initargs=(job,))
-        submit = lambda s: pool.submit(_write_planned_shard, s)  # noqa: E731
-    else:  # this process is the worker
-        _SHARD_JOB = job
-        submit = lambda s: _Now(_write_planned_shard, s)  # noqa: E731
-    ahead = 2 * workers if pool else 1
+    pool = ProcessPoolExecutor(workers, initializer=_init_shard_worker, initargs=(job,))
     plan_iter = iter(plans)
     pending: deque = deque()
     bar = tqdm(total=len(todo), desc="write", unit="img", disable=not progress)
     try:
         with writer.write_errors():
             while True:
-                while len(pending) < ahead and (plan := next(plan_iter, None)) is not None:
+                while len(pending) < 2 * workers and (plan := next(plan_iter, None)) is not None:
                     s = spec(plan)
-                    pending.append((s, submit(s)))
+                    pending.append((s, pool.submit(_write_planned_shard, s)))
                 if not pending:
                     break
                 s, fut = pending.popleft()
@@ -801,7 +784,7 @@ def write_shards(fmt: PackFormat, writer: PackWriter, todo: list[tuple], plans: 
                 r = fut.result()
                 if start != plan.start - shift[plan.split]:  # an earlier shard lost samples after this one was sent
                     s = spec(plan)
-                    pending.appendleft((s, submit(s)))
+                    pending.appendleft((s, pool.submit(_write_planned_shard, s)))
                     continue
                 if r.get("reused"):
                     entry, record = finished[plan.name]
@@ -813,14 +796,11 @@ def write_shards(fmt: PackFormat, writer: PackWriter, todo: list[tuple], plans: 
                     writer.record_shard(plan.split, plan.name, r, None if r.get("reused") else
                                         {"plan": digest, "label_counts": r["label_counts"], "results": r["results"]})
     except BaseException:  # Ctrl-C above all: what is queued is dropped, the shards being written finish
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
         bar.close()
-        _SHARD_JOB = None
-    if pool is not None:
-        pool.shutdown(wait=True)
+    pool.shutdown(wait=True)
     if finished:
         log.info("%s: %d of the %d finished shards of the interrupted pack reused (plan and sha256 unchanged)",
                  writer.out_dir, reused, len(finished))
