@@ -309,3 +309,87 @@ def test_a_resumed_pack_reuses_finished_shards_whose_plan_and_sha256_match(small
     pack(CaptionsFormat(**kw), tmp_path / "fresh", max_samples=10, workers=1, progress=False)
     assert _pack_bytes(out) == _pack_bytes(tmp_path / "fresh")
     _indexes_are_positions(out)
+
+
+FIFO_IN_PASS_2 = '''
+import os, sys
+from pathlib import Path
+from attrdist.errors import user_errors
+from attrdist.pack.imagefolder import ImageFolderFormat
+from attrdist.pack.pipeline import INTERRUPTED, pack
+
+class FifoInPass2(ImageFolderFormat):
+    """plan() (between the passes) turns one verified image into a FIFO: pass 2 blocks reading it."""
+    def plan(self, image, meta):
+        if meta["path"] == sys.argv[3]:
+            os.unlink(meta["path"])
+            os.mkfifo(meta["path"])
+        return super().plan(image, meta)
+
+with user_errors(interrupted=INTERRUPTED):
+    fmt = FifoInPass2(Path(sys.argv[1]), val=0.5, split_dirs=False, max_side=0, quality=90, on_leak="warn",
+                      dataset="imagefolder")
+    pack(fmt, sys.argv[2], max_samples=2, workers=int(sys.argv[4]), progress=False)
+'''
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_in_pass_2_prints_one_line_and_the_pack_resumes(tmp_path, workers, caplog):
+    """Ctrl-C (SIGINT to the process group) while a shard worker reads in pass 2: one line, exit status 130,
+    nothing published, the shards recorded before it kept (every *.tar in the staging folder is recorded);
+    the same pack run again reuses them and publishes the bytes of an uninterrupted pack. The last image
+    becomes a FIFO between the passes, so pass 2 is interrupted exactly while it reads."""
+    import os
+    import signal
+    import stat
+    import time
+
+    from attrdist.pack.imagefolder import ImageFolderFormat, pack_imagefolder
+    from tests.conftest import run_env
+    from tests.test_pack_safety import image_folder
+
+    root = image_folder(tmp_path / "imgs", per_class=6)
+    options = dict(val=0.5, split_dirs=False, max_side=0, quality=90, on_leak="warn", dataset="imagefolder")
+    last = ImageFolderFormat(root, **options).images()[-1].path
+    original = Path(last).read_bytes()
+    script = tmp_path / "fifo_in_pass_2.py"
+    script.write_text(FIFO_IN_PASS_2)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), str(root), str(out), last, str(workers)], cwd=ROOT,
+                            env=run_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    writer, deadline = None, time.time() + 120
+    while writer is None:  # once the image is a FIFO, a worker has it open (or is opening it) when a writer may
+        try:
+            if stat.S_ISFIFO(os.stat(last).st_mode):
+                writer = os.open(last, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            pass
+        if writer is None:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.close(writer)  # the worker blocked on the FIFO sees the end of the file and finishes its shard
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["attrdist: interrupted; run the same command again: the pack resumes from "
+                                        "its finished shards"], err
+    assert not out.exists()
+    staging = tmp_path / ".out.staging"
+    progress = json.loads((staging / "progress.json").read_text())
+    finished = {s["file"] for info in progress["splits"].values() for s in info["shards"]}
+    assert finished and {p.name for p in staging.glob("*.tar")} == finished
+    kept = {f: (staging / f).stat().st_mtime_ns for f in finished}
+    os.unlink(last)
+    Path(last).write_bytes(original)
+    with caplog.at_level("INFO", logger="attrdist"):
+        pack_imagefolder(root, out, max_samples=2, workers=workers, progress=False,
+                         **{k: v for k, v in options.items() if k not in ("split_dirs", "max_side", "quality")})
+    assert any(f"{len(finished)} of the {len(finished)} finished shards of the interrupted pack reused"
+               in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert {f: (out / f).stat().st_mtime_ns for f in kept} == kept
+    pack_imagefolder(root, tmp_path / "fresh", max_samples=2, workers=1, progress=False,
+                     **{k: v for k, v in options.items() if k not in ("split_dirs", "max_side", "quality")})
+    assert _pack_bytes(out)[0] == _pack_bytes(tmp_path / "fresh")[0]
