@@ -28,9 +28,14 @@ Pass 2 alone (issue 19: shards written whole by worker processes), after one pas
                                 crc32, tar, sha256, fsync; recorded in order), sources in the page cache
   pass2_disk_w1, pass2_disk_w2  the same, the sources dropped from the page cache first
   each with the CPU seconds the pass took (this process and its workers): MB per CPU-second is the per-core
-  figure a many-core node multiplies, until the disk's read or write bandwidth stops it
+  figure a many-core node multiplies, until the disk's read or write bandwidth stops it, or the packing
+  process, which records every sample in order (its CPU ms per sample: the serial ceiling)
   hash_sha256, hash_sha1, crc32 one core over the same bytes in memory: the per-byte work pass 2 cannot skip
---only pass2 runs the pass-2 rows alone. Writes bench/results/pack.csv (pack-pass2.csv with --only pass2).
+--compare DIR (other code, e.g. `git archive <commit> | tar -x -C DIR`): pack_copy with this code
+and with DIR's, each in a fresh interpreter (start-up not timed), alternating with verify_only; the pack less
+the verify pass is pass 2 and the rest (leak check, manifest) of each.
+--only pass2 runs the pass-2 rows (and --compare) alone. Writes bench/results/pack.csv (pack-pass2.csv with
+--only pass2).
 """
 
 from __future__ import annotations
@@ -204,7 +209,7 @@ def pass2_job(root: Path, max_samples: int) -> tuple:
 
 def pass2(job: tuple, out: Path, workers: int, cpu: list) -> None:
     """Pass 2 alone (`pipeline.write_shards`) into a fresh staging folder, not published; appends the CPU
-    seconds it took (this process and the worker processes it waited for) to `cpu`."""
+    seconds it took to `cpu`: (this process, the shard workers)."""
     from attrdist.pack.pipeline import MAX_SHARD_BYTES, plan_shards, write_shards
     from attrdist.pack.writer import PackWriter
 
@@ -215,15 +220,47 @@ def pass2(job: tuple, out: Path, workers: int, cpu: list) -> None:
     with PackWriter(out, dataset=fmt.dataset, attributes=fmt.attributes, label_fields=fmt.label_fields,
                     max_samples=max_samples, max_bytes=MAX_SHARD_BYTES, job=fmt.job(verified), inputs=fmt.inputs) as w:
         write_shards(fmt, w, todo, plan_shards(todo, max_samples, MAX_SHARD_BYTES), workers, False)
-    cpu.append(_cpu_seconds() - before)
+    after = _cpu_seconds()
+    cpu.append((after[0] - before[0], after[1] - before[1]))
 
 
-def _cpu_seconds() -> float:
-    """User + system seconds of this process and of the children it waited for (the shard workers)."""
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system seconds of this process, and of the children it waited for (the shard workers)."""
     import resource
 
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return tuple(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def pack_copy_with(code: Path, root: Path, out: Path, workers: int) -> float:
+    """`pack_copy` with the attrdist and bench of the checkout `code`, in a fresh interpreter; its seconds."""
+    import subprocess
+    import sys
+
+    prog = ("import time\nfrom pathlib import Path\nfrom bench.pack import pack_copy\nt0 = time.perf_counter()\n"
+            f"pack_copy(Path({str(root)!r}), Path({str(out)!r}), {workers})\nprint(time.perf_counter() - t0)")
+    p = subprocess.run([sys.executable, "-c", prog], cwd=code, env={**os.environ, "PYTHONPATH": str(code)},
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"pack_copy with {code} failed: {p.stderr[-2000:]}")
+    return float(p.stdout.split()[-1])
+
+
+def compare_rows(code: Path, root: Path, tmp: Path, n: int, mbytes: float, rounds: int, workers: int) -> list[dict]:
+    """pack_copy with this code and with `code`'s, alternating with verify_only (this code)."""
+    t = alternate({"pack_copy_this": lambda: pack_copy_with(ROOT, root, tmp / "this", workers),
+                   f"pack_copy_at_{code.name}": lambda: pack_copy_with(code, root, tmp / "other", workers),
+                   "verify_only": lambda: verify_only(root, workers)}, rounds)
+    rows = [{"benchmark": "pack", "what": k, "n": n, "workers": workers, "code": str(code) if "_at_" in k else "this",
+             **summarize(v, n), "mb_per_s": round(mbytes / statistics.median(v), 1)} for k, v in t.items()]
+    for k in list(t)[:2]:
+        rest = sorted(a - b for a, b in zip(t[k], t["verify_only"]))
+        rows.append({"benchmark": "pack", "what": f"{k} - verify_only (pass 2 and the rest)", "n": n,
+                     "median_s": round(rest[len(rest) // 2], 4), "min_s": round(rest[0], 4), "max_s": round(rest[-1], 4),
+                     "mb_per_s": round(mbytes / rest[len(rest) // 2], 1)})
+    for r in rows:
+        print(f"| {r['what']} | {r['median_s']:.3f} s ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['mb_per_s']:,.0f} MB/s |")
+    return rows
 
 
 def hash_rates(root: Path, rounds: int) -> dict[str, list[float]]:
@@ -257,11 +294,14 @@ def pass2_rows(root: Path, tmp: Path, n: int, mbytes: float, rounds: int, sample
                   rounds)
     rows = []
     for k, v in t.items():
-        per_cpu = sorted(mbytes / c for c in cpu[k])
+        per_cpu = sorted(mbytes / (a + b) for a, b in cpu[k])
+        main = statistics.median(a for a, _ in cpu[k])
         rows.append({"benchmark": "pack", "what": k, "n": n, "workers": int(k[-1]), "samples_per_shard": samples,
                      **summarize(v, n), "mb_per_s": round(mbytes / statistics.median(v), 1),
                      "mb_per_s_min": round(mbytes / max(v), 1), "mb_per_s_max": round(mbytes / min(v), 1),
-                     "cpu_s_median": round(statistics.median(cpu[k]), 4),
+                     "cpu_s_median": round(statistics.median(a + b for a, b in cpu[k]), 4),
+                     "cpu_s_main": round(main, 4), "cpu_s_workers": round(statistics.median(b for _, b in cpu[k]), 4),
+                     "main_ms_per_sample": round(1000 * main / n, 4),
                      "mb_per_cpu_s": round(statistics.median(per_cpu), 1),
                      "mb_per_cpu_s_spread": f"{per_cpu[0]:.0f}-{per_cpu[-1]:.0f}"})
     for k, v in hash_rates(root, rounds).items():
@@ -275,6 +315,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--only", choices=["pass2"], help="run only these rows")
     ap.add_argument("--pass2-samples", type=int, default=100, help="samples per shard in the pass-2 rows")
+    ap.add_argument("--compare", type=Path, metavar="DIR", help="a checkout of other code to compare pack_copy with")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.rounds = 120, 1
@@ -287,6 +328,8 @@ def main(argv=None) -> list[dict]:
         mbytes = sum(p.stat().st_size for p in (root / "images").iterdir()) / 1e6
         p2 = pass2_rows(root, Path(tmp), args.n, mbytes, args.rounds, args.pass2_samples)
         print_pass2(p2, args.n, mbytes)
+        if args.compare:
+            p2 += compare_rows(args.compare.resolve(), root, Path(tmp), args.n, mbytes, args.rounds, workers)
         if args.only == "pass2":
             return save("pack-pass2", p2, quick=args.quick)
         folder = image_folder(root)
@@ -343,12 +386,12 @@ def main(argv=None) -> list[dict]:
 
 def print_pass2(rows: list[dict], n: int, mbytes: float) -> None:
     print(f"pass 2 alone, {n} images, {mbytes:.1f} MB")
-    print("| what | median (min-max) | MB/s (min-max) | samples/s | CPU s | MB per CPU-s (spread) |\n"
-          "| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| what | median (min-max) | MB/s (min-max) | samples/s | CPU s: all (packing process) | MB per CPU-s "
+          "(spread) |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         spread = f" ({r['mb_per_s_min']:,.0f}-{r['mb_per_s_max']:,.0f})" if "mb_per_s_min" in r else ""
-        cpu = f"{r['cpu_s_median']:.3f} | {r['mb_per_cpu_s']:,.0f} ({r['mb_per_cpu_s_spread']})" if "cpu_s_median" in r \
-            else "(one core) | "
+        cpu = (f"{r['cpu_s_median']:.3f} ({r['cpu_s_main']:.3f}) | {r['mb_per_cpu_s']:,.0f} ({r['mb_per_cpu_s_spread']})"
+               if "cpu_s_median" in r else "(one core) | ")
         print(f"| {r['what']} | {r['median_s']:.3f} s ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['mb_per_s']:,.0f}{spread} | "
               f"{r['items_per_s']:,.0f} | {cpu} |")
 
