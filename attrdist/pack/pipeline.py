@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from attrdist.atomic import sha256_file
 from attrdist.errors import AttrdistError
-from attrdist.pack.writer import PackWriter, check_out_dir, pack_identity, pack_job, write_shard
+from attrdist.pack.writer import PackWriter, check_out_dir, pack_identity, pack_job, write_record, write_shard
 
 log = logging.getLogger("attrdist")
 
@@ -710,11 +710,12 @@ def _init_shard_worker(job: tuple) -> None:
 
 
 def _write_planned_shard(spec: tuple) -> dict:
-    """In a worker: write one planned shard whole (`write_shard`) as `<name>.partial` in the staging folder, or,
+    """In a worker: write one planned shard whole (`write_shard`) as `<name>.partial` in the staging folder, and
+    its resume record (`write_record`: plan digest, label counts, results) as `<name>.record.partial`; or,
     given the sha256 of a finished shard of an interrupted pack with this plan, check that the file still has
     it and reuse it ({"reused": True}). Returns the shard's nsamples, bytes, sha256, label counts and every
     part's `light` result (an ItemError where `fmt.produce` failed: its samples are left out)."""
-    plan, start, _, reuse = spec
+    plan, start, digest, reuse = spec
     fmt, todo, staging, where, label_fields, nattrs = _SHARD_JOB
     path = staging / plan.name
     if reuse is not None and path.is_file() and sha256_file(path) == reuse:
@@ -738,6 +739,9 @@ def _write_planned_shard(spec: tuple) -> dict:
 
     shard = write_shard(path.with_name(f"{plan.name}.partial"), plan.split, samples(), start=start,
                         label_fields=label_fields, nattrs=nattrs, where=where)
+    if shard["nsamples"]:  # what a resume needs to reuse it (`PackWriter.take_finished`)
+        write_record(path.with_name(f"{plan.name}.record.partial"),
+                     {"plan": digest, "label_counts": shard["label_counts"], "results": results})
     return {**shard, "results": results}
 
 
@@ -780,7 +784,7 @@ def write_shards(fmt: PackFormat, writer: PackWriter, todo: list[tuple], plans: 
                 if not pending:
                     break
                 s, fut = pending.popleft()
-                plan, start, digest, _ = s
+                plan, start, _, _ = s
                 r = fut.result()
                 if start != plan.start - shift[plan.split]:  # an earlier shard lost samples after this one was sent
                     s = spec(plan)
@@ -793,8 +797,7 @@ def write_shards(fmt: PackFormat, writer: PackWriter, todo: list[tuple], plans: 
                 bar.update(_replay(fmt, todo, plan, r["results"], replayed))
                 shift[plan.split] += plan.samples - r["nsamples"]
                 if r["nsamples"]:
-                    writer.record_shard(plan.split, plan.name, r, None if r.get("reused") else
-                                        {"plan": digest, "label_counts": r["label_counts"], "results": r["results"]})
+                    writer.record_shard(plan.split, plan.name, r)
     except BaseException:  # Ctrl-C above all: what is queued is dropped, the shards being written finish
         pool.shutdown(wait=True, cancel_futures=True)
         raise

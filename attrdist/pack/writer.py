@@ -146,7 +146,7 @@ def source_entry(path: str | os.PathLike) -> dict:
 
 # What a pack directory and its staging directory may hold: nothing else is ever deleted or replaced.
 PUBLISHED_FILES = re.compile(r"(manifest\.json|drops\.jsonl|coco_[^/]+\.json|[^/]+-\d{6}\.tar)")
-STAGING_FILES = re.compile(PUBLISHED_FILES.pattern[:-1] + r"|progress\.json|[^/]+-\d{6}\.tar\.(partial|record)"
+STAGING_FILES = re.compile(PUBLISHED_FILES.pattern[:-1] + r"|progress\.json|[^/]+-\d{6}\.tar\.(partial|record|record\.partial)"
                            r"|\.[^/]+\.tmp-\d+)")  # + atomic temp files
 
 
@@ -434,7 +434,7 @@ class PackWriter:
         splits = {k: {kk: vv for kk, vv in v.items() if kk != "last_key"} for k, v in self.splits.items()}
         recorded = {s["file"] for info in splits.values() for s in info["shards"]}
         for p in self.staging.iterdir():  # resume records, shards left unfinished or not reused: never published
-            if p.name.endswith((".tar.record", ".tar.partial")) or (p.name.endswith(".tar") and p.name not in recorded):
+            if p.name.endswith((".tar.record", ".partial")) or (p.name.endswith(".tar") and p.name not in recorded):
                 p.unlink()
         manifest = {
             "format": FORMAT, "dataset": self.dataset, "attrdist_version": __version__,
@@ -465,19 +465,16 @@ class PackWriter:
         self.splits, self._skip = {}, {}
         return finished
 
-    def record_shard(self, split: str, name: str, shard: dict, record: dict | None = None) -> None:
-        """Record, in order, a whole shard written by `write_shard` into the staging folder as `<name>.partial`
-        (renamed to `name` here) or, with `shard["reused"]`, a finished one already there. `shard`: its
-        nsamples, bytes, sha256, label_counts; `record` (JSON) is kept beside it for a resume."""
+    def record_shard(self, split: str, name: str, shard: dict) -> None:
+        """Record, in order, a whole shard written (and fsync'ed) into the staging folder as `<name>.partial`, with
+        its resume record as `<name>.record.partial` (`write_shard`, `write_record`: both renamed here), or, with
+        `shard["reused"]`, a finished one already there. `shard`: its nsamples, bytes, sha256, label_counts.
+        progress.json, written last, fsyncs the folder, which makes the renames durable with it."""
         with self.write_errors():
-            path = self.staging / name
             if not shard.get("reused"):
-                self._writing = path.with_name(f"{name}.partial")
-                os.replace(self._writing, path)
-                atomic.fsync_dir(self.staging)
-            if record is not None:
-                self._writing = path.with_name(f"{name}.record")
-                atomic.write_json(self._writing, record, indent=None)
+                for temp, final in ((f"{name}.partial", name), (f"{name}.record.partial", f"{name}.record")):
+                    self._writing = self.staging / temp
+                    os.replace(self._writing, self.staging / final)
             info = self._split(split)
             info["shards"].append({"file": name, "nsamples": shard["nsamples"], "bytes": shard["bytes"],
                                    "sha256": shard["sha256"]})
@@ -562,6 +559,17 @@ def write_shard(path: Path, split: str, samples, *, start: int, label_fields, na
         if writer is not None:
             writer.abort()
     return {"nsamples": n, "bytes": path.stat().st_size, "sha256": sha256, "label_counts": counts}
+
+
+def write_record(path: Path, record: dict) -> None:
+    """A shard's resume record (JSON) at `path`, fsync'ed; `PackWriter.record_shard` renames it. In a worker."""
+    try:
+        with open(path, "wb") as f:
+            f.write(json.dumps(record).encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def pack_job(*, dataset: str, attributes: list[str], label_fields: list[str], max_samples: int, max_bytes: int,
