@@ -393,3 +393,29 @@ def test_ctrl_c_in_pass_2_prints_one_line_and_the_pack_resumes(tmp_path, workers
     pack_imagefolder(root, tmp_path / "fresh", max_samples=2, workers=1, progress=False,
                      **{k: v for k, v in options.items() if k not in ("split_dirs", "max_side", "quality")})
     assert _pack_bytes(out)[0] == _pack_bytes(tmp_path / "fresh")[0]
+
+
+def test_dior_ids_fixed_at_plan_time_are_the_same_with_any_worker_count(tmp_path):
+    """DIOR numbers images (non-numeric ids) and boxes in pack order: `plan` fixes them (a worker's `samples`
+    cannot count what other workers wrote), so 1 and 2 workers give the same shards and coco_<split>.json,
+    the ids run 1, 2, ... and every sample's ann_ids are its boxes in coco_train.json."""
+    from attrdist.data.reader import ShardReader, load_manifest
+    from attrdist.pack.dior import pack_dior
+    from tests.test_pack_dior import make_dior
+
+    fixture = {f"x{i:02d}": ("JPEGImages-trainval", [("vehicle", (2, 2, 20, 20)), ("ship", (30, 5, 50, 25))][:1 + i % 2])
+               for i in range(9)}
+    root = make_dior(tmp_path / "DIOR", fixture=fixture, splits={"train": sorted(fixture)[:7], "val": sorted(fixture)[7:]})
+    for w in (1, 2):
+        pack_dior(root, tmp_path / f"w{w}", splits=["train", "val"], max_samples=2, workers=w, progress=False)
+    assert _pack_bytes(tmp_path / "w1") == _pack_bytes(tmp_path / "w2")
+    coco = json.loads((tmp_path / "w2" / "coco_train.json").read_text())
+    assert [im["id"] for im in coco["images"]] == list(range(1, 8))
+    assert [a["id"] for a in coco["annotations"]] == list(range(1, 1 + sum(1 + i % 2 for i in range(7))))
+    reader = ShardReader(load_manifest(tmp_path / "w2"), "train")
+    by_image = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a["id"])
+    for i in range(len(reader)):
+        s = json.loads(reader[i]["json"])
+        assert s["image_id"] == i + 1 and s["ann_ids"] == by_image[i + 1]
