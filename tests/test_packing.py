@@ -215,7 +215,7 @@ def test_pass_2_writes_the_same_bytes_whatever_the_worker_count(small_demo, tmp_
 
 
 def _captions_format(demo: Path):
-    from attrdist.pack.coco import CaptionsFormat, SplitSource
+    from attrdist.pack.coco import SplitSource
     from attrdist.pack.vocab import load_vocabulary
     from tests.conftest import DEMO_VOCAB
 

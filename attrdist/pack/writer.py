@@ -146,7 +146,8 @@ def source_entry(path: str | os.PathLike) -> dict:
 
 # What a pack directory and its staging directory may hold: nothing else is ever deleted or replaced.
 PUBLISHED_FILES = re.compile(r"(manifest\.json|drops\.jsonl|coco_[^/]+\.json|[^/]+-\d{6}\.tar)")
-STAGING_FILES = re.compile(PUBLISHED_FILES.pattern[:-1] + r"|progress\.json|[^/]+-\d{6}\.tar\.(partial|record|record\.partial)"
+STAGING_FILES = re.compile(PUBLISHED_FILES.pattern[:-1] + r"|progress\.json"
+                           r"|[^/]+-\d{6}\.tar\.(partial|record|record\.partial)"  # + whole shards' resume records
                            r"|\.[^/]+\.tmp-\d+)")  # + atomic temp files
 
 
