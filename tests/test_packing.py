@@ -2,6 +2,7 @@
 and pass 2's check that a file did not change since pass 1. Real JPEG bytes from the demo and real worker
 processes and threads."""
 
+import contextlib
 import hashlib
 import io
 import json
@@ -372,7 +373,11 @@ def test_ctrl_c_in_pass_2_prints_one_line_and_the_pack_resumes(tmp_path, workers
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.5)
     os.close(writer)  # the worker blocked on the FIFO sees the end of the file and finishes its shard
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # never left running
+        raise
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["attrdist: interrupted; run the same command again: the pack resumes from "
                                         "its finished shards"], err
@@ -419,3 +424,75 @@ def test_dior_ids_fixed_at_plan_time_are_the_same_with_any_worker_count(tmp_path
     for i in range(len(reader)):
         s = json.loads(reader[i]["json"])
         assert s["image_id"] == i + 1 and s["ann_ids"] == by_image[i + 1]
+
+
+def _running_children(pid: int) -> list[int]:
+    """The live (not zombie) processes whose parent is `pid`."""
+    kids = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat_file.parent.name))
+    return kids
+
+
+def test_a_packer_killed_in_pass_2_leaves_no_worker_running_and_resumes(tmp_path):
+    """SIGKILL to the packing process (not its workers) while a shard worker waits on a file in pass 2: both
+    workers end by themselves (they used to wait for work forever), the shards recorded before stay, and
+    the same pack run again reuses them and publishes the bytes of an uninterrupted pack."""
+    import os
+    import signal
+    import stat
+    import time
+
+    from attrdist.pack.imagefolder import ImageFolderFormat, pack_imagefolder
+    from tests.conftest import run_env
+    from tests.test_pack_safety import image_folder
+
+    root = image_folder(tmp_path / "imgs", per_class=6)
+    options = dict(val=0.5, on_leak="warn", dataset="imagefolder")
+    last = ImageFolderFormat(root, split_dirs=False, max_side=0, quality=90, **options).images()[-1].path
+    original = Path(last).read_bytes()
+    script = tmp_path / "fifo_in_pass_2.py"
+    script.write_text(FIFO_IN_PASS_2)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), str(root), str(out), last, "2"], cwd=ROOT,
+                            env=run_env(PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    writer, deadline = None, time.time() + 120
+    while writer is None:
+        try:
+            if stat.S_ISFIFO(os.stat(last).st_mode):
+                writer = os.open(last, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            pass
+        if writer is None:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+    workers = _running_children(proc.pid)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    try:
+        deadline = time.time() + 60
+        while (alive := [w for w in workers if Path(f"/proc/{w}/stat").exists()
+                         and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]):
+            assert time.time() < deadline, f"workers {alive} still running after their packer was killed"
+            time.sleep(0.1)
+    finally:
+        os.close(writer)
+        for w in workers:  # never leave one behind, even when the test fails
+            with contextlib.suppress(OSError):
+                os.kill(w, signal.SIGKILL)
+    staging = tmp_path / ".out.staging"
+    progress = json.loads((staging / "progress.json").read_text())
+    finished = {s["file"] for info in progress["splits"].values() for s in info["shards"]}
+    assert finished and {p.name for p in staging.glob("*.tar")} == finished
+    os.unlink(last)
+    Path(last).write_bytes(original)
+    pack_imagefolder(root, out, max_samples=2, workers=2, progress=False, **options)
+    pack_imagefolder(root, tmp_path / "fresh", max_samples=2, workers=1, progress=False, **options)
+    assert _pack_bytes(out)[0] == _pack_bytes(tmp_path / "fresh")[0]

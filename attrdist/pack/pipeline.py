@@ -147,7 +147,8 @@ def parallel_map(fn: Callable, items: Iterable, workers: int | None = None, *, c
     copying bytes through, where sending each result back from a process would cost more than the work.
     At most 4 tasks per worker are in flight, so memory stays flat in the number of items. Worker processes
     ignore SIGINT: Ctrl-C (sent to the whole process group) interrupts this process alone, which cancels what
-    is queued, so the user sees one line (`attrdist.errors.user_errors`), not a traceback per worker.
+    is queued, so the user sees one line (`attrdist.errors.user_errors`), not a traceback per worker
+    (`init_worker`, which also ends a worker whose packer was killed).
     """
     workers = default_workers() if workers is None else workers
     if workers <= 1:
@@ -155,8 +156,7 @@ def parallel_map(fn: Callable, items: Iterable, workers: int | None = None, *, c
             yield _call(fn, it)
         return
     chunk = 1 if threads else max(1, chunk)
-    pool = (ThreadPoolExecutor(workers) if threads
-            else ProcessPoolExecutor(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)))
+    pool = ThreadPoolExecutor(workers) if threads else ProcessPoolExecutor(workers, initializer=init_worker)
     try:
         pending: deque = deque()
         for part in _chunks(items, chunk):
@@ -169,6 +169,26 @@ def parallel_map(fn: Callable, items: Iterable, workers: int | None = None, *, c
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+def init_worker() -> None:
+    """The start of every packing worker process: SIGINT ignored (Ctrl-C is for the packing process, which
+    cancels the work), and a thread that ends the worker once its packing process is gone (killed: SIGKILL
+    cannot be passed on), where it would otherwise wait for work forever (seen: both workers of a pass 2 left
+    running after a kill -9). The standard library's pools have no such option; Linux's PR_SET_PDEATHSIG is
+    per thread and Linux only, so the parent's pid is polled, twice a second."""
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)  # a shard being written stays a .partial file, discarded by the next run
+
+    threading.Thread(target=watch, name="parent watch", daemon=True).start()
 
 
 def read_ahead(items: Iterable, path_of: Callable = lambda item: item) -> Iterator:
@@ -702,10 +722,10 @@ _SHARD_JOB: tuple | None = None  # (fmt, todo, staging, where, label_fields, n a
 
 
 def _init_shard_worker(job: tuple) -> None:
-    """A shard worker's start: the job, inherited under fork (pickled once per worker elsewhere); Ctrl-C is
-    for the packing process alone (`parallel_map`)."""
+    """A shard worker's start (`init_worker`) with its job, inherited under fork (pickled once per worker
+    elsewhere)."""
     global _SHARD_JOB
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker()
     _SHARD_JOB = job
 
 
