@@ -470,20 +470,38 @@ class PackWriter:
         """Record, in order, a whole shard written (and fsync'ed) into the staging folder as `<name>.partial`, with
         its resume record as `<name>.record.partial` (`write_shard`, `write_record`: both renamed here), or, with
         `shard["reused"]`, a finished one already there. `shard`: its nsamples, bytes, sha256, label_counts.
-        progress.json, written last, fsyncs the folder, which makes the renames durable with it."""
+        progress.json, written last, fsyncs the folder, which makes the renames durable with it; where it cannot
+        be written (a full disk: the workers may fill it meanwhile), the renames are undone, so that every
+        `<split>-NNNNNN.tar` in the staging folder is a shard progress.json lists."""
         with self.write_errors():
-            if not shard.get("reused"):
-                for temp, final in ((f"{name}.partial", name), (f"{name}.record.partial", f"{name}.record")):
-                    self._writing = self.staging / temp
-                    os.replace(self._writing, self.staging / final)
-            info = self._split(split)
-            info["shards"].append({"file": name, "nsamples": shard["nsamples"], "bytes": shard["bytes"],
-                                   "sha256": shard["sha256"]})
-            info["nsamples"] += shard["nsamples"]
-            for f in self.label_fields:
-                info["label_counts"][f] = [a + b for a, b in zip(info["label_counts"][f], shard["label_counts"][f])]
-            self._writing = self.staging / "progress.json"
-            self._save_progress()
+            renamed = []
+            try:
+                if not shard.get("reused"):
+                    for temp, final in ((f"{name}.partial", name), (f"{name}.record.partial", f"{name}.record")):
+                        self._writing = self.staging / temp
+                        os.replace(self._writing, self.staging / final)
+                        renamed.append((final, temp))
+                info = self._split(split)
+                info["shards"].append({"file": name, "nsamples": shard["nsamples"], "bytes": shard["bytes"],
+                                       "sha256": shard["sha256"]})
+                info["nsamples"] += shard["nsamples"]
+                for f in self.label_fields:
+                    info["label_counts"][f] = [a + b for a, b in zip(info["label_counts"][f],
+                                                                     shard["label_counts"][f])]
+                self._writing = self.staging / "progress.json"
+                self._save_progress()
+            except BaseException:
+                for final, temp in reversed(renamed):
+                    with contextlib.suppress(OSError):
+                        os.replace(self.staging / final, self.staging / temp)
+                if self.splits.get(split, {}).get("shards", [{}])[-1].get("file") == name:
+                    info = self.splits[split]
+                    info["shards"].pop()
+                    info["nsamples"] -= shard["nsamples"]
+                    for f in self.label_fields:
+                        info["label_counts"][f] = [a - b for a, b in zip(info["label_counts"][f],
+                                                                         shard["label_counts"][f])]
+                raise
 
     def __enter__(self):
         return self
