@@ -4,8 +4,8 @@ Each packer is a `PackFormat` (`CaptionsFormat`, `ImagesFormat`, `ObjectsFormat`
 `attrdist.pack.pipeline.pack`: pass 1 reads, decodes and fingerprints every image once in worker
 processes (a truncated or corrupt file is counted as "corrupt_image"), the leak check runs over all
 splits (`--on-leak error|warn|drop`, its report under report["leakage"]), and pass 2 writes the
-samples in a deterministic order (image id, then annotation id). Resizing and cropping run in worker
-processes; bytes copied through are read (and checked against pass 1's sha1) by threads.
+samples in a deterministic order (image id, then annotation id), each shard written whole by a worker
+process (reading, checked against pass 1's sha1, and resizing or cropping).
 
 Nothing is dropped silently: every image / object that is not packed is counted by reason per
 split in the manifest report (`report[split]["dropped"]`).
@@ -531,7 +531,6 @@ class ImagesFormat(_DetectionsFormat):
                  quality: int, on_leak: str):
         super().__init__(splits, dataset=dataset, reasons=("missing_image", "not_an_image", "corrupt_image", "leak"))
         self.limit, self.max_side, self.quality = limit, max_side, quality
-        self.threads = not max_side  # no max_side: copied through
         self.ids = {s.name: (sorted(det.imgs)[:limit] if limit else sorted(det.imgs)) for s, det in self.loaded}
         self.no_labels, self.nboxes = Counter(), Counter()
         self.options = self._options_with(mode="image", max_side=max_side, quality=quality if max_side else None,
@@ -593,7 +592,6 @@ class ObjectsFormat(_DetectionsFormat):
     """One sample per object: its box crop with context (`pack_coco_objects`)."""
 
     produce = staticmethod(crop_items)
-    threads = False  # decoding and cropping
 
     def __init__(self, splits: list[AnnSource], *, dataset: str, max_samples: int, limit: int, margin: float,
                  min_size: float, max_side: int, quality: int, on_leak: str):

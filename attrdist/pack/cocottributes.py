@@ -201,7 +201,6 @@ class CocottributesFormat(PackFormat):
 
     verify = staticmethod(verify_image)  # the first of the image's candidate paths that exists
     produce = staticmethod(crop_items)
-    threads = False  # decoding and cropping
 
     def __init__(self, pkl: Path, instances: list[str | os.PathLike], image_dirs: list[Path], *, dataset: str,
                  threshold: float, margin: float, min_size: float, max_side: int, quality: int, max_samples: int,

@@ -201,10 +201,12 @@ def _probe(item: tuple[str, str, tuple[str, ...]]) -> dict:
         where = [Path(root) / d / ann.file_name for d in image_dirs]
         raise ItemFailure("missing_image", f"{ann.file_name}: in none of {', '.join(map(str, where))}",
                           where[0] if where else Path(root) / ann.file_name)
-    v = verify_bytes(img.read_bytes(), str(img))  # one decode: verified and fingerprinted
+    data = img.read_bytes()
+    v = verify_bytes(data, str(img))  # one decode: verified and fingerprinted
     w, h = v["width"], v["height"]
     boxes, labels, counts, dropped = clip_boxes(ann.objects, w, h)
-    return {"path": str(img), "file_name": ann.file_name, "width": w, "height": h, "sha1": v["sha1"], "phash": v["phash"],
+    return {"path": str(img), "bytes": len(data), "file_name": ann.file_name, "width": w, "height": h,
+            "sha1": v["sha1"], "phash": v["phash"],
             "boxes": boxes, "box_labels": labels, "box_counts": dict(counts), "boxes_dropped": dropped,
             "size_mismatch": ann.width is not None and (ann.width, ann.height) != (w, h)}
 
@@ -293,7 +295,7 @@ class DiorFormat(PackFormat):
         else:
             self.empty_split_files = []
         self.dataset, self.splits, self.where = dataset, list(splits), str(root)
-        self.max_side, self.quality, self.threads = max_side, quality, not max_side  # no max_side: copied through
+        self.max_side, self.quality = max_side, quality
         self.image_dirs = tuple(d for d in IMAGE_DIRS if (root / d).is_dir())
         needed = {"test": "JPEGImages-test"}
         for split in self.splits:
@@ -319,6 +321,7 @@ class DiorFormat(PackFormat):
                          "empty_split_files_left_out": self.empty_split_files,
                          "raw_class_names": [r for r, _ in DIOR_CLASSES]}
         self.kept: dict[str, list[str]] = {s: [] for s in self.splits}  # ids planned for pass 2
+        self.next_ann: Counter = Counter()  # split -> the COCO annotation id of the next box planned
         self.coco: dict[str, dict] = {}  # split -> COCO instances of the packed images
         self.boxes, self.box_counts = Counter(), {s: {c: 0 for c in CLASS_NAMES} for s in self.splits}
 
@@ -333,18 +336,22 @@ class DiorFormat(PackFormat):
         for k, reason, box in meta["boxes_dropped"]:
             self.tally.drop_box(image.split, reason, file=image.path[0], object=k, detail=f"box {box}")
         self.kept[image.split].append(image.key)
-        return Task((meta["path"], meta["sha1"], self.max_side, self.quality))
+        first_ann = self.next_ann[image.split] + 1
+        self.next_ann[image.split] += len(meta["boxes"])
+        # ids fixed here, in pack order (`samples` runs in a shard's worker too): the image's position among
+        # those planned and its first box's annotation id (an image pass 2 drops leaves its ids unused)
+        return Task((meta["path"], meta["sha1"], self.max_side, self.quality), (len(self.kept[image.split]), first_ann))
 
     def samples(self, image, meta, task, result):
         data, ext, w, h, crc = result
         split, i = image.split, image.key
         sx, sy = w / meta["width"], h / meta["height"]
-        c = self.coco.setdefault(split, {"images": [], "annotations": [], "next_ann": 1,
+        c = self.coco.setdefault(split, {"images": [], "annotations": [],
                                          "numeric": all(k.isdigit() for k in self.kept[split])})
-        image_id = int(i) if c["numeric"] else len(c["images"]) + 1
+        position, first_ann = task.info
+        image_id = int(i) if c["numeric"] else position
         bxs = [_scale_box(b, sx, sy) for b in meta["boxes"]]
-        ann_ids = list(range(c["next_ann"], c["next_ann"] + len(bxs)))
-        c["next_ann"] += len(bxs)
+        ann_ids = list(range(first_ann, first_ann + len(bxs)))
         c["images"].append({"id": image_id, "file_name": f"{i}.{ext}", "width": w, "height": h})
         for aid, b, lab in zip(ann_ids, bxs, meta["box_labels"]):
             c["annotations"].append({"id": aid, "image_id": image_id, "category_id": lab + 1, "bbox": b,

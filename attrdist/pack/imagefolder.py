@@ -192,13 +192,13 @@ def group_split(files: list[ImageFile], fractions: dict[str, float], seed: int) 
 
 
 def _probe(path: str) -> dict:
-    """Pass 1: read, decode once to verify, fingerprint (`pipeline.verify_bytes`). Returns {"path", "width",
-    "height", "format", "sha1", "phash"}."""
+    """Pass 1: read, decode once to verify, fingerprint (`pipeline.verify_bytes`). Returns {"path", "bytes",
+    "width", "height", "format", "sha1", "phash"}."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ItemFailure("unreadable_file", str(e), path) from None
-    return {"path": path, **verify_bytes(data, path)}
+    return {"path": path, "bytes": len(data), **verify_bytes(data, path)}
 
 
 def _encode(item: tuple[str, str, int, int]) -> tuple[bytes, str, int, int, int]:
@@ -282,7 +282,6 @@ class ImageFolderFormat(PackFormat):
                                                      seed=seed)
         self.dataset, self.attributes, self.splits, self.where = dataset, classes, list(self.per_split), str(root)
         self.root, self.max_side, self.quality = root, max_side, quality
-        self.threads = not max_side  # no max_side: bytes mostly copied through
         self.cindex = {c: i for i, c in enumerate(classes)}
         self.tally = Tally(self.splits)
         self.class_counts = {s: dict.fromkeys(classes, 0) for s in self.splits}

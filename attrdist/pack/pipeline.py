@@ -15,11 +15,14 @@
   check   `attrdist.pack.leakage.find_leaks` over all splits, hash candidates confirmed on their pixels;
           `--on-leak error|warn|drop` (`apply_policy`); its report goes to the manifest's
           report["leakage"], a contact sheet of the pairs beside --out.
-  pass 2  for each image still in (`fmt.reject`, the leak drops), `fmt.plan` says what to make of it
-          and `fmt.produce` makes it in workers (threads where bytes are mostly copied through,
-          `fmt.threads`); `fmt.samples` turns each result into samples, written in order by
-          `attrdist.pack.writer.PackWriter`, which `commit`s the pack whole, with drops.jsonl, once
-          no split is empty and the drops are within `max_dropped`.
+  pass 2  for each image still in (`fmt.reject`, the leak drops), `fmt.plan` says what to make of it.
+          The shards are planned here (`plan_shards`: which samples go to which shard, in order, fixed
+          by --max-samples and the source files' sizes), then each is written whole by a worker process
+          (`write_shards`: `fmt.produce` makes each image's result, `fmt.samples` its samples, and
+          `attrdist.pack.writer.write_shard` the tar, fsync'ed) and recorded in order here by
+          `attrdist.pack.writer.PackWriter`, so the pack is the same bytes whatever the worker count.
+          The writer `commit`s the pack whole, with drops.jsonl, once no split is empty and the drops
+          are within `max_dropped`.
 
 A source format (coco, cocottributes, dior, imagefolder) is a `PackFormat`: it lists its images
 (`ImageItem`: split, key, path, its own data) and its inputs (`inputs`), and turns one image's pass-2
@@ -38,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -52,8 +56,11 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from attrdist.atomic import sha256_file
 from attrdist.errors import AttrdistError
-from attrdist.pack.writer import PackWriter, check_out_dir, pack_identity, pack_job
+from attrdist.pack.writer import PackWriter, check_out_dir, pack_identity, pack_job, write_record, write_shard
+
+log = logging.getLogger("attrdist")
 
 LEAK_POLICIES = ("error", "warn", "drop")
 DEFAULT_MAX_DROPPED = 0.05
@@ -140,7 +147,8 @@ def parallel_map(fn: Callable, items: Iterable, workers: int | None = None, *, c
     copying bytes through, where sending each result back from a process would cost more than the work.
     At most 4 tasks per worker are in flight, so memory stays flat in the number of items. Worker processes
     ignore SIGINT: Ctrl-C (sent to the whole process group) interrupts this process alone, which cancels what
-    is queued, so the user sees one line (`attrdist.errors.user_errors`), not a traceback per worker.
+    is queued, so the user sees one line (`attrdist.errors.user_errors`), not a traceback per worker
+    (`init_worker`, which also ends a worker whose packer was killed).
     """
     workers = default_workers() if workers is None else workers
     if workers <= 1:
@@ -148,8 +156,7 @@ def parallel_map(fn: Callable, items: Iterable, workers: int | None = None, *, c
             yield _call(fn, it)
         return
     chunk = 1 if threads else max(1, chunk)
-    pool = (ThreadPoolExecutor(workers) if threads
-            else ProcessPoolExecutor(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)))
+    pool = ThreadPoolExecutor(workers) if threads else ProcessPoolExecutor(workers, initializer=init_worker)
     try:
         pending: deque = deque()
         for part in _chunks(items, chunk):
@@ -162,6 +169,26 @@ def parallel_map(fn: Callable, items: Iterable, workers: int | None = None, *, c
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+def init_worker() -> None:
+    """The start of every packing worker process: SIGINT ignored (Ctrl-C is for the packing process, which
+    cancels the work), and a thread that ends the worker once its packing process is gone (killed: SIGKILL
+    cannot be passed on), where it would otherwise wait for work forever (seen: both workers of a pass 2 left
+    running after a kill -9). The standard library's pools have no such option; Linux's PR_SET_PDEATHSIG is
+    per thread and Linux only, so the parent's pid is polled, twice a second."""
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)  # a shard being written stays a .partial file, discarded by the next run
+
+    threading.Thread(target=watch, name="parent watch", daemon=True).start()
 
 
 def read_ahead(items: Iterable, path_of: Callable = lambda item: item) -> Iterator:
@@ -318,7 +345,7 @@ def verify_image(paths: str | os.PathLike | list) -> dict:
     """Pass 1 for one image file: read + decode it once (`verify_bytes`), fingerprint it. Given several
     candidate paths, the first that exists is used.
 
-    Returns {"path", "width", "height", "format", "sha1", "phash"}; raises ItemFailure with
+    Returns {"path", "bytes", "width", "height", "format", "sha1", "phash"}; raises ItemFailure with
     reason missing_image / not_an_image / corrupt_image / decompression_bomb.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
@@ -328,7 +355,7 @@ def verify_image(paths: str | os.PathLike | list) -> dict:
         raise ItemFailure("missing_image", f"{paths[0]}: no such file{looked}", paths[0])
     with open(path, "rb") as f:
         data = f.read()
-    return {"path": path, **verify_bytes(data, path)}
+    return {"path": path, "bytes": len(data), **verify_bytes(data, path)}
 
 
 def load_image_item(item: tuple) -> tuple[bytes, str, tuple[int, int], int]:
@@ -466,7 +493,7 @@ class PackFormat:
 
     Its constructor reads the annotations (bad input fails there, before any image is read); it sets
     `dataset`, `attributes`, `splits` and `tally`, and where they differ from the defaults
-    `label_fields`, `sources`, `options`, `where` and `threads`.
+    `label_fields`, `sources`, `options` and `where`.
     """
 
     dataset: str
@@ -479,7 +506,6 @@ class PackFormat:
     where: str | None = None    # what a leak error names (default: the output directory)
     verify = staticmethod(verify_image)       # pass 1, in workers: ImageItem.path -> metadata with sha1, phash
     produce = staticmethod(load_image_item)   # pass 2, in workers: Task.arg -> what `samples` turns into samples
-    threads = True              # `produce` in threads (bytes copied through), else in processes (decoding)
     leak_advice: str | None = None  # how to fix a leak error; None: the splits are given by the input
     inputs: list | tuple = ()   # every input path (folders and files): --out may not be, hold or lie in one
 
@@ -508,7 +534,13 @@ class PackFormat:
         return Task((meta["path"], meta["sha1"], meta["format"], 0, 90))
 
     def samples(self, image: ImageItem, meta: dict, task: Task, result) -> Iterable[tuple[str, dict, dict | None]]:
-        """The samples made of one image: (key, {ext: bytes, "json": sample JSON}, crc32 {ext: crc} or None)."""
+        """The samples made of one image: (key, {ext: bytes, "json": sample JSON}, crc32 {ext: crc} or None),
+        exactly `task.samples` of them.
+
+        Called twice per image: in the shard's worker process (a copy of this object as it was after every
+        `plan`), whose samples are written; then in the packing process, in pack order, with the result's
+        bytes emptied (`light`), for what it records (tally, counts, report). So the samples may depend only
+        on (image, meta, task, result) and on what `plan` set, never on earlier `samples` calls."""
         raise NotImplementedError
 
     def job(self, verified: dict) -> dict:
@@ -557,15 +589,7 @@ def pack(fmt: PackFormat, out_dir: str | os.PathLike, *, max_samples: int = 1000
                 _drop_image(fmt, im, reason, meta["path"])
             elif (task := fmt.plan(im, meta)) is not None:
                 todo.append((im, meta, task))
-        results = parallel_map(fmt.produce, (task.arg for _, _, task in todo), workers, threads=fmt.threads)  # pass 2
-        for (im, meta, task), r in zip(todo, tqdm(results, total=len(todo), desc="write", unit="img",
-                                                  disable=not progress)):
-            if isinstance(r, ItemError):
-                _drop_image(fmt, im, r.reason, r.file or meta["path"], r.detail, task)
-                continue
-            for key, sample, crc32 in fmt.samples(im, meta, task, r):
-                writer.add(im.split, key, sample, crc32=crc32)
-                fmt.tally.packed[im.split] += 1
+        write_shards(fmt, writer, todo, plan_shards(todo, max_samples, MAX_SHARD_BYTES), workers, progress)  # pass 2
         for s in fmt.splits:
             if not fmt.tally.packed[s]:
                 _stop(fmt, out_dir, f"split {s!r}: no sample left to pack ({describe_drops(fmt.tally.named(s))})")
@@ -581,6 +605,248 @@ def pack(fmt: PackFormat, out_dir: str | os.PathLike, *, max_samples: int = 1000
 
 
 DROPS = "drops.jsonl"
+
+
+# ------------------------------------------------------------------------------------------
+# Pass 2: shards planned here, written whole by workers, recorded in order
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard of pass 2, fixed before any is written (`plan_shards`)."""
+
+    split: str
+    number: int    # its file: <split>-<number:06d>.tar
+    start: int     # the split index of its first sample, as planned (less what pass 2 drops before it)
+    parts: tuple   # (todo index, first, end): samples [first, end) of that image's task, in order
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.number:06d}.tar"
+
+    @property
+    def samples(self) -> int:
+        return sum(end - first for _, first, end in self.parts)
+
+
+def _source_bytes(meta: dict) -> int:
+    """The size of an image's source file: pass 1's "bytes" (`verify_image`), else the file's size now."""
+    if "bytes" in meta:
+        return meta["bytes"]
+    try:
+        return os.stat(meta["path"]).st_size
+    except OSError:  # gone since pass 1: pass 2 drops it, named
+        return 0
+
+
+def plan_shards(todo: list[tuple], max_samples: int, max_bytes: int) -> list[ShardPlan]:
+    """Cut pass 2's (image, meta, task) list into shards, in order: a split's shard is closed at `max_samples`
+    samples or once its samples' planned bytes reach `max_bytes`. Planned bytes: the source file's size,
+    shared evenly among its task's samples (crops), known from pass 1; so a shard whose samples are re-encoded
+    larger than their sources can pass `max_bytes`. An image's samples may span two shards (both workers
+    make that image; only its samples in each are written). A sample dropped in pass 2 leaves its shard one
+    sample short; a shard that loses all of them is not written (its number is skipped)."""
+    plans: list[ShardPlan] = []
+    open_: dict[str, list] = {}  # split -> [number, start, parts, samples, bytes]
+    counts: Counter = Counter()  # split -> shards planned
+    index: Counter = Counter()   # split -> samples planned
+
+    def close(split: str) -> None:
+        number, start, parts, _, _ = open_.pop(split)
+        plans.append(ShardPlan(split, number, start, tuple(parts)))
+
+    for i, (im, meta, task) in enumerate(todo):
+        n = max(0, task.samples)
+        size = _source_bytes(meta) / max(1, n)
+        first = 0
+        while first < n:
+            cur = open_.get(im.split)
+            if cur is None:
+                cur = open_[im.split] = [counts[im.split], index[im.split], [], 0, 0.0]
+                counts[im.split] += 1
+            room = max_samples - cur[3]
+            if size > 0:
+                room = min(room, max(1, math.ceil((max_bytes - cur[4]) / size)))
+            take = min(n - first, room)
+            cur[2].append((i, first, first + take))
+            cur[3] += take
+            cur[4] += take * size
+            index[im.split] += take
+            first += take
+            if cur[3] >= max_samples or cur[4] >= max_bytes:
+                close(im.split)
+    for split in list(open_):
+        close(split)
+    return plans
+
+
+def _plan_digest(plan: ShardPlan, start: int, todo: list[tuple]) -> str:
+    """What a finished shard was made of (its split, number, first index, and each part's key, sha1, task
+    argument and sample range): a resumed pack reuses the shard only when this is unchanged."""
+    h = hashlib.sha1(json.dumps([plan.split, plan.number, start]).encode())
+    for i, first, end in plan.parts:
+        im, meta, task = todo[i]
+        h.update(json.dumps([im.key, meta["sha1"], task.arg, first, end], default=str).encode())
+    return h.hexdigest()
+
+
+def light(x):
+    """A pass-2 result as JSON keeps it, every bytes object emptied: what the packing process calls
+    `PackFormat.samples` with (`unlight`), and what a shard's `.record` keeps for a resume."""
+    if isinstance(x, ItemError):
+        return {"\0error": [x.reason, x.detail, x.file]}
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return {"\0bytes": len(x)}
+    if isinstance(x, (list, tuple)):
+        return [light(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): light(v) for k, v in x.items()}
+    return x.item() if hasattr(x, "item") and callable(x.item) else x  # numpy scalars
+
+
+def unlight(x):
+    """`light`'s result back as a pass-2 result, with empty bytes (lists as tuples) or an ItemError."""
+    if isinstance(x, dict):
+        if "\0error" in x:
+            return ItemError(*x["\0error"])
+        if "\0bytes" in x:
+            return b""
+        return {k: unlight(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(unlight(v) for v in x)
+    return x
+
+
+_SHARD_JOB: tuple | None = None  # (fmt, todo, staging, where, label_fields, n attributes) in a shard worker
+
+
+def _init_shard_worker(job: tuple) -> None:
+    """A shard worker's start (`init_worker`) with its job, inherited under fork (pickled once per worker
+    elsewhere)."""
+    global _SHARD_JOB
+    init_worker()
+    _SHARD_JOB = job
+
+
+def _write_planned_shard(spec: tuple) -> dict:
+    """In a worker: write one planned shard whole (`write_shard`) as `<name>.partial` in the staging folder, and
+    its resume record (`write_record`: plan digest, label counts, results) as `<name>.record.partial`; or,
+    given the sha256 of a finished shard of an interrupted pack with this plan, check that the file still has
+    it and reuse it ({"reused": True}). Returns the shard's nsamples, bytes, sha256, label counts and every
+    part's `light` result (an ItemError where `fmt.produce` failed: its samples are left out)."""
+    plan, start, digest, reuse = spec
+    fmt, todo, staging, where, label_fields, nattrs = _SHARD_JOB
+    path = staging / plan.name
+    if reuse is not None and path.is_file() and sha256_file(path) == reuse:
+        return {"reused": True}
+    for _ in read_ahead(todo[i][1]["path"] for i, _, _ in plan.parts):
+        pass  # every file of the shard asked for at once: a cold disk reads ahead of the work
+    results = []
+
+    def samples():
+        for i, first, end in plan.parts:
+            im, meta, task = todo[i]
+            r = _call(fmt.produce, task.arg)
+            results.append(light(r))
+            if isinstance(r, ItemError):
+                continue
+            made = list(fmt.samples(im, meta, task, r))
+            if len(made) != task.samples:
+                raise AttrdistError(f"{meta['path']}: the {type(fmt).__name__} packer made {len(made)} samples of "
+                                    f"it where it planned {task.samples}; this is a bug in attrdist, please report it")
+            yield from made[first:end]
+
+    shard = write_shard(path.with_name(f"{plan.name}.partial"), plan.split, samples(), start=start,
+                        label_fields=label_fields, nattrs=nattrs, where=where)
+    if shard["nsamples"]:  # what a resume needs to reuse it (`PackWriter.take_finished`)
+        write_record(path.with_name(f"{plan.name}.record.partial"),
+                     {"plan": digest, "label_counts": shard["label_counts"], "results": results})
+    return {**shard, "results": results}
+
+
+def write_shards(fmt: PackFormat, writer: PackWriter, todo: list[tuple], plans: list[ShardPlan],
+                 workers: int | None, progress: bool) -> None:
+    """Pass 2: every planned shard written whole by a worker process (`_write_planned_shard`; at least one,
+    even for `workers` 0 or 1: the worker's `fmt` is a copy, whose `samples` calls record nothing here), then
+    recorded in plan order (`PackWriter.record_shard`): each image's result replayed
+    through `fmt.samples` (bytes emptied) for the tally and the format's counts, or its failure dropped, named.
+
+    A shard's first index is its planned one less the samples pass 2 dropped before it in its split, as
+    known when it is sent; one sent before an earlier drop was known is written again with the right index
+    (only shards in flight: at most 2 per worker per drop), so the output does not depend on the worker
+    count. A finished shard of an interrupted pack is reused when its plan digest (`_plan_digest`) and
+    sha256 still match (checked in the workers), else written again. Ctrl-C cancels the shards not started;
+    those being written finish as `.partial` files, discarded by the next run."""
+    workers = max(1, default_workers() if workers is None else workers)
+    finished = writer.take_finished()
+    job = (fmt, todo, writer.staging, writer.out_dir, writer.label_fields, len(writer.attributes))
+    shift: Counter = Counter()        # split -> samples planned in recorded shards but dropped
+    replayed: dict[str, int] = {}     # split -> the last todo index replayed
+    reused = 0
+
+    def spec(plan: ShardPlan) -> tuple:
+        start = plan.start - shift[plan.split]
+        digest = _plan_digest(plan, start, todo)
+        entry, record = finished.get(plan.name, (None, {}))
+        return plan, start, digest, entry["sha256"] if entry and record.get("plan") == digest else None
+
+    pool = ProcessPoolExecutor(workers, initializer=_init_shard_worker, initargs=(job,))
+    plan_iter = iter(plans)
+    pending: deque = deque()
+    bar = tqdm(total=len(todo), desc="write", unit="img", disable=not progress)
+    try:
+        with writer.write_errors():
+            while True:
+                while len(pending) < 2 * workers and (plan := next(plan_iter, None)) is not None:
+                    s = spec(plan)
+                    pending.append((s, pool.submit(_write_planned_shard, s)))
+                if not pending:
+                    break
+                s, fut = pending.popleft()
+                plan, start, _, _ = s
+                r = fut.result()
+                if start != plan.start - shift[plan.split]:  # an earlier shard lost samples after this one was sent
+                    s = spec(plan)
+                    pending.appendleft((s, pool.submit(_write_planned_shard, s)))
+                    continue
+                if r.get("reused"):
+                    entry, record = finished[plan.name]
+                    r = {**entry, "label_counts": record["label_counts"], "results": record["results"], "reused": True}
+                    reused += 1
+                bar.update(_replay(fmt, todo, plan, r["results"], replayed))
+                shift[plan.split] += plan.samples - r["nsamples"]
+                if r["nsamples"]:
+                    writer.record_shard(plan.split, plan.name, r)
+    except BaseException:  # Ctrl-C above all: what is queued is dropped, the shards being written finish
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown(wait=True)
+    if finished:
+        log.info("%s: %d of the %d finished shards of the interrupted pack reused (plan and sha256 unchanged)",
+                 writer.out_dir, reused, len(finished))
+
+
+def _replay(fmt: PackFormat, todo: list[tuple], plan: ShardPlan, results: list, replayed: dict[str, int]) -> int:
+    """Record, in pack order, the images of a written shard not yet recorded (one spanning two shards is
+    recorded with the first): its samples counted through `fmt.samples` on the `light` result, or its failure
+    dropped, named. Returns the number of images recorded."""
+    n = 0
+    for (i, _, _), r in zip(plan.parts, results):
+        if i <= replayed.get(plan.split, -1):
+            continue
+        replayed[plan.split] = i
+        n += 1
+        im, meta, task = todo[i]
+        r = unlight(r)
+        if isinstance(r, ItemError):
+            _drop_image(fmt, im, r.reason, r.file or meta["path"], r.detail, task)
+            continue
+        for _ in fmt.samples(im, meta, task, r):
+            fmt.tally.packed[im.split] += 1
+    return n
 
 
 def _refuse_before_reading(fmt: PackFormat, images: list[ImageItem], out_dir: Path, overwrite: bool,

@@ -1,6 +1,12 @@
 """Writing a pack: tar shards (a writer thread per shard, sha256 on the fly) and the manifest, in a
 staging directory published whole (`PackWriter.commit`), resumable after a crash.
 
+Two ways to fill a pack: `PackWriter.add` appends samples one by one in this process; or whole shards are
+written elsewhere (`write_shard`, in the packers' worker processes: `attrdist.pack.pipeline.write_shards`)
+and recorded in order (`PackWriter.record_shard`), each with a `.record` file beside it in the staging
+folder, so that an interrupted pack can reuse a finished shard when its plan and sha256 still match
+(`PackWriter.take_finished`).
+
 The layout and the sample JSON are described in `attrdist.data.reader`, which reads them. Beside the
 manifest, each split gets a wids descriptor `<split>.wids.json` (`attrdist.pack.index.wids_descriptor`).
 """
@@ -142,7 +148,9 @@ def source_entry(path: str | os.PathLike) -> dict:
 
 # What a pack directory and its staging directory may hold: nothing else is ever deleted or replaced.
 PUBLISHED_FILES = re.compile(r"(manifest\.json|drops\.jsonl|coco_[^/]+\.json|[^/]+\.wids\.json|[^/]+-\d{6}\.tar)")
-STAGING_FILES = re.compile(PUBLISHED_FILES.pattern[:-1] + r"|progress\.json|[^/]+-\d{6}\.tar\.partial|\.[^/]+\.tmp-\d+)")  # + atomic temp files
+STAGING_FILES = re.compile(PUBLISHED_FILES.pattern[:-1] + r"|progress\.json"
+                           r"|[^/]+-\d{6}\.tar\.(partial|record|record\.partial)"  # + whole shards' resume records
+                           r"|\.[^/]+\.tmp-\d+)")  # + atomic temp files
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -325,7 +333,7 @@ class PackWriter:
                 self.splits = state["splits"]
                 keep = {s["file"] for info in self.splits.values() for s in info["shards"]}
                 for p in self.staging.iterdir():
-                    if p.name not in keep and p.name != "progress.json":
+                    if p.name not in keep and p.name.removesuffix(".record") not in keep and p.name != "progress.json":
                         p.unlink()
                 self._skip = {k: v["nsamples"] for k, v in self.splits.items()}
                 self.resumed_samples = sum(self._skip.values())
@@ -355,22 +363,14 @@ class PackWriter:
         """Append one sample to `split`; returns its index in the split. `crc32`: the members' checksums
         where the caller already took them (a pass-2 thread, off this one); the others are taken here."""
         self._check_names(split, key, sample)
-        with self._write_errors():
+        with self.write_errors():
             return self._add(split, key, sample, crc32 or {})
 
     def _check_names(self, split: str, key: str, sample: dict) -> None:
-        """Tar member names are <key>.<ext>: plain names only, so the shard never holds a member that an
-        unpacking tool could write outside its target, and WebDataset's key/extension split (at the
-        first dot) gives the key back."""
-        bad = [n for n in (key, *sample) if not isinstance(n, str) or not n or "/" in n or "." in n
-               or unsafe_member_name(n) or not n.isprintable()]
-        if bad or "/" in split or unsafe_member_name(split):
-            raise AttrdistError(f"{self.out_dir}: sample key {key!r} (split {split!r}, fields {list(sample)}) is not a "
-                                f"plain name (no '/', '.', '\\', '..' or control characters); fix the ids in the "
-                                f"input annotations")
+        check_sample_names(self.out_dir, split, key, sample)
 
     @contextlib.contextmanager
-    def _write_errors(self):
+    def write_errors(self):
         """OSError while writing (a full disk above all) -> one line naming the file and what to do."""
         try:
             yield
@@ -394,14 +394,7 @@ class PackWriter:
             return self._skip[split]
         writer, path, n, nbytes, counts = self._open.get(split) or self._new_shard(split)
         index = info["nsamples"] + n
-        meta = dict(sample["json"])
-        meta["index"] = index
-        meta["crc32"] = {k: crc32[k] if k in crc32 else zlib.crc32(v)  # checked when read
-                         for k, v in sample.items() if k != "json"}
-        for f in self.label_fields:
-            for a in meta.get(f, []):
-                counts[f][a] += 1
-        record = {**{k: v for k, v in sample.items() if k != "json"}, "json": json.dumps(meta).encode()}
+        record = sample_record(sample, index, crc32, self.label_fields, counts)
         writer.add(key, record)
         size = sum(len(v) for v in record.values())
         self._open[split] = (writer, path, n + 1, nbytes + size, counts)
@@ -438,13 +431,17 @@ class PackWriter:
         if unfinished:
             raise AttrdistError(f"{self.out_dir}: the inputs now give fewer samples than the interrupted pack "
                                 f"wrote ({unfinished}); delete {self.staging} and re-pack")
-        with self._write_errors():
+        with self.write_errors():
             return self._commit(sources, options, report)
 
     def _commit(self, sources: list[dict], options: dict, report: dict | None) -> dict:
         for split in list(self._open):
             self._close_shard(split)
         splits = {k: {kk: vv for kk, vv in v.items() if kk != "last_key"} for k, v in self.splits.items()}
+        recorded = {s["file"] for info in splits.values() for s in info["shards"]}
+        for p in self.staging.iterdir():  # resume records, shards left unfinished or not reused: never published
+            if p.name.endswith((".tar.record", ".partial")) or (p.name.endswith(".tar") and p.name not in recorded):
+                p.unlink()
         manifest = {
             "format": FORMAT, "dataset": self.dataset, "attrdist_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attributes": self.attributes,
@@ -460,6 +457,59 @@ class PackWriter:
         atomic.replace_dir(self.staging, self.out_dir)
         self.committed = True
         return manifest
+
+    # -------------------------------------------------------------- whole shards written elsewhere
+    def take_finished(self) -> dict[str, tuple[dict, dict]]:
+        """The shards an interrupted pack of this job finished, with their `.record`s (file name -> (manifest
+        entry, record)), now forgotten: the caller records every shard again with `record_shard`, a finished
+        one only where its plan and sha256 still match, so that no shard is kept on trust. Shards without a
+        record (written by `add`) are not offered; they are replaced or removed at `commit`."""
+        finished = {}
+        for info in self.splits.values():
+            for s in info["shards"]:
+                try:
+                    finished[s["file"]] = (s, json.loads((self.staging / f"{s['file']}.record").read_text()))
+                except (OSError, ValueError):
+                    pass
+        self.splits, self._skip = {}, {}
+        return finished
+
+    def record_shard(self, split: str, name: str, shard: dict) -> None:
+        """Record, in order, a whole shard written (and fsync'ed) into the staging folder as `<name>.partial`, with
+        its resume record as `<name>.record.partial` (`write_shard`, `write_record`: both renamed here), or, with
+        `shard["reused"]`, a finished one already there. `shard`: its nsamples, bytes, sha256, label_counts.
+        progress.json, written last, fsyncs the folder, which makes the renames durable with it; where it cannot
+        be written (a full disk: the workers may fill it meanwhile), the renames are undone, so that every
+        `<split>-NNNNNN.tar` in the staging folder is a shard progress.json lists."""
+        with self.write_errors():
+            renamed = []
+            try:
+                if not shard.get("reused"):
+                    for temp, final in ((f"{name}.partial", name), (f"{name}.record.partial", f"{name}.record")):
+                        self._writing = self.staging / temp
+                        os.replace(self._writing, self.staging / final)
+                        renamed.append((final, temp))
+                info = self._split(split)
+                info["shards"].append({"file": name, "nsamples": shard["nsamples"], "bytes": shard["bytes"],
+                                       "sha256": shard["sha256"]})
+                info["nsamples"] += shard["nsamples"]
+                for f in self.label_fields:
+                    info["label_counts"][f] = [a + b for a, b in zip(info["label_counts"][f],
+                                                                     shard["label_counts"][f])]
+                self._writing = self.staging / "progress.json"
+                self._save_progress()
+            except BaseException:
+                for final, temp in reversed(renamed):
+                    with contextlib.suppress(OSError):
+                        os.replace(self.staging / final, self.staging / temp)
+                if self.splits.get(split, {}).get("shards", [{}])[-1].get("file") == name:
+                    info = self.splits[split]
+                    info["shards"].pop()
+                    info["nsamples"] -= shard["nsamples"]
+                    for f in self.label_fields:
+                        info["label_counts"][f] = [a - b for a, b in zip(info["label_counts"][f],
+                                                                         shard["label_counts"][f])]
+                raise
 
     def __enter__(self):
         return self
@@ -479,11 +529,74 @@ class PackWriter:
         if not STAGING_FILES.fullmatch(name):
             raise ValueError(f"{name}: not a file name a pack may hold (writer.PUBLISHED_FILES)")
         path = self._writing = self.staging / name
-        with self._write_errors(), open(path, "wb") as f:
+        with self.write_errors(), open(path, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         return path
+
+
+def check_sample_names(where, split: str, key: str, sample: dict) -> None:
+    """Tar member names are <key>.<ext>: plain names only, so the shard never holds a member that an
+    unpacking tool could write outside its target, and WebDataset's key/extension split (at the
+    first dot) gives the key back."""
+    bad = [n for n in (key, *sample) if not isinstance(n, str) or not n or "/" in n or "." in n
+           or unsafe_member_name(n) or not n.isprintable()]
+    if bad or "/" in split or unsafe_member_name(split):
+        raise AttrdistError(f"{where}: sample key {key!r} (split {split!r}, fields {list(sample)}) is not a "
+                            f"plain name (no '/', '.', '\\', '..' or control characters); fix the ids in the "
+                            f"input annotations")
+
+
+def sample_record(sample: dict, index: int, crc32: dict[str, int], label_fields, counts: dict[str, list]) -> dict:
+    """The members written for one sample: its bytes, and its JSON with "index" (its position in the split) and
+    "crc32" (taken here for the members `crc32` does not give); its labels are added to `counts`."""
+    meta = dict(sample["json"])
+    meta["index"] = index
+    meta["crc32"] = {k: crc32[k] if k in crc32 else zlib.crc32(v)  # checked when read
+                     for k, v in sample.items() if k != "json"}
+    for f in label_fields:
+        for a in meta.get(f, []):
+            counts[f][a] += 1
+    return {**{k: v for k, v in sample.items() if k != "json"}, "json": json.dumps(meta).encode()}
+
+
+def write_shard(path: Path, split: str, samples, *, start: int, label_fields, nattrs: int, where) -> dict:
+    """Write one whole shard to `path` (a temporary name: `PackWriter.record_shard` renames it) from `samples`,
+    (key, {ext: bytes, "json": sample JSON}, crc32 or None) in order, indexed from `start`; fsync'ed. Returns
+    {"nsamples", "bytes", "sha256", "label_counts"}; with no sample, writes nothing (nsamples 0). A name that is
+    not plain stops before the shard is written (`check_sample_names`, naming `where`); a write error is raised
+    as an OSError naming `path`. Runs in a packer's worker process."""
+    counts = {f: [0] * nattrs for f in label_fields}
+    writer, n = None, 0
+    try:
+        for key, sample, crc32 in samples:
+            check_sample_names(where, split, key, sample)
+            if writer is None:
+                writer = TarShardWriter(path)
+            writer.add(key, sample_record(sample, start + n, crc32 or {}, label_fields, counts))
+            n += 1
+        if writer is None:
+            return {"nsamples": 0, "bytes": 0, "sha256": None, "label_counts": counts}
+        sha256 = writer.close()
+        writer = None
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    finally:
+        if writer is not None:
+            writer.abort()
+    return {"nsamples": n, "bytes": path.stat().st_size, "sha256": sha256, "label_counts": counts}
+
+
+def write_record(path: Path, record: dict) -> None:
+    """A shard's resume record (JSON) at `path`, fsync'ed; `PackWriter.record_shard` renames it. In a worker."""
+    try:
+        with open(path, "wb") as f:
+            f.write(json.dumps(record).encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def pack_job(*, dataset: str, attributes: list[str], label_fields: list[str], max_samples: int, max_bytes: int,
