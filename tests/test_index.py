@@ -402,6 +402,8 @@ def test_shards_served_over_http_are_indexed_and_read_through_the_node_cache(for
     desc = json.loads((tmp_path / "http" / "val.wids.json").read_text())
     assert desc["shardlist"][0]["url"] == f"{listed.url}/shards/val-00000.tar"
     _same_reads(tmp_path / "http", tmp_path / "local", tmp_path / "cache")
+    for name in ("train-00000.tar", "train-00001.tar", "val-00000.tar"):
+        assert listed.gets(name) == 2  # and once more by the node cache, which the reads above came from
     # a server without listings: one line, then the shards named by a brace pattern
     with pytest.raises(AttrdistError, match=r"/shards/: cannot list the files there through the server's directory "
                                             r"listing .*403.*name the shards with a brace pattern instead"):
