@@ -404,6 +404,19 @@ def test_shards_served_over_http_are_indexed_and_read_through_the_node_cache(for
     _same_reads(tmp_path / "http", tmp_path / "local", tmp_path / "cache")
     for name in ("train-00000.tar", "train-00001.tar", "val-00000.tar"):
         assert listed.gets(name) == 2  # and once more by the node cache, which the reads above came from
+    # the index itself served: with a URL "shard_base" it reads the same; with a local one, one line
+    from tests.test_remote import Cache
+
+    for name in ("idx-url", "idx-local"):
+        (listed.root / name).mkdir()
+    (listed.root / "idx-url" / "manifest.json").write_bytes((tmp_path / "http" / "manifest.json").read_bytes())
+    (listed.root / "idx-local" / "manifest.json").write_bytes((tmp_path / "local" / "manifest.json").read_bytes())
+    served_idx = load_manifest(f"{listed.url}/idx-url/", Cache(tmp_path / "cache2"))
+    assert served_idx.cache.url == f"{listed.url}/shards"
+    assert ShardReader(served_idx, "val")[3] == ShardReader(load_manifest(tmp_path / "local"), "val")[3]
+    with pytest.raises(AttrdistError, match=r"idx-local/manifest.json: an `attrdist index --out` manifest \(its shards "
+                                            r"are in '/.*'\) cannot be read from a server"):
+        load_manifest(f"{listed.url}/idx-local/", Cache(tmp_path / "cache2"))
     # a server without listings: one line, then the shards named by a brace pattern
     with pytest.raises(AttrdistError, match=r"/shards/: cannot list the files there through the server's directory "
                                             r"listing .*403.*name the shards with a brace pattern instead"):
