@@ -425,6 +425,16 @@ def test_shards_served_over_http_are_indexed_and_read_through_the_node_cache(for
     assert m2["shard_base"] == f"{unlisted.url}/shards" and list(m2["splits"]) == ["train"]
     assert m2["splits"]["train"]["shards"] == local["splits"]["train"]["shards"]
     assert f"data.shards={tmp_path / 'brace'}" in lines[-1]
+    one, _ = index_shards(f"{unlisted.url}/shards/val-00000.tar", labels="cls", out=tmp_path / "one")
+    assert one["splits"]["train"]["shards"] == local["splits"]["val"]["shards"]  # a single shard's URL: that shard
+    # a damaged shard at the URL: left out and named by its URL, as a local one is
+    (listed.root / "bad").mkdir()
+    whole = (d / "train-00000.tar").read_bytes()
+    (listed.root / "bad" / "a.tar").write_bytes(whole)
+    (listed.root / "bad" / "b.tar").write_bytes(whole[:len(whole) // 2 + 100])
+    bad, lines = index_shards(f"{listed.url}/bad/", labels="cls", out=tmp_path / "bad")
+    assert [s["file"] for s in bad["splits"]["train"]["shards"]] == ["a.tar"]
+    assert any(x.startswith(f"  {listed.url}/bad/b.tar (train): ") and "cut short" in x for x in lines)
     # bad input: one line each, nothing written
     with pytest.raises(AttrdistError, match=r"/empty/: no files found through the server's directory listing"):
         index_shards(f"{listed.url}/empty/", labels="cls", out=tmp_path / "x")

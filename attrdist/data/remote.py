@@ -473,8 +473,8 @@ def list_files(url: str) -> tuple[str, list[str]]:
     """(the folder's URL without the trailing '/', the names of the files directly in it) for `url`: a folder
     (s3: its objects; http(s): the links of the server's directory listing, e.g. nginx `autoindex on`) or a
     brace pattern of shard URLs in one folder (`https://host/shards/data-{000000..000099}.tar`, listed as
-    given, nothing fetched). One line when there is nothing to list."""
-    if "{" in url:
+    given, nothing fetched; a URL ending in .tar: that one shard). One line when there is nothing to list."""
+    if "{" in url or url.endswith(".tar"):
         from braceexpand import braceexpand
 
         try:
@@ -493,6 +493,7 @@ def list_files(url: str) -> tuple[str, list[str]]:
            "the server's directory listing (e.g. nginx `autoindex on`)")
     hint = (f"name the shards with a brace pattern instead, e.g. attrdist index '{base}/data-{{000000..000099}}.tar'")
     try:
+        fs.invalidate_cache(base)  # s3fs keeps listings per process: index what is there now
         entries = fs.ls(base if base.startswith("s3://") else base + "/", detail=True)
     except Exception as e:  # noqa: BLE001 - aiohttp/botocore/OSError
         if isinstance(e, FileNotFoundError) and base.startswith("s3://"):
