@@ -3,7 +3,7 @@
     attrdist predict CHECKPOINT IMAGE [IMAGE ...] [--top K]   top attributes with probabilities
     attrdist predict DETECTOR_RUN IMAGE ... [--out DIR] [--classes a,b] [--threshold T]   boxes drawn (PNG)
     attrdist inspect SHARDS [--sheet out.png] [--n 32] [--split train] [--seed 0]
-    attrdist index DIR --labels cls|json:FIELD [--split NAME=GLOB ...] [--classes FILE] [--out DIR]
+    attrdist index DIR_OR_URL --labels cls|json:FIELD [--split NAME=GLOB ...] [--classes FILE] [--out DIR]
                                               a manifest for existing WebDataset shards (no re-pack)
     attrdist version
 """
@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("index", help="make existing WebDataset shards (img2dataset, your own) trainable: writes a "
                                      "manifest and wids descriptors, never touches the shards")
-    p.add_argument("dir", help="folder holding the .tar shards")
+    p.add_argument("dir", metavar="DIR_OR_URL", help="folder holding the .tar shards, or its URL (https://, http://, "
+                   "s3://; listed by the server, or name them with a brace pattern: .../data-{000000..000099}.tar; "
+                   "needs --out)")
     p.add_argument("--labels", required=True, help="where each sample's labels are: cls (an integer class in "
                                                    "<key>.cls) or json:FIELD (a class index or list of them in "
                                                    "<key>.json)")
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="shards of a split, by file name glob in DIR (repeat; default: train=*.tar)")
     p.add_argument("--classes", default=None, help="class names, one a line in index order (default: class_<k>)")
     p.add_argument("--out", default=None, help="write the index here (the manifest names the shards' folder); "
-                                               "default: beside the shards, if no manifest.json is there")
+                                               "default: beside local shards, if no manifest.json is there")
     p.add_argument("--dataset", default=None, help="dataset name in the manifest (default: the folder's name)")
     p.add_argument("--workers", type=int, default=None, help="shards scanned at once (default: the cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

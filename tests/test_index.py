@@ -330,3 +330,178 @@ def test_many_unusable_samples_are_all_counted_and_the_first_named(tmp_path):
     named = [x for x in lines if x.startswith("  0000")]
     assert len(named) == 20 and named[0] == "  000000005 in 00000.tar: the sample has no .cls member (its labels; it has: jpg, txt)"
     assert f"  ... and 110 more (the first 100 in {tmp_path / 'idx' / 'manifest.json'}, \"report\")" in lines
+
+
+# ---------------------------------------------------------------- foreign shards at a URL (real nginx and moto servers)
+
+
+@pytest.fixture(scope="module")
+def foreign_served(foreign, tmp_path_factory):
+    """The foreign shards at /shards/ of two nginx servers on 127.0.0.1: one with directory listings
+    (autoindex on; also an empty /empty/ folder), one without (nginx's default: a folder is a 403)."""
+    from tests.test_remote import Nginx
+
+    d, _ = foreign
+    www = tmp_path_factory.mktemp("www")
+    (www / "shards").mkdir()
+    (www / "empty").mkdir()
+    for p in d.iterdir():
+        (www / "shards" / p.name).write_bytes(p.read_bytes())
+    listed = Nginx(www, tmp_path_factory.mktemp("nginx-listed"), autoindex=True)
+    try:
+        unlisted = Nginx(www, tmp_path_factory.mktemp("nginx-unlisted"))
+    except BaseException:
+        listed.stop()
+        raise
+    yield listed, unlisted
+    listed.stop()
+    unlisted.stop()
+
+
+def _same_index(remote_m: dict, local_m: dict) -> None:
+    for split, info in local_m["splits"].items():
+        assert remote_m["splits"][split]["shards"] == info["shards"]  # file, nsamples, bytes, sha256: the local files'
+        assert remote_m["splits"][split]["label_counts"] == info["label_counts"]
+    assert remote_m["attributes"] == local_m["attributes"] and remote_m["labels_from"] == local_m["labels_from"]
+
+
+def _same_reads(url_index: Path, local_index: Path, cache: Path) -> None:
+    from tests.test_remote import Cache, assert_nothing_half_written
+
+    m, local = load_manifest(url_index, Cache(cache)), load_manifest(local_index)
+    assert m.cache is not None and local.cache is None
+    for split in m.data["splits"]:
+        a, b = ShardReader(m, split), ShardReader(local, split)
+        assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
+        da = SampleDataset(a, 4, ["labels"], DataConfig(image_size=32), seed=0, train=False)
+        db = SampleDataset(b, 4, ["labels"], DataConfig(image_size=32), seed=0, train=False)
+        for i in range(len(a)):
+            x, y = da[(i, 0)], db[(i, 0)]
+            assert x["valid"] and bool((x["image"] == y["image"]).all())
+            assert x["labels/labels"].tolist() == y["labels/labels"].tolist()
+    assert_nothing_half_written(cache, m)
+
+
+@pytest.mark.remote
+def test_shards_served_over_http_are_indexed_and_read_through_the_node_cache(foreign, foreign_served, tmp_path):
+    d, _ = foreign
+    listed, unlisted = foreign_served
+    local, _ = index_shards(d, labels="cls", splits=SPLITS, out=tmp_path / "local")
+    # the CLI, from nginx's directory listing
+    p = subprocess.run([sys.executable, "-m", "attrdist.cli", "index", f"{listed.url}/shards/", "--labels", "cls",
+                        "--quiet", "--out", str(tmp_path / "http"), *[a for s in SPLITS for a in ("--split", s)]],
+                       cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"indexed {listed.url}/shards: 3 shards, 64 samples" in p.stdout
+    m = json.loads((tmp_path / "http" / "manifest.json").read_text())
+    assert m["shard_base"] == f"{listed.url}/shards" and m["dataset"] == "shards"
+    _same_index(m, local)
+    for name in ("train-00000.tar", "train-00001.tar", "val-00000.tar"):
+        assert listed.gets(name) == 1  # downloaded once to be scanned
+    assert not list(tmp_path.glob(".attrdist-index-*"))  # the temp copies are gone
+    desc = json.loads((tmp_path / "http" / "val.wids.json").read_text())
+    assert desc["shardlist"][0]["url"] == f"{listed.url}/shards/val-00000.tar"
+    _same_reads(tmp_path / "http", tmp_path / "local", tmp_path / "cache")
+    for name in ("train-00000.tar", "train-00001.tar", "val-00000.tar"):
+        assert listed.gets(name) == 2  # and once more by the node cache, which the reads above came from
+    # the index itself served: with a URL "shard_base" it reads the same; with a local one, one line
+    from tests.test_remote import Cache
+
+    for name in ("idx-url", "idx-local"):
+        (listed.root / name).mkdir()
+    (listed.root / "idx-url" / "manifest.json").write_bytes((tmp_path / "http" / "manifest.json").read_bytes())
+    (listed.root / "idx-local" / "manifest.json").write_bytes((tmp_path / "local" / "manifest.json").read_bytes())
+    served_idx = load_manifest(f"{listed.url}/idx-url/", Cache(tmp_path / "cache2"))
+    assert served_idx.cache.url == f"{listed.url}/shards"
+    assert ShardReader(served_idx, "val")[3] == ShardReader(load_manifest(tmp_path / "local"), "val")[3]
+    with pytest.raises(AttrdistError, match=r"idx-local/manifest.json: an `attrdist index --out` manifest \(its shards "
+                                            r"are in '/.*'\) cannot be read from a server"):
+        load_manifest(f"{listed.url}/idx-local/", Cache(tmp_path / "cache2"))
+    # a server without listings: one line, then the shards named by a brace pattern
+    with pytest.raises(AttrdistError, match=r"/shards/: cannot list the files there through the server's directory "
+                                            r"listing .*403.*name the shards with a brace pattern instead"):
+        index_shards(f"{unlisted.url}/shards/", labels="cls", out=tmp_path / "x")
+    m2, lines = index_shards(f"{unlisted.url}/shards/train-{{00000..00001}}.tar", labels="cls", out=tmp_path / "brace")
+    assert m2["shard_base"] == f"{unlisted.url}/shards" and list(m2["splits"]) == ["train"]
+    assert m2["splits"]["train"]["shards"] == local["splits"]["train"]["shards"]
+    assert f"data.shards={tmp_path / 'brace'}" in lines[-1]
+    one, _ = index_shards(f"{unlisted.url}/shards/val-00000.tar", labels="cls", out=tmp_path / "one")
+    assert one["splits"]["train"]["shards"] == local["splits"]["val"]["shards"]  # a single shard's URL: that shard
+    # a damaged shard at the URL: left out and named by its URL, as a local one is
+    (listed.root / "bad").mkdir()
+    whole = (d / "train-00000.tar").read_bytes()
+    (listed.root / "bad" / "a.tar").write_bytes(whole)
+    (listed.root / "bad" / "b.tar").write_bytes(whole[:len(whole) // 2 + 100])
+    bad, lines = index_shards(f"{listed.url}/bad/", labels="cls", out=tmp_path / "bad")
+    assert [s["file"] for s in bad["splits"]["train"]["shards"]] == ["a.tar"]
+    assert any(x.startswith(f"  {listed.url}/bad/b.tar (train): ") and "cut short" in x for x in lines)
+    # bad input: one line each, nothing written
+    with pytest.raises(AttrdistError, match=r"/empty/: no files found through the server's directory listing"):
+        index_shards(f"{listed.url}/empty/", labels="cls", out=tmp_path / "x")
+    with pytest.raises(AttrdistError, match=r"/shards/train-00002\.tar: not found on the server \(FileNotFoundError"):
+        index_shards(f"{unlisted.url}/shards/train-{{00000..00002}}.tar", labels="cls", out=tmp_path / "x", workers=1)
+    with pytest.raises(AttrdistError, match=r"shards/: no file matches 'test-\*.tar' for split 'test'"):
+        index_shards(f"{listed.url}/shards/", labels="cls", splits=["test=test-*.tar"], out=tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".attrdist-index-*"))
+    p = subprocess.run([sys.executable, "-m", "attrdist.cli", "index", f"{listed.url}/shards/", "--labels", "cls"],
+                       cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"attrdist: error: {listed.url}/shards/: --out DIR is required for a URL (the index is written into a local "
+        f"folder; the shards stay on the server); pass --out DIR"]
+
+
+@pytest.mark.remote
+def test_a_recipe_trains_on_an_index_of_shards_served_over_http(foreign, foreign_served, tmp_path):
+    from tests.test_remote import cached_files
+
+    listed, _ = foreign_served
+    index_shards(f"{listed.url}/shards", labels="cls", splits=SPLITS, out=tmp_path / "idx")
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "recipes" / "characters.py"), "--profile", "demo",
+           f"data.shards={tmp_path / 'idx'}", f"data.cache_dir={tmp_path / 'cache'}", f"run.run_dir={run_dir}",
+           "data.batch_size=8", "data.num_workers=0", "run.epochs=1", "run.eval_every=1", "run.precision=fp32",
+           "run.threads=1", "data.image_size=32"]
+    p = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["type"] == "train"] == list(range(1, 7))
+    assert all(np.isfinite(r["loss"]) for r in recs if r["type"] == "train")
+    assert len([r for r in recs if r["type"] == "eval"]) == 1
+    assert {"train-00000.tar", "train-00001.tar", "val-00000.tar"} == {f.name for f in cached_files(tmp_path / "cache")}
+    assert "Traceback" not in p.stdout + p.stderr
+
+
+@pytest.mark.remote
+def test_shards_in_s3_are_indexed_and_read_through_the_node_cache(foreign, tmp_path, monkeypatch):
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (requirements/test.txt)")
+    import boto3
+
+    from tests.test_remote import free_port, wait_port
+
+    d, _ = foreign
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        wait_port(port)
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+        s3.create_bucket(Bucket="foreign")
+        for p in d.iterdir():
+            s3.upload_file(str(p), "foreign", f"shards/{p.name}")
+        s3.put_object(Bucket="foreign", Key="shards/sub/other.tar", Body=b"not listed: a deeper folder")
+        local, _ = index_shards(d, labels="cls", splits=SPLITS, out=tmp_path / "local")
+        m, _ = index_shards("s3://foreign/shards/", labels="cls", splits=SPLITS, out=tmp_path / "s3")
+        assert m["shard_base"] == "s3://foreign/shards"
+        _same_index(m, local)
+        _same_reads(tmp_path / "s3", tmp_path / "local", tmp_path / "cache")
+        with pytest.raises(AttrdistError, match=r"s3://foreign/nothing/: no files found through its objects"):
+            index_shards("s3://foreign/nothing/", labels="cls", out=tmp_path / "x")
+        with pytest.raises(AttrdistError, match=r"s3://foreign/shards/val-00001\.tar: not found on the server"):
+            index_shards("s3://foreign/shards/val-{00000..00001}.tar", labels="cls", out=tmp_path / "x")
+        assert not (tmp_path / "x").exists()
+    finally:
+        server.stop()

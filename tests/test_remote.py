@@ -65,9 +65,10 @@ def ensure_nginx() -> str:
 
 
 class Nginx:
-    """nginx serving `root` on 127.0.0.1:<free port> with its own config, logs and pid file in `work`."""
+    """nginx serving `root` on 127.0.0.1:<free port> with its own config, logs and pid file in `work`;
+    `autoindex`: folders answer with nginx's directory listing (else 403, nginx's default)."""
 
-    def __init__(self, root: Path, work: Path):
+    def __init__(self, root: Path, work: Path, autoindex: bool = False):
         self.root, self.work, self.port = root, work, free_port()
         work.mkdir(parents=True, exist_ok=True)
         self.access = work / "access.log"
@@ -88,6 +89,7 @@ http {{
     server {{
         listen 127.0.0.1:{self.port};
         root {root};
+        autoindex {"on" if autoindex else "off"};
     }}
 }}
 """)

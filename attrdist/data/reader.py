@@ -23,6 +23,7 @@ copies (attrdist.data.remote), each indexed the first time one of its samples is
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -63,10 +64,12 @@ class Manifest:
         return self.data["splits"][name]
 
     @property
-    def shard_dir(self) -> Path:
+    def shard_dir(self) -> Path | str:
         """Where the shard files are: the manifest's folder, or its "shard_base" (`attrdist index --out`: the
-        manifest of foreign shards written into another folder; absolute, or relative to the manifest's)."""
-        return Path(self.root) / self.data.get("shard_base", "")
+        manifest of foreign shards written into another folder; absolute, or relative to the manifest's; or the
+        URL of the folder the shards are served from: then `cache` reads them)."""
+        base = self.data.get("shard_base", "")
+        return base if remote.is_remote(base) else Path(self.root) / base
 
     def has_split(self, name: str) -> bool:
         return name in self.data["splits"]
@@ -95,6 +98,9 @@ def load_manifest(root: str | os.PathLike, cache=None) -> Manifest:
     except OSError as e:
         raise AttrdistError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
     _check_manifest(path, data)
+    if remote.is_remote(data.get("shard_base", "")):  # `attrdist index URL --out`: shards through the node cache
+        return Manifest(root, data, _shard_cache(path, data, data["shard_base"].rstrip("/"),
+                                                 hashlib.sha256(path.read_bytes()).hexdigest(), cache))
     shard_dir = Manifest(root, data).shard_dir
     for split, info in data["splits"].items():
         for s in info["shards"]:
@@ -119,19 +125,23 @@ def _load_remote_manifest(url: str, cache) -> Manifest:
     path = f"{root}/{MANIFEST}"
     data = remote.manifest_json(path, raw)
     _check_manifest(path, data)
-    if data.get("shard_base"):
+    if data.get("shard_base") and not remote.is_remote(data["shard_base"]):
         raise AttrdistError(f"{path}: an `attrdist index --out` manifest (its shards are in {data['shard_base']!r}) "
                             f"cannot be read from a server; serve an index written beside its shards")
+    return Manifest(root, data, _shard_cache(path, data, data.get("shard_base", root).rstrip("/"), digest, cache))
+
+
+def _shard_cache(path, data: dict, url: str, digest: str, cache) -> remote.ShardCache:
+    """The node cache of the shards at `url` that the manifest at `path` lists (`digest`: its sha256)."""
     for split, info in data["splits"].items():
         for s in info["shards"]:
             if not (isinstance(s.get("bytes"), int) and isinstance(s.get("sha256"), str)):
                 raise AttrdistError(f"{path}: shard {s['file']} has no \"bytes\" and \"sha256\", which a remote pack "
                                     f"needs to verify its downloads; re-pack the dataset with this attrdist version")
     shards = {s["file"]: s for info in data["splits"].values() for s in info["shards"]}
-    c = remote.ShardCache(root, digest, shards, getattr(cache, "cache_dir", ""),
-                          getattr(cache, "cache_limit_gb", remote.DEFAULT_LIMIT_GB),
-                          getattr(cache, "prefetch_shards", remote.DEFAULT_PREFETCH))
-    return Manifest(root, data, c)
+    return remote.ShardCache(url, digest, shards, getattr(cache, "cache_dir", ""),
+                             getattr(cache, "cache_limit_gb", remote.DEFAULT_LIMIT_GB),
+                             getattr(cache, "prefetch_shards", remote.DEFAULT_PREFETCH))
 
 
 def _is_count(v) -> bool:
@@ -349,7 +359,7 @@ class ShardReader:
         info = manifest.split(split)
         self.split, self.root, self.cache = split, manifest.root, manifest.cache
         self.shards = info["shards"]
-        self.paths = [remote.join(manifest.root, s["file"]) if self.cache is not None else
+        self.paths = [remote.join(self.cache.url, s["file"]) if self.cache is not None else
                       str(manifest.shard_dir / s["file"]) for s in info["shards"]]
         self.labels_from = manifest.data.get("labels_from")  # foreign shards: where labels are (data.foreign)
         self.lengths = np.asarray([s["nsamples"] for s in info["shards"]], dtype=np.int64)

@@ -466,3 +466,74 @@ def manifest_json(url: str, raw: bytes):
     except (ValueError, RecursionError) as e:
         raise AttrdistError(f"{url}: not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]}); re-pack "
                             f"and upload the dataset") from None
+
+
+# ------------------------------------------------------------------ foreign shards at a URL (`attrdist index URL`)
+def list_files(url: str) -> tuple[str, list[str]]:
+    """(the folder's URL without the trailing '/', the names of the files directly in it) for `url`: a folder
+    (s3: its objects; http(s): the links of the server's directory listing, e.g. nginx `autoindex on`) or a
+    brace pattern of shard URLs in one folder (`https://host/shards/data-{000000..000099}.tar`, listed as
+    given, nothing fetched; a URL ending in .tar: that one shard). One line when there is nothing to list."""
+    if "{" in url or url.endswith(".tar"):
+        from braceexpand import braceexpand
+
+        try:
+            urls = list(dict.fromkeys(braceexpand(url)))
+        except Exception as e:  # noqa: BLE001 - braceexpand raises ValueError/IndexError on a bad pattern
+            raise AttrdistError(f"{url}: not a valid brace pattern ({_describe(e)}); write it as "
+                                f"https://host/shards/data-{{000000..000099}}.tar") from None
+        folders = {u.rsplit("/", 1)[0] for u in urls}
+        if len(folders) != 1 or any(not u.rsplit("/", 1)[1] for u in urls):
+            raise AttrdistError(f"{url}: the brace pattern must name files in one folder (it names "
+                                f"{len(folders)}); index each folder with its own attrdist index --out")
+        return folders.pop(), [u.rsplit("/", 1)[1] for u in urls]
+    base = url.rstrip("/")
+    fs = filesystem(base)
+    how = ("its objects" if base.startswith("s3://") else
+           "the server's directory listing (e.g. nginx `autoindex on`)")
+    hint = (f"name the shards with a brace pattern instead, e.g. attrdist index '{base}/data-{{000000..000099}}.tar'")
+    try:
+        fs.invalidate_cache(base)  # s3fs keeps listings per process: index what is there now
+        entries = fs.ls(base if base.startswith("s3://") else base + "/", detail=True)
+    except Exception as e:  # noqa: BLE001 - aiohttp/botocore/OSError
+        if isinstance(e, FileNotFoundError) and base.startswith("s3://"):
+            entries = []
+        else:
+            raise AttrdistError(f"{base}/: cannot list the files there through {how} ({_describe(e)}); {hint}") from None
+    names = []
+    plain = base.split("://", 1)[1]
+    for e in entries:
+        name = e["name"].split("://", 1)[-1]
+        if e.get("type") == "directory" or not name.startswith(plain + "/"):
+            continue
+        rest = name[len(plain) + 1:]
+        if rest and "/" not in rest and rest not in (".", ".."):
+            from urllib.parse import unquote
+
+            names.append(unquote(rest) if not base.startswith("s3://") else rest)
+    if not names:
+        raise AttrdistError(f"{base}/: no files found through {how}; check the URL, or {hint}")
+    return base, sorted(set(names))
+
+
+def download(url: str, dest: Path) -> None:
+    """`url` streamed into `dest` (a temp file the caller deletes), retried like a cached shard: a cut, a
+    timeout or a 5xx RETRIES times, then one line; a 404/403 is one line at once (NotFound)."""
+    fs = filesystem(url)
+    for attempt in range(RETRIES):
+        try:
+            fs.get_file(url, str(dest))
+            return
+        except Exception as e:  # noqa: BLE001 - aiohttp/botocore/OSError: classified below
+            if _not_found(e):
+                raise NotFound(f"{url}: not found on the server ({_describe(e)}); check the URL or the brace "
+                               f"pattern's range, then index again") from None
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise AttrdistError(f"{dest.parent}: disk full while downloading {url} to scan it; free space there "
+                                    f"or pass --out on a larger disk (the shard is downloaded beside it)") from None
+            if attempt == RETRIES - 1:
+                raise AttrdistError(f"{url}: download failed {RETRIES} times (last: {_describe(e)}); check the server "
+                                    f"and the network, then index again") from None
+            log.warning("%s: download attempt %d failed (%s); retrying in %.1f s", url, attempt + 1, _describe(e),
+                        BACKOFF_S * 2 ** attempt)
+            time.sleep(BACKOFF_S * 2 ** attempt)

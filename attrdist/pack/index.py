@@ -35,6 +35,7 @@ import fnmatch
 import json
 import os
 import re
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from pathlib import Path
 
 from attrdist import __version__, atomic
 from attrdist.data.foreign import LabelError, parse_labels_spec, sample_labels
+from attrdist.data import remote
 from attrdist.data.reader import FORMAT, MANIFEST, index_shard, scan_tar
 from attrdist.errors import AttrdistError
 
@@ -164,10 +166,11 @@ def read_classes(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def _out_dir(src: Path, out: Path | None, splits: dict[str, str]) -> tuple[Path, bool]:
-    """(where the index goes, whether that is beside the shards); one line when it may not go there."""
+def _out_dir(src: Path | None, out: Path | None, splits: dict[str, str]) -> tuple[Path, bool]:
+    """(where the index goes, whether that is beside the shards); one line when it may not go there.
+    `src` None: the shards are at a URL, so the index always goes into `out`."""
     names = [MANIFEST, *(wids_name(s) for s in splits)]
-    if out is None or (out.exists() and out.resolve() == src.resolve()):
+    if src is not None and (out is None or (out.exists() and out.resolve() == src.resolve())):
         clash = [n for n in names if (src / n).exists() or (src / n).is_symlink()]
         if clash:
             raise AttrdistError(f"{src / clash[0]}: already exists beside the shards, and attrdist index never replaces "
@@ -198,29 +201,43 @@ def index_shards(src: str | os.PathLike, *, labels: str, splits: list[str] = (),
     """Index the WebDataset shards in `src` (see the module docstring); returns (the manifest written, the
     lines to print: what was indexed, what is unusable, what was written, how to train on it). `workers`
     threads scan shards side by side (default: the cores): the work is preads and sha256 of whole shards,
-    which release the GIL, so threads overlap it without a process pool's start-up and pickling."""
-    src = Path(src)
-    if not src.is_dir():
-        raise AttrdistError(f"{src}: not a folder; pass the folder that holds the WebDataset shards (.tar)")
+    which release the GIL, so threads overlap it without a process pool's start-up and pickling.
+
+    `src` may be a URL (https://, http://, s3://): a folder whose files are listed (s3 objects; an HTTP
+    server's directory listing) or a brace pattern naming the shards (`.../data-{000000..000099}.tar`).
+    Each shard is then streamed once into a temp file (beside --out, which a URL needs), scanned like a
+    local one and deleted; the manifest's "shard_base" is the folder's URL, from which training reads the
+    shards through the node cache, verified against the sha256 recorded here."""
+    url = str(src) if remote.is_remote(str(src)) else None
+    if url is None:
+        src = Path(src)
+        if not src.is_dir():
+            raise AttrdistError(f"{src}: not a folder; pass the folder that holds the WebDataset shards (.tar)")
+    elif out is None:
+        raise AttrdistError(f"{url}: --out DIR is required for a URL (the index is written into a local folder; "
+                            f"the shards stay on the server); pass --out DIR")
     try:
         spec = parse_labels_spec(labels)
     except ValueError as e:
         raise AttrdistError(str(e)) from None
     globs = parse_splits(list(splits))
     names = read_classes(classes) if classes else None
-    out_dir, beside = _out_dir(src, Path(out) if out is not None else None, globs)
-    files = sorted(p.name for p in src.iterdir() if p.is_file())
+    out_dir, beside = _out_dir(src if url is None else None, Path(out) if out is not None else None, globs)
+    if url is None:
+        files = sorted(p.name for p in src.iterdir() if p.is_file())
+    else:
+        src, files = remote.list_files(url)  # src: the shards' folder URL from here on
     chosen: dict[str, list[str]] = {}
     for split, pattern in globs.items():
         chosen[split] = [f for f in files if fnmatch.fnmatchcase(f, pattern)]
         if not chosen[split]:
-            raise AttrdistError(f"{src}: no file matches {pattern!r} for split {split!r}; pass --split "
+            raise AttrdistError(f"{src}{'/' if url else ''}: no file matches {pattern!r} for split {split!r}; pass --split "
                                 f"{split}=GLOB matching its .tar shards there")
     seen: dict[str, str] = {}
     for split, fs in chosen.items():
         for f in fs:
             if f in seen:
-                raise AttrdistError(f"{src / f}: matched by the globs of splits {seen[f]!r} and {split!r}; make the "
+                raise AttrdistError(f"{remote.join(src, f)}: matched by the globs of splits {seen[f]!r} and {split!r}; make the "
                                     f"--split globs pick each shard once")
             seen[f] = split
 
@@ -228,10 +245,31 @@ def index_shards(src: str | os.PathLike, *, labels: str, splits: list[str] = (),
 
     from tqdm import tqdm
 
-    with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
-        scans = {split: list(tqdm(pool.map(lambda f: scan_shard(src / f, spec, len(names) if names else None), fs),
-                                  total=len(fs), desc=f"index {split}", unit="shard", disable=not progress))
+    n_classes = len(names) if names else None
+    tmp = None
+    if url is not None:  # downloads go beside --out (a big disk, as the index's own), else the temp dir
+        parent = out_dir.parent if out_dir.parent.is_dir() else None
+        tmp = tempfile.TemporaryDirectory(prefix=".attrdist-index-", dir=parent)
+
+    def scan(f: str) -> ShardScan:
+        if tmp is None:
+            return scan_shard(src / f, spec, n_classes)
+        part = Path(tmp.name) / f
+        try:
+            remote.download(remote.join(src, f), part)  # NotFound/AttrdistError: one line, the index stops
+            return scan_shard(part, spec, n_classes)
+        finally:
+            part.unlink(missing_ok=True)
+
+    pool = ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1))
+    try:
+        scans = {split: list(tqdm(pool.map(scan, fs), total=len(fs), desc=f"index {split}", unit="shard",
+                                  disable=not progress))
                  for split, fs in chosen.items()}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a failed download: the shards not started stay unfetched
+        if tmp is not None:
+            tmp.cleanup()
     found = [max(s.counts) for ss in scans.values() for s in ss if s.counts]
     if names is None:
         if not found:
@@ -262,15 +300,15 @@ def index_shards(src: str | os.PathLike, *, labels: str, splits: list[str] = (),
                                   "label_counts": {"labels": counts},
                                   "unusable": sum(sum(s.kinds.values()) for s in ss if not s.damaged)}
     manifest = {
-        "format": FORMAT, "dataset": dataset or src.resolve().name, "attrdist_version": __version__,
+        "format": FORMAT, "dataset": dataset or (src.rsplit("/", 1)[-1] if url else src.resolve().name), "attrdist_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attributes": names, "label_fields": ["labels"],
-        "labels_from": spec, "splits": manifest_splits, "sources": [{"path": str(src.resolve())}],
+        "labels_from": spec, "splits": manifest_splits, "sources": [{"path": src if url else str(src.resolve())}],
         "options": {"labels": labels, "splits": globs, "classes": str(classes) if classes else None},
         "report": {"unusable": dict(kinds), "unusable_samples": unusable, "damaged_shards": damaged},
     }
     base = ""
     if not beside:
-        manifest["shard_base"] = base = str(src.resolve())
+        manifest["shard_base"] = base = src if url else str(src.resolve())
     out_dir.mkdir(parents=True, exist_ok=True)
     if not beside:  # an earlier index here (checked by _out_dir): its descriptors of other splits would mislead
         for p in out_dir.glob("*.wids.json"):
@@ -284,7 +322,7 @@ def index_shards(src: str | os.PathLike, *, labels: str, splits: list[str] = (),
     return manifest, summary(src, out_dir, manifest, one_label, [out_dir / MANIFEST, *written])
 
 
-def summary(src: Path, out_dir: Path, m: dict, one_label: bool, written: list[Path]) -> list[str]:
+def summary(src: Path | str, out_dir: Path, m: dict, one_label: bool, written: list[Path]) -> list[str]:
     names, splits = m["attributes"], m["splits"]
     lines = [f"indexed {src}: {sum(len(i['shards']) for i in splits.values())} shards, "
              f"{sum(i['nsamples'] for i in splits.values())} samples; labels from {_where(m)}; {len(names)} classes "
@@ -306,7 +344,7 @@ def _where(m: dict) -> str:
     return f".{spec['member']}" + (f" field {spec['field']!r}" if "field" in spec else "")
 
 
-def problem_lines(m: dict, src: Path, manifest_path: Path) -> list[str]:
+def problem_lines(m: dict, src: Path | str, manifest_path: Path) -> list[str]:
     """What an index's report holds: its unusable samples (counted by reason, the first named) and the
     damaged shards it left out (all named); for `attrdist index` and `attrdist inspect`."""
     r = m.get("report") or {}
@@ -323,7 +361,7 @@ def problem_lines(m: dict, src: Path, manifest_path: Path) -> list[str]:
             lines.append(f"  ... and {total - NAMED} more (the first {len(unusable)} in {manifest_path}, \"report\")")
     if damaged:
         lines.append(f"damaged shards left out of the index: {len(damaged)}; repair or re-download them, then index again")
-        lines += [f"  {src / d['file']} ({d['split']}): {d['reason']}" for d in damaged]
+        lines += [f"  {remote.join(src, d['file'])} ({d['split']}): {d['reason']}" for d in damaged]
     return lines
 
 
