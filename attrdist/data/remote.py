@@ -71,7 +71,13 @@ def filesystem(url: str):
     import fsspec
 
     try:
-        fs, _ = fsspec.core.url_to_fs(url)
+        # the endpoint as an explicit option: it is part of fsspec's instance-cache key, so a filesystem made
+        # under an earlier AWS_ENDPOINT_URL is not reused (botocore reads it once, when the client is made).
+        # Not skip_instance_cache: dropped http instances close their sessions' sockets from a finalizer,
+        # measured to close a descriptor number the reader had reused for a shard ("Illegal seek")
+        opts = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]} if url.startswith("s3://") and os.environ.get(
+            "AWS_ENDPOINT_URL") else {}
+        fs, _ = fsspec.core.url_to_fs(url, **opts)
     except ImportError as e:
         raise AttrdistError(f"{url}: reading it needs a package that is not installed ({e}); run `make setup`") from None
     return fs
