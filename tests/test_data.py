@@ -289,3 +289,22 @@ def test_prefetching_asks_for_each_window_before_its_first_batch():
         if start:
             full = StreamPlan(lengths, 8, 2, 1, 0, 0, streams=4, window=2).schedule()
             assert len(windows) < len(full)
+
+
+def test_a_world_size_that_does_not_divide_the_streams_is_one_line(small_shards):
+    """The trainer refuses, before any step, a world size for which the windowed order cannot give the same
+    batches (it does not divide gcd(data.streams, batch)), saying which world sizes work and the ways out;
+    data.order=permutation takes it."""
+    from attrdist.core.config import Config, apply_overrides
+    from attrdist.errors import AttrdistError
+    from attrdist.train.trainer import build_data
+
+    m = load_manifest(small_shards)
+    cfg = apply_overrides(Config(), [f"data.shards={small_shards}", "data.batch_size=12"])  # 4 streams
+    with pytest.raises(AttrdistError, match=r"^data.order=windowed: 3 processes do not divide the 4 canonical streams "
+                                            r"\(gcd of data.streams=64 and data.batch_size=12\); use a world size "
+                                            r"dividing 4, or data.streams a multiple of 3"):
+        build_data(cfg, m, world=3)
+    assert build_data(cfg, m, world=2).batches_per_epoch == 96 // 12
+    perm = apply_overrides(cfg, ["data.order=permutation"])
+    assert build_data(perm, m, world=3).batches_per_epoch == 96 // 12
