@@ -62,9 +62,9 @@ def make_loader(dataset: Dataset, plan: BatchPlan, num_workers: int, pin_memory:
     """Batches of `plan` (its global batch's slice for this rank), read, decoded and collated by
     `num_workers` worker processes (`collate_fn`: `samples.collate`, or a task's own). A windowed plan over a
     reader that can prefetch (a remote pack) asks for each window's shards ahead (`Prefetching`)."""
-    prefetch = getattr(getattr(dataset, "reader", None), "prefetch", None)
-    if prefetch is not None and hasattr(plan, "schedule"):
-        plan = Prefetching(plan, prefetch)
+    reader = getattr(dataset, "reader", None)
+    if getattr(reader, "cache", None) is not None and hasattr(plan, "schedule"):
+        plan = Prefetching(plan, reader.prefetch)
     return DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, persistent_workers=False, worker_init_fn=tuned_workers(malloc),
                       prefetch_factor=2 if num_workers else None)
