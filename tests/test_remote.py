@@ -496,6 +496,6 @@ def test_cache_limit_too_small_for_the_order_stops_at_start(served, small_shards
                          (["data.order=permutation"], "or use data.order=windowed")):
         p = run_recipe([*base, *extra, f"run.run_dir={tmp_path / 'run'}"], check=False)
         assert p.returncode == 2, p.stderr[-2000:]
-        assert f"data.cache_limit_gb=0.0003 cannot hold what this node reads at once" in p.stderr
+        assert "data.cache_limit_gb=0.0003 cannot hold what this node reads at once" in p.stderr
         assert needs in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "c").exists() or not cached_files(tmp_path / "c")
