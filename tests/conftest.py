@@ -38,6 +38,16 @@ def small_shards(small_demo, tmp_path_factory) -> Path:
     return out
 
 
+def sigint_as_in_a_terminal() -> None:
+    """Popen(preexec_fn=...) for a child that a test Ctrl-C's: SIGINT at its default action, as for a command
+    typed at a terminal. A test run started in the background by a non-interactive shell (`make test &`)
+    inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler in the child (seen: the
+    packer finished its pass and the Ctrl-C tests failed, in a run started as `bash ... &`)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_env(**extra) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
     env.pop("ATTRDIST_EXPECT_WORLD_SIZE", None)

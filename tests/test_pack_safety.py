@@ -29,7 +29,7 @@ from attrdist.data.reader import FORMAT, load_manifest
 from attrdist.errors import AttrdistError
 from tests.conftest import ROOT, SHARED_DATA, assert_one_line_error as one_line_error
 from tests.conftest import packer_main as run_main
-from tests.conftest import run_env
+from tests.conftest import run_env, sigint_as_in_a_terminal
 
 COCO = SHARED_DATA / "coco"
 DIOR = SHARED_DATA / "dior"
@@ -346,7 +346,8 @@ def test_ctrl_c_prints_one_line(tmp_path, workers):
     os.mkfifo(fifo)
     proc = subprocess.Popen([sys.executable, str(ROOT / "shards" / "imagefolder.py"), "--root", str(root), "--out",
                              str(tmp_path / "out"), "--workers", str(workers), "--quiet"], cwd=ROOT, env=run_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_as_in_a_terminal)
     writer, deadline = None, time.time() + 120
     while writer is None:  # the packer has the FIFO open (or is opening it) once a writer may open it
         try:

@@ -19,7 +19,7 @@ from attrdist.errors import AttrdistError
 from attrdist.pack.coco import CaptionsFormat
 from attrdist.pack.leakage import perceptual_hash
 from attrdist.pack.pipeline import ItemError, ItemFailure, parallel_map, read_checked, verify_bytes
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sigint_as_in_a_terminal
 
 
 def _square_or_fail(x: int) -> int:  # module level: pickled into worker processes
@@ -358,7 +358,7 @@ def test_ctrl_c_in_pass_2_prints_one_line_and_the_pack_resumes(tmp_path, workers
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(script), str(root), str(out), last, str(workers)], cwd=ROOT,
                             env=run_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
     writer, deadline = None, time.time() + 120
     while writer is None:  # once the image is a FIFO, a worker has it open (or is opening it) when a writer may
         try:
