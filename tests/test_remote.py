@@ -369,6 +369,21 @@ def test_limit_evicts_least_recently_used_first(served, small_shards, tmp_path):
     assert [p.name for p in cached_files(tmp_path / "c")] == ["train-000000.tar", "val-000000.tar"]
 
 
+def test_eviction_never_touches_a_users_folders_in_the_cache_dir(served, small_shards, tmp_path):
+    """data.cache_dir may be a folder that holds the user's own files and folders (even hex-named ones): the
+    limit counts and evicts only the shards of pack folders this cache made."""
+    mine = {tmp_path / "c" / "notes" / "old.tar": b"x" * 300_000, tmp_path / "c" / "0123456789abcdef" / "a.bin": b"y"}
+    for path, data in mine.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    os.utime(tmp_path / "c" / "notes" / "old.tar", (1, 1))  # the least recently used file of all
+    m = load_manifest(copy_pack(served, "pusers", small_shards), Cache(tmp_path / "c", limit_gb=0.0004))
+    for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar"):
+        os.close(m.cache.open(name))  # ~2 shards fit: the cache evicts its own
+    assert all(path.read_bytes() == data for path, data in mine.items())
+    assert 1 <= len([p for p in cached_files(tmp_path / "c") if p.parent == m.cache.dir]) <= 2
+
+
 def test_prefetch_downloads_in_the_background_and_keeps_its_window(served, small_shards, tmp_path):
     m = load_manifest(copy_pack(served, "ppre", small_shards), Cache(tmp_path / "c", limit_gb=0.0004, prefetch=2))
     reader = ShardReader(m, "train")

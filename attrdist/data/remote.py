@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -55,6 +56,7 @@ BACKOFF_S = 0.5  # first wait between attempts; doubled each time
 DEFAULT_LIMIT_GB = 100.0
 DEFAULT_PREFETCH = 0  # no cap: every shard of the windows the order has open or opens next
 LOCKS, EVICT_LOCK, PART = ".locks", ".evict.lock", ".part"
+_PACK_DIR = re.compile(r"[0-9a-f]{16}")  # <first 16 hex of a manifest's sha256>, holding LOCKS: made here
 
 
 def is_remote(shards: str | os.PathLike) -> bool:
@@ -312,8 +314,8 @@ class ShardCache:
         downloads in progress have reserved (stale temp files of dead processes are removed)."""
         done, reserved = [], 0
         for pack in self.cache_dir.iterdir() if self.cache_dir.is_dir() else ():
-            if not pack.is_dir() or pack.name.startswith("."):
-                continue
+            if not (pack.is_dir() and _PACK_DIR.fullmatch(pack.name) and (pack / LOCKS).is_dir()):
+                continue  # not a pack folder this cache made (data.cache_dir may hold a user's folders too)
             for p in pack.iterdir():
                 try:
                     st = p.stat()
