@@ -116,7 +116,6 @@ def build_data(cfg: Config, manifest, world: int) -> DataPlan:
     reader.max_indexed = len(reader.paths) if d.order == "permutation" else max(reader.max_indexed, at_once)
     if d.order == "windowed":  # and their descriptors (a window's samples come from all its shards in turn)
         reader.max_open = max(reader.max_open, at_once)
-    if d.order == "windowed":
         log.info("order: windowed, %d canonical streams of %d samples per batch, windows of %d shards; the same "
                  "batches at any world size dividing %d; each rank reads a 1/%d share of the shards per epoch",
                  S, B // S, d.shuffle_window, S, world)
