@@ -98,23 +98,34 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def fetch_bytes(url: str) -> bytes:
-    """The whole of a small remote file (the manifest), with the same retries as a shard."""
-    fs = filesystem(url)
+def _retrying(url: str, call, *, not_found: str, gave_up: str, then: str, fatal=None):
+    """`call()` with a remote read's retries: a 404/403 is one line at once (NotFound, ending in `not_found`);
+    `fatal(e)` may turn an error into one line at once too; anything else (a cut, a timeout, a 5xx) is
+    retried RETRIES times with doubling backoff, then one line: `<url>: <gave_up> (last: ...)`."""
     for attempt in range(RETRIES):
         try:
-            return fs.cat_file(url)
+            return call()
         except Exception as e:  # noqa: BLE001 - aiohttp/botocore/OSError: classified below
             if _not_found(e):
-                raise NotFound(f"{url}: not found on the server ({_describe(e)}); check data.shards (the pack's URL, "
-                               f"ending in its directory) and that manifest.json was uploaded") from None
+                raise NotFound(f"{url}: not found on the server ({_describe(e)}); {not_found}") from None
+            message = fatal(e) if fatal is not None else None
+            if message:
+                raise AttrdistError(message) from None
             if attempt == RETRIES - 1:
-                raise AttrdistError(f"{url}: could not be fetched in {RETRIES} attempts (last: {_describe(e)}); check "
-                                    f"the server and the network, then rerun") from None
+                raise AttrdistError(f"{url}: {gave_up} (last: {_describe(e)}); check the server and the network, "
+                                    f"then {then}") from None
             log.warning("%s: attempt %d failed (%s); retrying in %.1f s", url, attempt + 1, _describe(e),
                         BACKOFF_S * 2 ** attempt)
             time.sleep(BACKOFF_S * 2 ** attempt)
     raise AssertionError("unreachable")
+
+
+def fetch_bytes(url: str) -> bytes:
+    """The whole of a small remote file (the manifest), with the same retries as a shard."""
+    fs = filesystem(url)
+    return _retrying(url, lambda: fs.cat_file(url), gave_up=f"could not be fetched in {RETRIES} attempts",
+                     then="rerun", not_found="check data.shards (the pack's URL, ending in its directory) and that "
+                                             "manifest.json was uploaded")
 
 
 def default_cache_dir() -> Path:
@@ -528,20 +539,12 @@ def download(url: str, dest: Path) -> None:
     """`url` streamed into `dest` (a temp file the caller deletes), retried like a cached shard: a cut, a
     timeout or a 5xx RETRIES times, then one line; a 404/403 is one line at once (NotFound)."""
     fs = filesystem(url)
-    for attempt in range(RETRIES):
-        try:
-            fs.get_file(url, str(dest))
-            return
-        except Exception as e:  # noqa: BLE001 - aiohttp/botocore/OSError: classified below
-            if _not_found(e):
-                raise NotFound(f"{url}: not found on the server ({_describe(e)}); check the URL or the brace "
-                               f"pattern's range, then index again") from None
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise AttrdistError(f"{dest.parent}: disk full while downloading {url} to scan it; free space there "
-                                    f"or pass --out on a larger disk (the shard is downloaded beside it)") from None
-            if attempt == RETRIES - 1:
-                raise AttrdistError(f"{url}: download failed {RETRIES} times (last: {_describe(e)}); check the server "
-                                    f"and the network, then index again") from None
-            log.warning("%s: download attempt %d failed (%s); retrying in %.1f s", url, attempt + 1, _describe(e),
-                        BACKOFF_S * 2 ** attempt)
-            time.sleep(BACKOFF_S * 2 ** attempt)
+
+    def disk_full(e: BaseException) -> str | None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return (f"{dest.parent}: disk full while downloading {url} to scan it; free space there or pass --out on "
+                    f"a larger disk (the shard is downloaded beside it)")
+        return None
+
+    _retrying(url, lambda: fs.get_file(url, str(dest)), gave_up=f"download failed {RETRIES} times", then="index again",
+              not_found="check the URL or the brace pattern's range, then index again", fatal=disk_full)
