@@ -153,3 +153,24 @@ def test_deepspeed_refusals_are_one_clear_line(small_shards, tmp_path):
                           "zero3", "--dry-run"], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=60)
     assert "torch.distributed.run" in dry.stdout and "run.deepspeed=zero3" in dry.stdout
     assert "ACCELERATE_USE_CPU" not in dry.stdout
+
+
+# Python's own way of saying "not installed": a None in sys.modules makes `import deepspeed` raise
+# ModuleNotFoundError and importlib.util.find_spec return None, as in a `make setup` venv without the extra
+WITHOUT_DEEPSPEED = ("import runpy, sys; sys.modules['deepspeed'] = None; sys.argv = sys.argv[1:]; "
+                     "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_without_the_deepspeed_extra_zero_stops_with_one_line_and_ddp_says_gloo(small_shards, tmp_path):
+    p = subprocess.run([sys.executable, "-c", WITHOUT_DEEPSPEED, str(ROOT / "recipes" / "coconut.py"),
+                        f"data.shards={small_shards}", f"run.run_dir={tmp_path / 'a'}", *ARGS, "run.deepspeed=zero2"],
+                       cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0, p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if "needs the DeepSpeed extra" in line]
+    assert len(errors) == 1 and "deepspeed not installed" in errors[0] and "make setup-deepspeed" in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    why = subprocess.run([sys.executable, "-c", "import sys; sys.modules['deepspeed'] = None\n"
+                          "from attrdist.train.shm_allreduce import _build_checked; kernel, why = _build_checked(); "
+                          "print(kernel is None, why)"],
+                         cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=60)
+    assert why.stdout.startswith("True DeepSpeed is not installed (") and "make setup-deepspeed" in why.stdout, why.stdout + why.stderr

@@ -143,6 +143,8 @@ def _build_checked():
     """(kernel or None, '' or the reason it cannot be used here)."""
     try:
         kernel = build()
+    except ModuleNotFoundError as e:  # the DeepSpeed extra is not installed
+        return None, f"DeepSpeed is not installed ({e}; make setup-deepspeed: requirements/deepspeed.txt)"
     except Exception as e:  # no compiler, no ninja, a failed build: gloo still works
         return None, f"DeepSpeed's shm kernel did not build ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     if kernel.vector_kernel_level() < 1:

@@ -20,6 +20,7 @@ Offload (GPU only): run.offload=cpu|nvme moves optimizer states (and, for zero3,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from importlib import resources
 from pathlib import Path
@@ -28,6 +29,16 @@ from attrdist.errors import AttrdistError
 
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
+
+
+def require_installed(stage: str) -> None:
+    """DeepSpeed is an extra (requirements/deepspeed.txt): a run that asks for it without it stops here,
+    at start, with the way to get it; accelerate would otherwise fail deep inside Accelerator()."""
+    missing = [m for m in ("deepspeed", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AttrdistError(f"run.deepspeed={stage} needs the DeepSpeed extra ({' and '.join(missing)} not installed): "
+                            f"make setup-deepspeed, or DS_BUILD_OPS=0 pip install --no-build-isolation -r "
+                            f"requirements/deepspeed.txt; or train with DDP (run.deepspeed='')")
 
 
 def template(stage: str) -> dict:
@@ -47,6 +58,7 @@ def merge(base: dict, over: dict) -> dict:
 def build(run, optim, *, global_batch: int, world: int, precision: str, device: str) -> dict:
     """The DeepSpeed config dict for `run.deepspeed` (see the module docstring). `global_batch`: samples
     per micro-step over all ranks (data.batch_size); `precision`: accelerate's value (no, bf16, fp16)."""
+    require_installed(run.deepspeed)
     cfg = template(run.deepspeed)
     if run.deepspeed_config:
         path = Path(run.deepspeed_config)
