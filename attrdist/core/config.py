@@ -244,7 +244,15 @@ def _parse(text: str, tp: Any, key: str) -> Any:
         return _parse(text, args[0], key)
     if origin is tuple:
         args = typing.get_args(tp)
-        parts = [p.strip() for p in text.strip("()[] ").split(",") if p.strip()] if text.strip("()[] ") else []
+        inner = text.strip()
+        for lo, hi in ("[]", "()"):
+            if inner[:1] == lo and inner[-1:] == hi:
+                inner = inner[1:-1]
+                break
+        if any(b in inner for b in "[]()"):
+            raise AttrdistError(f"{key}={text!r}: unbalanced or nested brackets; write a list as {key}=[0.5,1.0] or "
+                                f"{key}=0.5,1.0")
+        parts = [p.strip() for p in inner.split(",") if p.strip()]
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_parse(p, args[0], key) for p in parts)
         if len(parts) != len(args):
