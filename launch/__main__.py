@@ -1,9 +1,9 @@
 """Start recipes where they run, and look after SLURM jobs.
 
-    python -m launch local recipes/coconut.py --nproc 2 [--deepspeed zero1|zero2|zero3] [--dry-run] [key=value ...]
+    python -m launch local recipes/coconut.py --nproc 2 [--deepspeed zero1|zero2|zero3] [--config FILE] [--dry-run] [key=value ...]
     python -m launch slurm recipes/coconut.py --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00 \\
         [--account A --qos Q --constraint C --mem 200G --cpus-per-task 8] [--profile slurm/profiles/X.yaml] \\
-        [--sweep optim.lr=1e-4,3e-4] [--dry-run] [--wait] [key=value ...]
+        [--sweep optim.lr=1e-4,3e-4] [--config FILE] [--dry-run] [--wait] [key=value ...]
     python -m launch status|tail|cancel JOBID
     srun python -m launch task recipes/coconut.py run.run_dir=DIR [key=value ...]   # inside an allocation (slurm/train.sbatch)
 """
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     lo.add_argument("--deepspeed", choices=("zero1", "zero2", "zero3"), default="",
                     help="DeepSpeed ZeRO stage (sets run.deepspeed; started with torchrun)")
     lo.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    lo.add_argument("--config", metavar="FILE", help="the recipe's --config FILE (.json/.yaml: e.g. a run's config.json)")
 
     sl = sub.add_parser("slurm", help="submit to SLURM through submitit (one task per GPU, or CPU tasks)")
     sl.add_argument("script")
@@ -51,8 +52,12 @@ def main(argv=None) -> int:
                     help="DeepSpeed ZeRO stage (sets run.deepspeed)")
     sl.add_argument("--profile", help="cluster defaults: a YAML file, or a name in slurm/profiles/ "
                                       "(--profile full|demo is passed on to the recipe)")
+    sl.add_argument("--config", metavar="FILE", help="the recipe's --config FILE (.json/.yaml: e.g. a run's "
+                                                   "config.json); copied into each job's run directory at submission")
     sl.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                    help="one job per combination (a job array); repeatable")
+                    help="one job per combination (a job array); repeatable. Values in brackets are one value each, "
+                         "as hydra writes them: --sweep 'data.augment.crop_scale=[0.5,1.0],[0.7,1.0]' is 2 jobs "
+                         "(quote them: the shell globs brackets)")
     sl.add_argument("--dry-run", action="store_true", help="print the resolved submission and sbatch script")
     sl.add_argument("--wait", action="store_true", help="wait for the job(s) and print the outcome")
 
@@ -75,6 +80,8 @@ def main(argv=None) -> int:
     args, recipe_args = ap.parse_known_args(argv)
     if getattr(args, "profile", None) in ("full", "demo"):  # the recipe's --profile, not a cluster profile
         recipe_args, args.profile = ["--profile", args.profile, *recipe_args], None
+    if getattr(args, "config", None):  # absolute: a SLURM job may start in another directory
+        recipe_args = ["--config", str(Path(args.config).resolve()), *recipe_args]
     if args.where == "local":
         return local.run(args.script, args.nproc, recipe_args, dry_run=args.dry_run, device=args.device,
                          deepspeed=args.deepspeed)

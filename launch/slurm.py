@@ -5,6 +5,8 @@
     python -m launch slurm recipes/coconut.py --profile slurm/profiles/example.yaml --dry-run
     python -m launch slurm recipes/coconut.py --tasks-per-node 2 --partition debug --time 00:10:00 --wait
     python -m launch slurm recipes/coconut.py --sweep optim.lr=1e-4,3e-4 --sweep run.seed=0,1   # 4-job array
+    python -m launch slurm recipes/coconut.py --sweep 'data.augment.crop_scale=[0.5,1.0],[0.7,1.0]'  # 2 jobs
+    python -m launch slurm recipes/coconut.py --config runs/coconut-.../config.json   # that run again, on SLURM
     python -m launch status JOBID [--wait]     # state, attempts, restarts and why, result or error, logs
     python -m launch tail JOBID [-f]           # the task's log
     python -m launch cancel JOBID
@@ -24,6 +26,7 @@ import os
 import re
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -111,7 +114,7 @@ def check_recipe(script: str, recipe_args: list[str], namespace: dict | None = N
     except SystemExit:
         raise fail(f"{script}: bad recipe arguments {recipe_args} (see python {script} --help)") from None
     try:
-        cfg, profile = resolve(args, ns["full"], ns["demo"])
+        cfg, profile = resolve(args, ns["full"], ns["demo"], path.stem)
         check_kind(cfg.data.task)
     except AttrdistError as e:
         raise fail(str(e)) from None
@@ -137,14 +140,44 @@ def run_dir_for(cfg, stamp: str, suffix: str = "") -> Path:
 
 
 def sweep_grid(sweeps: list[str]) -> list[list[str]]:
-    """--sweep optim.lr=1e-4,3e-4 --sweep run.seed=0,1 -> the 4 combinations as override lists."""
+    """--sweep optim.lr=1e-4,3e-4 --sweep run.seed=0,1 -> the 4 combinations as override lists. A value in
+    brackets is one value, as hydra writes lists: data.augment.crop_scale=[0.5,1.0],[0.7,1.0] is 2 values."""
     axes = []
     for s in sweeps:
         if "=" not in s or not s.split("=", 1)[1]:
-            raise fail(f"--sweep {s!r}: use key=v1,v2,...")
+            raise fail(f"--sweep {s!r}: use key=v1,v2,... (a list value in brackets: key=[0.5,1.0],[0.7,1.0])")
         key, values = s.split("=", 1)
-        axes.append([f"{key}={v}" for v in values.split(",")])
+        axes.append([f"{key}={v}" for v in sweep_values(values, s)])
     return [list(c) for c in itertools.product(*axes)] if axes else [[]]
+
+
+def sweep_values(text: str, whole: str) -> list[str]:
+    """'1e-4,3e-4' -> ['1e-4', '3e-4']; '[0.5,1.0],[0.7,1.0]' -> ['[0.5,1.0]', '[0.7,1.0]'] (commas inside
+    brackets belong to the value). Unbalanced or nested brackets, or an empty value, fail in one line."""
+    values, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise fail(f"--sweep {whole!r}: nested brackets; a value is a flat list like [0.5,1.0]")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise fail(f"--sweep {whole!r}: a ']' without its '['")
+        if ch == "," and depth == 0:
+            values.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise fail(f"--sweep {whole!r}: a '[' without its ']'")
+    values.append(cur)
+    for v in values:
+        if not v.strip():
+            raise fail(f"--sweep {whole!r}: an empty value; use key=v1,v2,... (a list value in brackets)")
+        if "[" in v and not (v.strip().startswith("[") and v.strip().endswith("]")):
+            raise fail(f"--sweep {whole!r}: {v!r} mixes a bracketed list with other text; write [a,b],[c,d]")
+    return values
 
 
 def slug(overrides: list[str]) -> str:
@@ -198,7 +231,7 @@ def submit(script: str, recipe_args: list[str], flags: dict, *, profile: str | N
     script = str(Path(script).resolve())
     stamp = time.strftime("%Y%m%d-%H%M%S")
     grid = sweep_grid(sweeps)
-    jobs = []
+    jobs, copies = [], []
     for combo in grid:
         sub_cfg, _ = check_recipe(script, [*recipe_args, *combo], recipe) if combo else (cfg, args)
         run_dir = run_dir_for(sub_cfg, stamp, slug(combo) if len(grid) > 1 else "")
@@ -206,6 +239,11 @@ def submit(script: str, recipe_args: list[str], flags: dict, *, profile: str | N
         if has_ckpt and not (args.resume or sub_cfg.run.resume == "auto"):
             raise fail(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another run.run_dir")
         job_args = [a for a in recipe_args if not a.startswith("run.run_dir=")] + combo + [f"run.run_dir={run_dir}"]
+        if "--config" in job_args:  # the job reads its own copy: the file may change before the job starts
+            i = job_args.index("--config") + 1
+            copy = run_dir / f"submitted-{Path(job_args[i]).name}"
+            copies.append((Path(job_args[i]), copy))
+            job_args[i] = str(copy)
         jobs.append((RecipeJob(script, job_args, max_requeues=int(opts["max_requeues"]),
                                signal_delay_s=float(opts["signal_delay_s"])), run_dir, combo))
     name = opts["name"] or f"attrdist-{Path(script).stem}"
@@ -227,6 +265,9 @@ def submit(script: str, recipe_args: list[str], flags: dict, *, profile: str | N
         print("sbatch script:")
         print(ex._make_submission_file_text(ex._submitit_command_str, "DRYRUN"))
         return 0
+    for src, dst in copies:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
     if len(jobs) == 1:
         submitted = [ex.submit(jobs[0][0])]
     else:

@@ -13,6 +13,17 @@ checkpoint every 10 epochs + the best one.
         --instances instances_train2017.json instances_val2017.json --images /data/coco/train2017 /data/coco/val2017
     python recipes/cocottributes.py data.shards=/data/cocottributes-shards   # full profile
     accelerate launch recipes/cocottributes.py          # any of these under accelerate
+
+What changed from the seed (seeds/002), and why:
+- Votes thresholded (>= 0.5 positive) and unlabelled entries ignored in the loss and every metric: the
+  seed's binarisation made ~103 of 204 attributes "true" per object and its 51.5 % was chance.
+- Objects are found through their annotation id in the 2017 (or 2014) instances; the ones not found
+  are counted by reason in the pack's report (the seed kept 275 of 1,000 without saying why).
+- mAP/F1 beside the trivial predictors instead of accuracy.
+- Train augmentation: the seed only cropped and resized; here also a random crop of 60-100 % of the
+  box crop, a horizontal flip and mild jitter (hue 0: colour attributes keep their colour).
+- ImageNet weights are required (lr 1e-4 fine-tunes): model.pretrained=auto takes them from the local
+  timm/HF cache and the run stops if there are none; model.pretrained=none trains from scratch on purpose.
 """
 
 import sys
@@ -41,14 +52,15 @@ def full() -> Config:
 
 
 def demo() -> Config:
-    """Crops of the demo's objects (14 attributes: shape, colour, size, texture) at 48 px, ResNet-18 from scratch."""
+    """Crops of the demo's objects (14 attributes: shape, colour, size, texture) at 48 px, ResNet-18 from scratch
+    on purpose (model.pretrained=none: nothing depends on the local weight caches)."""
     cfg = full()
     return replace(
         cfg,
         data=replace(cfg.data, image_size=48, batch_size=64, num_workers=1,
                      augment=replace(cfg.data.augment, crop_scale=(0.7, 1.0), brightness=0.1, contrast=0.1,
                                      saturation=0.1)),
-        model=replace(cfg.model, backbone="resnet18", pretrained="", dropout=0.2),
+        model=replace(cfg.model, backbone="resnet18", pretrained="none", dropout=0.2),
         optim=replace(cfg.optim, lr=2e-3, weight_decay=1e-5),
         schedule=replace(cfg.schedule, step_epochs=3),
         run=replace(cfg.run, name="cocottributes-demo", epochs=6, eval_every=2, ckpt_every_epochs=2, curves_every=2),

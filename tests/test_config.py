@@ -33,6 +33,10 @@ def test_overrides_parse_by_type():
     ("data.augment.hflip=1.5", ["probability"]),
     ("model.dim=100", ["divisible"]),
     ("justtext", ["key=value"]),
+    ("data.augment.crop_scale=[0.5,1.0", ["unbalanced or nested brackets", "=[0.5,1.0]"]),
+    ("data.augment.crop_scale=0.5,1.0]", ["unbalanced or nested brackets"]),
+    ("data.augment.crop_scale=[[0.5,1.0]]", ["unbalanced or nested brackets"]),
+    ("data.augment.crop_scale=[0.5,1.0,0.7]", ["expected 2 comma-separated values"]),
 ])
 def test_bad_overrides_give_one_line_errors(item, words):
     with pytest.raises(AttrdistError) as e:
@@ -41,6 +45,13 @@ def test_bad_overrides_give_one_line_errors(item, words):
     assert "\n" not in msg
     for w in words:
         assert w in msg
+
+
+def test_list_values_in_brackets_as_hydra_writes_them():
+    for text in ("[0.3,0.9]", "[0.3, 0.9]", "(0.3,0.9)", "0.3,0.9"):
+        assert apply_overrides(Config(), [f"data.augment.crop_scale={text}"]).data.augment.crop_scale == (0.3, 0.9)
+    assert apply_overrides(Config(), ["model.head_dims=[256,128]"]).model.head_dims == (256, 128)
+    assert apply_overrides(Config(), ["model.head_dims=[]"]).model.head_dims == ()
 
 
 def test_json_round_trip():

@@ -29,15 +29,60 @@ def test_pretrained_from_local_safetensors(tmp_path):
     assert "w.safetensors" in m.weights_source
 
 
-def test_auto_without_cache_trains_from_scratch_and_says_so(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Every cache the weight lookups read points into tmp_path (empty): nothing depends on this machine's."""
     import huggingface_hub.constants as c
 
+    for var, sub in (("HF_HOME", "hf-home"), ("HF_HUB_CACHE", "hf"), ("TORCH_HOME", "torch"), ("XDG_CACHE_HOME", "xdg")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    with caplog.at_level(logging.WARNING, logger="attrdist"):
-        m = build_model(ModelConfig(pretrained="auto", **SMALL), 5)
-    assert "random init" in m.weights_source and "nothing is downloaded" in caplog.text
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch" / "hub"))
+    return tmp_path / "hf"
+
+
+def test_auto_without_cached_weights_stops_in_one_line(empty_caches):
+    with pytest.raises(AttrdistError) as e:
+        build_model(ModelConfig(pretrained="auto", **SMALL), 5)
+    msg = str(e.value)
+    assert "\n" not in msg and "model.pretrained=auto: no pretrained weights for resnet18" in msg
+    assert "model.pretrained=none to train from scratch" in msg and "nothing is downloaded" in msg
+
+
+@pytest.mark.parametrize("value", ["none", ""])
+def test_none_trains_from_scratch_and_says_so(value, empty_caches, caplog):
+    with caplog.at_level(logging.INFO, logger="attrdist"):
+        m = build_model(ModelConfig(pretrained=value, **SMALL), 5)
+    assert m.weights_source == "random init (model.pretrained=none)" and "trains from scratch" in caplog.text
+
+
+def test_text_tower_auto_finds_only_weights_of_its_activation_else_stops(empty_caches):
+    from attrdist.models.text import cached_open_clip_file, encode_names
+
+    assert cached_open_clip_file("RN50-quickgelu") is None
+    with pytest.raises(AttrdistError, match=r"model.text_pretrained=auto: no open_clip RN50 checkpoint .*"
+                                            r"model.text_pretrained=none for a random text tower"):
+        encode_names(["red"], "RN50", "auto")
+    # OpenAI's RN50 weights as the HF cache holds them (timm/resnet50_clip.openai): found for RN50-quickgelu,
+    # whose QuickGELU they were trained with, never for RN50 (GELU)
+    repo = empty_caches / "models--timm--resnet50_clip.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"")
+    assert cached_open_clip_file("RN50-quickgelu").endswith("open_clip_model.safetensors")
+    assert cached_open_clip_file("RN50") is None
+    emb, source = encode_names(["red", "striped"], "RN50", "none")
+    assert emb.shape[0] == 2 and "random weights (model.text_pretrained=none)" in source
+
+
+def test_detector_clip_auto_without_cached_weights_stops(empty_caches):
+    from attrdist.models.detector import build_clip
+
+    with pytest.raises(AttrdistError, match="model.pretrained=auto: no open_clip tiny checkpoint.*model.pretrained=none"):
+        build_clip("tiny", "auto")
+    clip, report = build_clip("tiny", "none")
+    assert report is None
 
 
 def test_pickle_checkpoint_is_never_executed(tmp_path):

@@ -60,6 +60,64 @@ def test_profile_with_an_unknown_key_names_the_file(tmp_path):
     assert p.returncode == 2 and f"{prof}: unknown option(s) gpu_per_node" in p.stderr
 
 
+def test_sweep_values_in_brackets_are_one_value_each():
+    from launch.slurm import sweep_grid
+
+    assert sweep_grid(["data.augment.crop_scale=[0.5,1.0],[0.7,1.0]"]) == [
+        ["data.augment.crop_scale=[0.5,1.0]"], ["data.augment.crop_scale=[0.7,1.0]"]]
+    assert sweep_grid(["optim.lr=1e-4,3e-4", "model.head_dims=[256,128],[],[64]"]) == [
+        [f"optim.lr={lr}", f"model.head_dims={h}"] for lr in ("1e-4", "3e-4") for h in ("[256,128]", "[]", "[64]")]
+    assert sweep_grid([]) == [[]]
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("data.augment.crop_scale=[0.5,1.0],[0.7,1.0", "a '[' without its ']'"),
+    ("data.augment.crop_scale=[0.5,1.0]],[0.7,1.0]", "a ']' without its '['"),
+    ("data.augment.crop_scale=[[0.5,1.0]]", "nested brackets"),
+    ("data.augment.crop_scale=[0.5,1.0]x", "mixes a bracketed list with other text"),
+    ("optim.lr=1e-4,,3e-4", "an empty value"),
+    ("optim.lr", "use key=v1,v2"),
+])
+def test_a_malformed_sweep_is_one_line(sweep, message, capsys):
+    from launch.slurm import sweep_grid
+
+    with pytest.raises(SystemExit):
+        sweep_grid([sweep])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("launch: error: --sweep") and message in err[0], err
+
+
+def test_dry_run_sweeps_bracketed_lists_and_passes_the_config_file_absolute(tmp_path):
+    cfg = tmp_path / "part.yaml"
+    cfg.write_text("optim:\n  lr: 3e-4\n")
+    p = subprocess.run([sys.executable, "-m", "launch", "slurm", str(ROOT / "recipes/coconut.py"), "--dry-run", "--config",
+                        os.path.relpath(cfg, tmp_path), f"run.out_dir={tmp_path}",
+                        "--sweep", "data.augment.crop_scale=[0.5,1.0],[0.7,1.0]"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env=run_env(SLURM_CONF="/nonexistent", PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr
+    argvs = [ln.split("task argv: ")[1] for ln in p.stdout.splitlines() if "task argv:" in ln]
+    assert len(argvs) == 2
+    for argv, scale in zip(argvs, ("[0.5,1.0]", "[0.7,1.0]")):
+        run_dir = argv.split("run.run_dir=")[1]
+        assert f"data.augment.crop_scale={scale}" in argv  # and each job's copy of the file, by absolute path
+        assert f"--config {run_dir}/submitted-part.yaml" in argv and run_dir.startswith(str(tmp_path))
+    assert not list(tmp_path.glob("coconut-demo-*"))  # a dry run copies nothing
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrr: 1\n")
+    q = launch("slurm", "recipes/coconut.py", "--dry-run", "--config", str(bad))
+    assert q.returncode == 2 and q.stderr.strip() == (f"launch: error: {bad}: unknown config key 'optim.lrr'; did you "
+                                                      f"mean optim.lr?"), q.stderr
+
+
+def test_local_launch_passes_the_config_file_absolute(tmp_path):
+    (tmp_path / "c.json").write_text("{}")
+    p = subprocess.run([sys.executable, "-m", "launch", "local", str(ROOT / "recipes/coconut.py"), "--dry-run",
+                        "--config", "c.json", "run.seed=1"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env=run_env(PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr
+    assert f"coconut.py --config {tmp_path / 'c.json'} run.seed=1" in p.stdout
+
+
 def test_task_outside_a_slurm_job_says_so():
     env = {k: v for k, v in run_env().items() if not k.startswith("SLURM_")}
     p = launch("task", "recipes/coconut.py", "run.run_dir=/tmp/x", env=env)

@@ -122,7 +122,7 @@ class ModelConfig:
     name: str = _f("cross_modal", "model family (see attrdist/models)")
     backbone: str = _f("resnet50", "timm backbone architecture")
     feature_level: int = _f(4, "backbone stage whose spatial map feeds the attention (timm out_indices)")
-    pretrained: str = _f("auto", "'' = from scratch; a local .safetensors/.pth file; 'auto' = the local timm/HF cache if populated, else scratch (never downloads)")
+    pretrained: str = _f("auto", "backbone weights (nothing is ever downloaded): 'auto' = the weights for model.backbone already in the local timm/HF cache, and the run STOPS if there are none (a fine-tuning recipe must not train from scratch unnoticed); a local .safetensors/.pth file; 'none' = from scratch on purpose ('' is the same). Detector (open_vocab_detector): a local RemoteCLIP/open_clip file, 'auto' = an open_clip checkpoint of model.backbone in the HF cache, 'demo-clip' = the demo's tiny CLIP")
     frozen_stages: int = _f(0, "freeze the stem and the first N backbone stages")
     dim: int = _f(512, "width of the fusion space")
     heads: int = _f(8, "attention heads")
@@ -132,7 +132,7 @@ class ModelConfig:
     head_dims: tuple[int, ...] = _f((), "hidden widths of the MLP head: on pooled features (classifier) or on each attribute query's output (cross_modal), e.g. 512 or 256,128; empty = linear")
     attr_init: Literal["learned", "text"] = _f("learned", "cross_modal: attribute queries from random init, or initialised from an open_clip text tower over the attribute names")
     text_encoder: str = _f("RN50", "attr_init=text: open_clip architecture whose text tower embeds the attribute names")
-    text_pretrained: str = _f("auto", "attr_init=text: local open_clip checkpoint for the text tower; 'auto' = the local HF cache if it has one for text_encoder; '' or nothing cached = random text tower (said in the log). OpenAI weights need text_encoder=RN50-quickgelu")
+    text_pretrained: str = _f("auto", "attr_init=text: local open_clip checkpoint for the text tower; 'auto' = an open_clip checkpoint for text_encoder in the local HF cache (one trained with the same activation: OpenAI's need text_encoder=RN50-quickgelu), and the run STOPS if there is none; 'none' = a random text tower on purpose (distinct but meaningless initial queries; '' is the same)")
     channels_last: bool = _f(True, "channels_last memory format (faster convs on CPU and GPU)")
     sync_bn: bool = _f(False, "with N > 1 processes, convert BatchNorm to torch.nn.SyncBatchNorm: statistics over the whole global batch, so N ranks train like 1 process (frozen-stage norms stay as they are). GPU only: in torch 2.14 SyncBatchNorm refuses CPU tensors and DDP refuses it in a CPU module ('SyncBatchNorm layers only work with GPU modules', checked with gloo), so on CPU ranks the run stops; use freeze_bn_stats there. No effect with 1 process")
     freeze_bn_stats: bool = _f(False, "BatchNorm normalises with its running statistics in training too (eval mode: statistics never update, affine weights still train), so nothing depends on how the batch is split over ranks; the CPU stand-in for sync_bn. From scratch the statistics stay at init (mean 0, var 1): BatchNorm is then a learned per-channel scale and shift")
@@ -244,7 +244,15 @@ def _parse(text: str, tp: Any, key: str) -> Any:
         return _parse(text, args[0], key)
     if origin is tuple:
         args = typing.get_args(tp)
-        parts = [p.strip() for p in text.strip("()[] ").split(",") if p.strip()] if text.strip("()[] ") else []
+        inner = text.strip()
+        for lo, hi in ("[]", "()"):
+            if inner[:1] == lo and inner[-1:] == hi:
+                inner = inner[1:-1]
+                break
+        if any(b in inner for b in "[]()"):
+            raise AttrdistError(f"{key}={text!r}: unbalanced or nested brackets; write a list as {key}=[0.5,1.0] or "
+                                f"{key}=0.5,1.0")
+        parts = [p.strip() for p in inner.split(",") if p.strip()]
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_parse(p, args[0], key) for p in parts)
         if len(parts) != len(args):
@@ -308,6 +316,43 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         value = _parse(text, _leaf_type(cfg, path), key)
         cfg = _set(cfg, path, value)
     validate(cfg)
+    return cfg
+
+
+def config_leaves(data: Any, where: str, _prefix: str = "") -> dict[str, Any]:
+    """A config file's mapping as dotted key -> value. Sections may be nested as in a run's config.json
+    ({"data": {"batch_size": 16}}), written as flat dotted keys ({"data.batch_size": 16}), or mixed; keys are
+    checked by `apply_mapping`. A key given twice (nested and dotted) is an AttrdistError naming `where`."""
+    if not isinstance(data, dict):
+        raise AttrdistError(f"{where}: {_prefix.rstrip('.') or 'the file'} is a {type(data).__name__}, expected a "
+                            f"mapping of config keys (nested like a run's config.json, or dotted like data.batch_size)")
+    leaves = set(_LEAF_KEYS)
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{_prefix}{k}"
+        sub = config_leaves(v, where, key + ".") if isinstance(v, dict) and key not in leaves else {key: v}
+        for dup in sub.keys() & out.keys():
+            raise AttrdistError(f"{where}: config key {dup!r} is given twice (nested and dotted); keep one")
+        out.update(sub)
+    return out
+
+
+def apply_mapping(cfg: Config, leaves: dict[str, Any], where: str) -> Config:
+    """`cfg` with the values of a config file (`config_leaves` output) applied: every key must exist (an unknown
+    one is an AttrdistError naming `where`, the key and close matches); a string value is parsed like a
+    `key=value` override (YAML reads 1e-4 as a string), any other value must fit the field's type as in a
+    config.json. Not validated here: the command line's overrides come next, then `validate`."""
+    known = flatten(cfg)
+    for key, v in leaves.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known.keys(), n=3, cutoff=0.75)
+            hint = (f"; did you mean {', '.join(close)}?" if close else
+                    "; not a config key of this attrdist (see --help for every key)")
+            raise AttrdistError(f"{where}: unknown config key {key!r}{hint}")
+        path = key.split(".")
+        tp = _leaf_type(cfg, path)
+        value = _parse(v, tp, f"{where}: {key}") if isinstance(v, str) else _from_json(v, tp, key, where)
+        cfg = _set(cfg, path, value)
     return cfg
 
 
@@ -436,3 +481,6 @@ def help_text(cfg: Config) -> str:
         if f.metadata.get("help"):
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
+
+
+_LEAF_KEYS = tuple(flatten(Config()))  # config_leaves: a dict under one of these keys is a value, not a section

@@ -1,10 +1,12 @@
 """timm backbones as spatial feature extractors, with offline-only pretrained weights and freezing.
 
 Pretrained weights never come from the network. `pretrained` is
-  ''      -> random init (said so in the log),
+  'none'  -> random init, on purpose (said so in the log; '' is the same),
   a path  -> a local .safetensors (preferred) or .pth/.pt file, loaded with weights_only=True,
-  'auto'  -> the file already in the local Hugging Face or torch hub cache for this timm model,
-             if one is there; else random init with a clear message saying where to put weights.
+  'auto'  -> the file already in the local Hugging Face or torch hub cache for this timm model; if
+             there is none the run stops (AttrdistError saying where weights go, and that 'none'
+             trains from scratch): a recipe whose learning rate and frozen stages assume pretrained
+             weights must not quietly train from scratch (characters' full profile did: chance accuracy).
 
 Tensors are loaded where name and shape match the model; everything else is reported, never
 silently dropped: a table in the log lists the model tensors the file lacks (missing, they keep
@@ -57,7 +59,7 @@ def cached_pretrained_file(arch: str) -> str | None:
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise AttrdistError(f"{path}: pretrained weights file not found; set model.pretrained to a local file or ''")
+        raise AttrdistError(f"{path}: pretrained weights file not found; set model.pretrained to a local file, or none")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -116,21 +118,26 @@ def key_table(rep: KeyReport, path: str, limit: int = 10) -> str:
     return "\n".join(lines)
 
 
+FROM_SCRATCH = ("none", "")  # model.pretrained / text_pretrained values that mean random init, on purpose
+
+
 def load_pretrained(net: nn.Module, arch: str, pretrained: str, head_note: str = "",
                     key_map: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> str:
-    """Load `pretrained` ('' | path | 'auto') into `net` where names and shapes match; log a table of
+    """Load `pretrained` ('none' | path | 'auto') into `net` where names and shapes match; log a table of
     missing / unexpected / shape-mismatched keys; return a one-line description of what was used.
-    `key_map` (optional) renames a foreign checkpoint's keys before matching (see models/convert.py)."""
+    'auto' with nothing cached is an AttrdistError. `key_map` (optional) renames a foreign checkpoint's keys
+    before matching (see models/convert.py)."""
     path = pretrained
+    if pretrained in FROM_SCRATCH:
+        log.info("model.pretrained=none: %s trains from scratch (random init)", arch)
+        return "random init (model.pretrained=none)"
     if pretrained == "auto":
         path = cached_pretrained_file(arch)
         if path is None:
-            log.warning("no pretrained weights for %s in the local caches (nothing is downloaded): training from "
-                        "scratch. Put weights in a file and set model.pretrained=PATH.", arch)
-            return f"random init (no cached weights for {arch})"
-    if not path:
-        log.info("model.pretrained='': %s trains from scratch (random init)", arch)
-        return "random init (model.pretrained='')"
+            raise AttrdistError(f"model.pretrained=auto: no pretrained weights for {arch} in the local timm/HF caches "
+                                f"(HF_HOME, TORCH_HOME; nothing is downloaded): put them there or pass "
+                                f"model.pretrained=PATH (.safetensors/.pth), or model.pretrained=none to train from "
+                                f"scratch on purpose (this profile's learning rate assumes pretrained weights)")
     state = load_state_file(path)
     if key_map is not None:
         state = key_map(state)

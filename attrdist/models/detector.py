@@ -137,6 +137,12 @@ def build_clip(arch: str, checkpoint: str = "") -> tuple[nn.Module, LoadReport |
         from attrdist.models.text import cached_open_clip_file
 
         checkpoint = "" if arch == TINY else (cached_open_clip_file(arch) or "")
+        if not checkpoint:
+            raise AttrdistError(f"model.pretrained=auto: no open_clip {arch} checkpoint in the local HF cache (HF_HOME; "
+                                f"nothing is downloaded): pass model.pretrained=PATH (a local RemoteCLIP/open_clip file, "
+                                f"e.g. RemoteCLIP-RN50.pt), or model.pretrained=none for a random CLIP")
+    elif checkpoint == "none":
+        checkpoint = ""
     if arch == TINY:
         c = TINY_CLIP
         clip = open_clip.model.CLIP(c["embed_dim"], open_clip.model.CLIPVisionCfg(**c["vision_cfg"]),
@@ -149,8 +155,8 @@ def build_clip(arch: str, checkpoint: str = "") -> tuple[nn.Module, LoadReport |
     if not isinstance(clip.visual, ModifiedResNet):
         raise AttrdistError(f"model.backbone={arch!r}: its image tower is not a CLIP ResNet (use RN50, RN101, ... or tiny)")
     if not checkpoint:
-        log.warning("detector: CLIP %s with random weights (set model.pretrained=PATH to a local RemoteCLIP/"
-                    "open_clip file; nothing is downloaded)", arch)
+        log.info("detector: CLIP %s with random weights (model.pretrained=none; a local RemoteCLIP/open_clip file: "
+                 "model.pretrained=PATH)", arch)
         return clip, None
     return clip, load_clip_checkpoint(clip, checkpoint)
 

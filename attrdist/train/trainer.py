@@ -47,7 +47,7 @@ from attrdist.tasks.base import StepEnv
 from attrdist.train import checkpoint, interrupt, report, shm_allreduce
 from attrdist.train.evaluation import count_corrupt, evaluation_pass
 from attrdist.train.rundir import resolve_run_dir, setup_logging
-from attrdist.train.runtime import make_accelerator
+from attrdist.train.runtime import available_cores, make_accelerator
 from attrdist.train.tracking import Tracker, plot_curves
 
 log = logging.getLogger("attrdist")
@@ -143,6 +143,19 @@ def check_cache_room(cfg: Config, manifest, world: int, streams: int) -> None:
                                ", or lower data.shuffle_window or data.streams (either changes the order)"))
 
 
+def usable_workers(asked: int) -> int:
+    """data.num_workers, at most the cores this process may use (its share among the node's local processes):
+    more workers than cores only time-slice, and torch warns for every loader made (the full profiles ask 4)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+    cap = max(1, available_cores() // max(1, local))
+    if asked <= cap:
+        return asked
+    log.info("data.num_workers=%d: %d worker processes per loader, the cores this process can use (%d core%s for %d "
+             "local process%s)", asked, cap, available_cores(), "s" * (available_cores() != 1), local,
+             "es" * (local != 1))
+    return cap
+
+
 def debug_config(cfg: Config) -> Config:
     """run.debug: a few steps on a small subset, one eval, no workers."""
     b = cfg.data.batch_size
@@ -190,6 +203,7 @@ class Trainer:
         self.acc, self.rt = make_accelerator(cfg.run, cfg.optim, cfg.data.batch_size)
         self.main = self.acc.is_main_process
         self.run_dir = self.open_run_dir()
+        self.workers = usable_workers(cfg.data.num_workers)
         self.manifest = load_manifest(cfg.data.shards, cache=cfg.data)
         self.task = make_task(cfg, self.manifest)
         self.data = build_data(cfg, self.manifest, self.acc.num_processes)
@@ -200,7 +214,7 @@ class Trainer:
         self.train_ds = self.dataset(self.data.train_reader, train=not cfg.run.overfit_batches)
         if self.task.pixel_stage:
             log.info("input: %d workers decode + crop/flip; colour, normalisation and erasing run %s "
-                     "(data.pixel_stage=%s)", cfg.data.num_workers,
+                     "(data.pixel_stage=%s)", self.workers,
                      f"in the workers, {str(self.train_ds.image_dtype).split('.')[-1]} batches (data.worker_dtype="
                      f"{cfg.data.worker_dtype})" if self.pixels_in_workers else
                      f"batched on {self.acc.device.type}, from uint8 batches", cfg.data.pixel_stage)
@@ -294,7 +308,7 @@ class Trainer:
         return where == "workers" or (where == "auto" and self.acc.device.type == "cpu")
 
     def loader(self, ds, plan: BatchPlan):
-        return make_loader(ds, plan, self.cfg.data.num_workers, pin_memory=self.rt.device == "cuda",
+        return make_loader(ds, plan, self.workers, pin_memory=self.rt.device == "cuda",
                            malloc=self.cfg.run.malloc, collate_fn=self.task.collate)
 
     @property
