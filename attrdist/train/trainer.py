@@ -46,9 +46,9 @@ from attrdist.tasks import make_task
 from attrdist.tasks.base import StepEnv
 from attrdist.train import checkpoint, interrupt, report, shm_allreduce
 from attrdist.train.evaluation import count_corrupt, evaluation_pass
-from attrdist.train.rundir import resolve_run_dir, setup_logging
+from attrdist.train.rundir import planned_run_dir, resolve_run_dir, setup_logging
 from attrdist.train.runtime import make_accelerator
-from attrdist.train.tracking import Tracker, plot_curves
+from attrdist.train.tracking import Tracker, accelerate_log_with, check_trackers, plot_curves
 
 log = logging.getLogger("attrdist")
 
@@ -187,9 +187,12 @@ class Trainer:
         if cfg.run.debug:
             cfg = debug_config(cfg)
         self.cfg, self.recipe = cfg, recipe
-        self.acc, self.rt = make_accelerator(cfg.run, cfg.optim, cfg.data.batch_size)
+        trackers = check_trackers(cfg.run.log_with)  # before anything starts: a missing package stops the run
+        planned = planned_run_dir(cfg)  # rank 0's is the run directory
+        self.acc, self.rt = make_accelerator(cfg.run, cfg.optim, cfg.data.batch_size, project_dir=str(planned),
+                                             log_with=accelerate_log_with(trackers, planned))
         self.main = self.acc.is_main_process
-        self.run_dir = self.open_run_dir()
+        self.run_dir = self.open_run_dir(planned)
         self.manifest = load_manifest(cfg.data.shards, cache=cfg.data)
         self.task = make_task(cfg, self.manifest)
         self.data = build_data(cfg, self.manifest, self.acc.num_processes)
@@ -205,20 +208,22 @@ class Trainer:
                      f"{cfg.data.worker_dtype})" if self.pixels_in_workers else
                      f"batched on {self.acc.device.type}, from uint8 batches", cfg.data.pixel_stage)
         self.state = LoopState()
-        self.tracker = Tracker(self.run_dir, enabled=self.main)
+        self.tracker = Tracker(self.run_dir, enabled=self.main, acc=self.acc, cfg=cfg, recipe=recipe)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.timings: dict = {"train_s": 0.0}
         self.step_rates = array("d")  # images/s of every optimizer step: the report's median
 
     # ---------------------------------------------------------------- builders
-    def open_run_dir(self) -> Path:
+    def open_run_dir(self, planned: Path) -> Path:
         """The run directory (chosen and locked by rank 0), train.log, the first log lines, config.json."""
         cfg, acc = self.cfg, self.acc
         setup_logging(None, acc.process_index)
-        run_dir = resolve_run_dir(cfg, acc)
+        run_dir = resolve_run_dir(cfg, acc, planned)
         setup_logging(run_dir, acc.process_index)
         log.info("attrdist %s recipe: %s | run dir: %s", __version__, self.recipe, run_dir)
         log.info("runtime: %s", self.rt.describe())
+        for note in self.rt.launcher_notes:
+            log.info("launcher: %s", note)
         if acc.num_processes > 1:
             log.info("distributed run verified: %d ranks (%s, backend %s)", self.rt.world_size,
                      self.rt.distributed_type, self.rt.backend)
