@@ -180,7 +180,9 @@ class RunConfig:
     ckpt_every_steps: int = _f(0, "also save `last` every N optimizer steps (0 = at evals only)")
     ckpt_every_epochs: int = _f(0, "also keep a permanent checkpoint every N epochs (pointer epoch-NNNN.json; 0 = none)")
     keep_checkpoints: int = _f(2, "step checkpoints kept besides `best`")
-    log_every: int = _f(10, "log a training line every N steps")
+    log_every: int = _f(10, "log a training line (loss, lr, img/s, ETA of the run) every N steps when stderr is not a terminal (on a terminal: a progress bar)")
+    progress_every_s: float = _f(30.0, "evaluation progress (batches done/total, rate, ETA): a line at most every N seconds when stderr is not a terminal (SLURM logs, files; no carriage returns); on a terminal a tqdm bar, as for training")
+    log_with: str = _f("tensorboard", "experiment trackers (through accelerate, rank 0), comma-separated: tensorboard (run_dir/tensorboard), mlflow (store: MLFLOW_TRACKING_URI; experiment: run.name), wandb (project: run.name; WANDB_MODE=offline works offline; files in run_dir/wandb unless WANDB_DIR); '' or none = no tracker. Parameters: the resolved config (dotted keys); metrics.jsonl and curves.png are written either way; run.resume=auto continues the same MLflow/W&B run (trackers.json)")
     resume: Literal["", "auto"] = _f("", "'auto' = continue from the run directory's last checkpoint")
     debug: bool = _f(False, "few steps on a small subset, anomaly detection, per-module shape log")
     overfit_batches: int = _f(0, "train on the first N batches only, no augmentation (loss should go to ~0)")
@@ -211,6 +213,23 @@ class Config:
 # --------------------------------------------------------------------------------------------
 # Overrides, validation, help, JSON
 # --------------------------------------------------------------------------------------------
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # run.log_with: what attrdist passes to accelerate and tests
+
+
+def tracker_names(text: str) -> tuple[str, ...]:
+    """run.log_with -> tracker names (deduplicated, in order); '' / 'none' = none. One-line error for a name
+    that is not a tracker."""
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return ()
+    for n in names:
+        if n not in TRACKERS:
+            close = difflib.get_close_matches(n, TRACKERS, n=1)
+            raise AttrdistError(f"run.log_with={text}: unknown tracker {n!r}{f' (did you mean {close[0]}?)' if close else ''}; "
+                                f"accepted: {', '.join(TRACKERS)} (comma-separated), or none")
+    return tuple(dict.fromkeys(names))
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:
@@ -383,6 +402,7 @@ def validate(cfg: Config) -> None:
         (r.eval_every >= 1, "run.eval_every must be >= 1"),
         (r.patience >= 0, "run.patience must be >= 0"),
         (r.world_size >= 0, "run.world_size must be >= 0"),
+        (r.progress_every_s >= 0, "run.progress_every_s must be >= 0 seconds"),
         (r.dist_timeout_s >= 10, "run.dist_timeout_s must be >= 10 seconds"),
         (m.heads >= 1, "model.heads must be >= 1"),
         (m.heads < 1 or m.dim % m.heads == 0, f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})"),
@@ -402,6 +422,7 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise AttrdistError(msg)
+    tracker_names(r.log_with)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -29,10 +29,11 @@ def count_corrupt(acc, tally: CorruptTally, errors: list) -> int:
 
 
 @torch.no_grad()
-def evaluation_pass(acc, model, task, loader, env: StepEnv, tally: CorruptTally, n: int, reader=None) -> EvalOutputs:
+def evaluation_pass(acc, model, task, loader, env: StepEnv, tally: CorruptTally, n: int, reader=None,
+                    progress=None) -> EvalOutputs:
     """Run `model` over `loader` (an ordered, padded batch plan of `n` samples) in eval mode and gather what
     `task.eval_batch` yields: per-sample tensors in split order (padding and undecodable samples dropped),
-    objects of every rank in rank order, sums over all batches and ranks."""
+    objects of every rank in rank order, sums over all batches and ranks. `progress`: updated once a batch."""
     model.eval()
     chunks: dict[str, list] = {}
     objects, sums, errors = [], None, []
@@ -48,8 +49,12 @@ def evaluation_pass(acc, model, task, loader, env: StepEnv, tally: CorruptTally,
                 objects += out.objects
                 if out.sums is not None:
                     sums = out.sums if sums is None else sums + out.sums
+                if progress is not None:  # attrdist.train.progress.Progress: batches, rate, ETA (rank 0)
+                    progress.update()
     finally:
         model.train()
+        if progress is not None:
+            progress.close()
     seconds = time.perf_counter() - t0
     per_sample = {}
     if chunks:

@@ -34,20 +34,26 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     log.propagate = False
 
 
-def resolve_run_dir(cfg: Config, acc) -> Path:
-    """Same directory on every rank (rank 0 decides)."""
+def planned_run_dir(cfg: Config) -> Path:
+    """This process's choice of run directory (run.run_dir, the latest <out_dir>/<name>-* to resume, or a new
+    timestamped one). Rank 0's is the run's: resolve_run_dir hands it to every rank. Known before the
+    Accelerator exists: it is rank 0's accelerate project_dir (its trackers' files)."""
+    r = cfg.run
+    if r.run_dir:
+        return Path(r.run_dir)
+    base = Path(r.out_dir)
+    existing = sorted(base.glob(f"{r.name}-2*")) if base.is_dir() else []
+    if r.resume == "auto" and existing:
+        return existing[-1]
+    return base / f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_run_dir(cfg: Config, acc, planned: Path | None = None) -> Path:
+    """Same directory on every rank (rank 0 decides: its `planned` directory)."""
     from accelerate.utils import broadcast_object_list
 
     r = cfg.run
-    if r.run_dir:
-        chosen = r.run_dir
-    else:
-        base = Path(r.out_dir)
-        existing = sorted(base.glob(f"{r.name}-2*")) if base.is_dir() else []
-        if r.resume == "auto" and existing:
-            chosen = str(existing[-1])
-        else:
-            chosen = str(base / f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    chosen = str(planned or planned_run_dir(cfg))
     obj = [chosen, _lock_run_dir(Path(chosen)) if acc.is_main_process else None]
     if acc.num_processes > 1:
         broadcast_object_list(obj, from_process=0)  # rank 0's verdict on the lock reaches every rank

@@ -95,6 +95,7 @@ class RuntimeInfo:
     engine: str = "ddp"  # or deepspeed-zero1/2/3
     malloc: str = "system"  # "keep": tune_malloc applied
     allreduce: str = "-"  # gradient all-reduce: "shm" (attrdist.train.shm_allreduce), else the group's backend
+    launcher_notes: tuple[str, ...] = ()  # how accelerate's own settings were honoured (launcher_settings)
 
     def describe(self) -> str:
         return (f"world_size={self.world_size} rank={self.rank} local_rank={self.local_rank} device={self.device} "
@@ -103,25 +104,155 @@ class RuntimeInfo:
                 f"launcher={self.launcher}")
 
 
+def _launcher_argv() -> list[str]:
+    """The command line of an `accelerate launch` parent process, if that is what started us (Linux: /proc);
+    [] otherwise (another launcher, or no /proc)."""
+    try:
+        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+    head = " ".join(argv[:3])
+    if not ("accelerate.commands.launch" in head or ("accelerate" in head and "launch" in argv[:4])):
+        return []
+    return argv
+
+
+def _argv_value(argv: list[str], name: str) -> str | None:
+    """The value of `--name X` / `--name=X` (underscores or dashes) in a launcher's argv, else None."""
+    spellings = (f"--{name}", f"--{name.replace('_', '-')}")
+    for i, a in enumerate(argv):
+        if a in spellings and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(tuple(s + "=" for s in spellings)):
+            return a.split("=", 1)[1]
+    return None
+
+
 def _launcher_num_processes() -> int:
     """--num_processes of an `accelerate launch` parent process, if that is what started us.
 
     Catches `accelerate launch --cpu --num_processes 2`, which starts ONE process and sets no
     variable saying 2 were asked for.
     """
+    n = _argv_value(_launcher_argv(), "num_processes")
+    return int(n) if n and n.isdigit() else 0
+
+
+_PRECISION_OF = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # accelerate's mixed_precision -> run.precision
+
+
+def _accelerate_config(argv: list[str]) -> tuple[str, dict]:
+    """(path, contents) of the accelerate config file the launcher read: its --config_file, else accelerate's
+    default file (`accelerate config` writes it) when it exists; ("", {}) when there is none."""
+    path = _argv_value(argv, "config_file")
+    if not path:
+        from accelerate.commands.config.config_args import default_config_file
+
+        path = default_config_file if os.path.isfile(default_config_file) else ""
+    if not path:
+        return "", {}
     try:
-        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")
-    except OSError:
-        return 0
-    head = " ".join(argv[:3])
-    if not ("accelerate.commands.launch" in head or ("accelerate" in head and "launch" in argv[:4])):
-        return 0
-    for i, a in enumerate(argv):
-        if a in ("--num_processes", "--num-processes") and i + 1 < len(argv) and argv[i + 1].isdigit():
-            return int(argv[i + 1])
-        if a.startswith(("--num_processes=", "--num-processes=")) and a.split("=", 1)[1].isdigit():
-            return int(a.split("=", 1)[1])
-    return 0
+        text = open(path).read()
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (OSError, ValueError, ImportError) as e:
+        raise AttrdistError(f"{path}: the accelerate config file cannot be read ({e}); fix or remove it "
+                            f"(`accelerate config` rewrites it)") from None
+    return path, data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class LauncherSettings:
+    """What attrdist resolved from accelerate's own settings (`accelerate launch` flags, `accelerate config`'s
+    file, ACCELERATE_* variables) against the run's config: the device and precision preferences handed to
+    choose_device / resolve_precision, the threads, and one log line per decision."""
+
+    device: str
+    precision: str
+    threads: int
+    notes: tuple[str, ...] = ()
+
+
+def launcher_settings(run_cfg, optim_cfg) -> LauncherSettings:
+    """Honour what the user told accelerate, or stop with one line naming both settings and how to agree.
+
+    accelerate's launcher hands its settings to the process as environment variables, which an Accelerator
+    built with explicit arguments (as attrdist builds it) silently ignores. Here, per setting:
+    - mixed precision (ACCELERATE_MIXED_PRECISION): the launcher always sets it, to 'no' when the user
+      chose nothing, so a 'no' is explicit only when the launcher's argv (/proc/<parent>/cmdline) holds
+      --mixed_precision or its config file holds mixed_precision; any other value is explicit. Explicit:
+      run.precision=auto follows it; another run.precision must agree with it, else the run stops.
+      Not visible (no /proc, or a launcher in between) and 'no': taken as the launcher's default.
+    - ACCELERATE_GRADIENT_ACCUMULATION_STEPS (launcher --gradient_accumulation_steps, DeepSpeed config): the
+      Accelerator would take it over optim.grad_accum, out of step with the loop: it must equal optim.grad_accum.
+    - ACCELERATE_USE_CPU (launcher --cpu): run.device=auto follows it; cuda/mps stops the run.
+    - launcher --num_cpu_threads_per_process N: run.threads=0 follows it; another run.threads stops the run.
+    - ACCELERATE_USE_FSDP: attrdist has no FSDP path: stops the run.
+    - ACCELERATE_DYNAMO_BACKEND: attrdist passes no dynamo_backend, so accelerate already honours it (logged).
+    """
+    env, argv, notes = os.environ, _launcher_argv(), []
+    truthy = ("1", "true", "yes")
+    device, precision, threads = run_cfg.device, run_cfg.precision, run_cfg.threads
+    if env.get("ACCELERATE_USE_FSDP", "").lower() in truthy:
+        raise AttrdistError("ACCELERATE_USE_FSDP is set (accelerate launch --use_fsdp or `accelerate config`): attrdist "
+                            "trains with DDP or DeepSpeed only; turn FSDP off and use run.deepspeed=zero3 to shard")
+    env_mp = env.get("ACCELERATE_MIXED_PRECISION")
+    if env_mp is not None:
+        env_mp = env_mp.lower()
+        source = None
+        flag = _argv_value(argv, "mixed_precision") if argv else None
+        path, conf = _accelerate_config(argv) if argv else ("", {})
+        if flag:
+            source = f"accelerate launch --mixed_precision {flag}"
+        elif conf.get("mixed_precision"):
+            source = f"mixed_precision: {conf['mixed_precision']} in {path} (accelerate config)"
+        elif env_mp != "no":
+            source = f"ACCELERATE_MIXED_PRECISION={env_mp}"
+        if source is None:
+            notes.append(f"ACCELERATE_MIXED_PRECISION=no is accelerate launch's default (no --mixed_precision, no "
+                         f"config file value{'' if argv else '; launcher command line not visible'}): "
+                         f"run.precision={run_cfg.precision} decides")
+        else:
+            wanted = _PRECISION_OF.get(env_mp)
+            if wanted is None:
+                raise AttrdistError(f"{source}: attrdist trains in fp32, bf16 or fp16 only (run.precision); launch "
+                                    f"with --mixed_precision no|bf16|fp16")
+            if run_cfg.precision == "auto":
+                precision = wanted
+                notes.append(f"precision from the launcher: {source} -> run.precision={wanted} (run.precision=auto "
+                             f"follows an explicit launcher setting)")
+            elif run_cfg.precision != wanted:
+                raise AttrdistError(f"run.precision={run_cfg.precision} conflicts with {source}: make them agree (pass "
+                                    f"run.precision={wanted}, or change the launcher's mixed precision; run.precision="
+                                    f"auto follows the launcher)")
+    ga = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if ga is not None and ga.strip() != str(optim_cfg.grad_accum):
+        raise AttrdistError(f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={ga} (accelerate launch --gradient_accumulation_"
+                            f"steps or its DeepSpeed config) conflicts with optim.grad_accum={optim_cfg.grad_accum}, "
+                            f"which attrdist's loop follows: pass optim.grad_accum={ga}, or drop the launcher's setting")
+    if env.get("ACCELERATE_USE_CPU", "").lower() in truthy and not run_cfg.deepspeed:
+        if run_cfg.device == "auto":
+            device = "cpu"
+            notes.append("device from the launcher: ACCELERATE_USE_CPU is set (accelerate launch --cpu) -> cpu")
+        elif run_cfg.device != "cpu":
+            raise AttrdistError(f"run.device={run_cfg.device} conflicts with ACCELERATE_USE_CPU (accelerate launch --cpu): "
+                                f"drop --cpu, or pass run.device=cpu (run.device=auto follows the launcher)")
+    nt = _argv_value(argv, "num_cpu_threads_per_process") if argv else None
+    if nt and nt.isdigit() and int(nt) > 0:
+        if not run_cfg.threads:
+            threads = int(nt)
+            notes.append(f"threads from the launcher: accelerate launch --num_cpu_threads_per_process {nt}")
+        elif run_cfg.threads != int(nt):
+            raise AttrdistError(f"run.threads={run_cfg.threads} conflicts with accelerate launch --num_cpu_threads_per_"
+                                f"process {nt}: make them agree (run.threads=0 follows the launcher)")
+    dyn = env.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper()
+    if dyn != "NO":
+        notes.append(f"ACCELERATE_DYNAMO_BACKEND={dyn}: accelerate compiles the model with it (attrdist leaves it be)")
+    return LauncherSettings(device=device, precision=precision, threads=threads, notes=tuple(notes))
 
 
 def _expected_world_size(cfg_world_size: int) -> tuple[int, str]:
@@ -151,20 +282,22 @@ def _deepspeed_plugin(run_cfg, optim_cfg, global_batch: int, world: int, mp: str
     return DeepSpeedPlugin(hf_ds_config=ds)
 
 
-def make_accelerator(run_cfg, optim_cfg, global_batch: int):
+def make_accelerator(run_cfg, optim_cfg, global_batch: int, log_with=None, project_dir=None):
     """Create the Accelerator for this process and verify what it got. Returns (accelerator, RuntimeInfo).
-    `global_batch`: data.batch_size (samples per micro-step over all ranks; DeepSpeed's config needs it)."""
+    `global_batch`: data.batch_size (samples per micro-step over all ranks; DeepSpeed's config needs it);
+    `log_with`, `project_dir`: accelerate's trackers (attrdist.train.tracking) and the run directory."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     from attrdist.train import shm_allreduce
 
-    device = choose_device(run_cfg.device)
-    mp = resolve_precision(run_cfg.precision, device)
+    launch = launcher_settings(run_cfg, optim_cfg)  # accelerate's own settings: honoured, or the run stops
+    device = choose_device(launch.device)
+    mp = resolve_precision(launch.precision, device)
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", env_world)))
     slurm_cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)  # SLURM's share when it set one
-    threads = run_cfg.threads or slurm_cpus or max(1, available_cores() // max(1, local_world))
+    threads = launch.threads or slurm_cpus or max(1, available_cores() // max(1, local_world))
     torch.set_num_threads(threads)
     malloc = "keep" if tune_malloc(run_cfg.malloc) else "system"
     handlers = []
@@ -181,10 +314,12 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
         plugin = _deepspeed_plugin(run_cfg, optim_cfg, global_batch, env_world, mp, device)
         # precision lives in the DeepSpeed config (torch_autocast / fp16): accelerate must not add its own
         acc = Accelerator(deepspeed_plugin=plugin, mixed_precision="no", gradient_accumulation_steps=optim_cfg.grad_accum,
-                          kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+                          kwargs_handlers=handlers, step_scheduler_with_optimizer=False, log_with=log_with,
+                          project_dir=project_dir)
     else:
         acc = Accelerator(cpu=(device == "cpu"), mixed_precision=mp, gradient_accumulation_steps=optim_cfg.grad_accum,
-                          kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+                          kwargs_handlers=handlers, step_scheduler_with_optimizer=False, log_with=log_with,
+                          project_dir=project_dir)
     state = acc.state
     backend = getattr(state, "backend", None)
     launcher = os.environ.get("ATTRDIST_LAUNCHER") or (  # attrdist.train.slurm_job: job, nodes x tasks, master
@@ -194,7 +329,7 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int):
                        world_size=acc.num_processes, rank=acc.process_index, local_rank=acc.local_process_index,
                        mixed_precision=mp if run_cfg.deepspeed else str(acc.mixed_precision), threads=threads,
                        launcher=launcher, engine=f"deepspeed-{run_cfg.deepspeed}" if run_cfg.deepspeed else "ddp",
-                       malloc=malloc)
+                       malloc=malloc, launcher_notes=launch.notes)
     if not run_cfg.deepspeed and info.distributed_type == "DEEPSPEED":
         raise AttrdistError("accelerate's config turned DeepSpeed on but run.deepspeed is empty: set run.deepspeed=zero1|"
                             "zero2|zero3 (attrdist then builds the DeepSpeed config from the run's and checkpoints "

@@ -46,9 +46,10 @@ from attrdist.tasks import make_task
 from attrdist.tasks.base import StepEnv
 from attrdist.train import checkpoint, interrupt, report, shm_allreduce
 from attrdist.train.evaluation import count_corrupt, evaluation_pass
-from attrdist.train.rundir import resolve_run_dir, setup_logging
+from attrdist.train.progress import Progress, rate_eta
+from attrdist.train.rundir import planned_run_dir, resolve_run_dir, setup_logging
 from attrdist.train.runtime import available_cores, make_accelerator
-from attrdist.train.tracking import Tracker, plot_curves
+from attrdist.train.tracking import Tracker, accelerate_log_with, check_trackers, plot_curves
 
 log = logging.getLogger("attrdist")
 
@@ -200,9 +201,12 @@ class Trainer:
         if cfg.run.debug:
             cfg = debug_config(cfg)
         self.cfg, self.recipe = cfg, recipe
-        self.acc, self.rt = make_accelerator(cfg.run, cfg.optim, cfg.data.batch_size)
+        trackers = check_trackers(cfg.run.log_with)  # before anything starts: a missing package stops the run
+        planned = planned_run_dir(cfg)  # rank 0's is the run directory
+        self.acc, self.rt = make_accelerator(cfg.run, cfg.optim, cfg.data.batch_size, project_dir=str(planned),
+                                             log_with=accelerate_log_with(trackers, planned))
         self.main = self.acc.is_main_process
-        self.run_dir = self.open_run_dir()
+        self.run_dir = self.open_run_dir(planned)
         self.workers = usable_workers(cfg.data.num_workers)
         self.manifest = load_manifest(cfg.data.shards, cache=cfg.data)
         self.task = make_task(cfg, self.manifest)
@@ -219,20 +223,24 @@ class Trainer:
                      f"{cfg.data.worker_dtype})" if self.pixels_in_workers else
                      f"batched on {self.acc.device.type}, from uint8 batches", cfg.data.pixel_stage)
         self.state = LoopState()
-        self.tracker = Tracker(self.run_dir, enabled=self.main)
+        self.tracker = Tracker(self.run_dir, enabled=self.main, acc=self.acc, cfg=cfg, recipe=recipe)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.timings: dict = {"train_s": 0.0}
         self.step_rates = array("d")  # images/s of every optimizer step: the report's median
+        self.bar = None  # the training progress bar on a terminal (attrdist.train.progress)
+        self.step_time, self.rates_start, self.steps_start = 0.0, 0, 0  # this launch's step time, for the ETA
 
     # ---------------------------------------------------------------- builders
-    def open_run_dir(self) -> Path:
+    def open_run_dir(self, planned: Path) -> Path:
         """The run directory (chosen and locked by rank 0), train.log, the first log lines, config.json."""
         cfg, acc = self.cfg, self.acc
         setup_logging(None, acc.process_index)
-        run_dir = resolve_run_dir(cfg, acc)
+        run_dir = resolve_run_dir(cfg, acc, planned)
         setup_logging(run_dir, acc.process_index)
         log.info("attrdist %s recipe: %s | run dir: %s", __version__, self.recipe, run_dir)
         log.info("runtime: %s", self.rt.describe())
+        for note in self.rt.launcher_notes:
+            log.info("launcher: %s", note)
         if acc.num_processes > 1:
             log.info("distributed run verified: %d ranks (%s, backend %s)", self.rt.world_size,
                      self.rt.distributed_type, self.rt.backend)
@@ -435,8 +443,9 @@ class Trainer:
         plan = BatchPlan(n, self.data.eval_batch, self.acc.num_processes, self.acc.process_index, 0, 0,
                          shuffle=False, drop_last=False)
         tally = CorruptTally(f"eval {reader.split}")  # this (latest) evaluation's skipped samples per shard
+        progress = Progress(f"eval {split}", len(plan), "batch", enabled=self.main, every_s=self.cfg.run.progress_every_s)
         outputs = evaluation_pass(self.acc, self.model, self.task, self.loader(self.dataset(reader, train=False), plan),
-                                  self.env, tally, n, reader)
+                                  self.env, tally, n, reader, progress=progress)
         self.state = loop.with_corrupt_shards(self.state, reader.split, tally.counts)
         bad, total = self.task.nonfinite_outputs(outputs)
         if bad:  # finite weights can still overflow in the forward: the metrics would be meaningless
@@ -485,6 +494,7 @@ class Trainer:
         self.corrupt_start = self.state.corrupt  # data.max_corrupt counts this launch's skipped samples
         self.tally = CorruptTally("train", dict(self.state.corrupt_shards.get("training", {})))
         epoch_batches = self.data.step_batches(ga)
+        self.rates_start, self.steps_start = len(self.step_rates), self.state.step
         stop = loop.steps_done(self.state, cfg.run.max_steps)  # resumed at the end: nothing left to train
         while self.state.epoch < cfg.run.epochs and not stop:
             plan = self.data.train_plan(cfg.data, acc.num_processes, acc.process_index, cfg.run.seed, self.state.epoch,
@@ -492,6 +502,8 @@ class Trainer:
             self.model.train()
             t_epoch = t_step = time.perf_counter()
             step_errors, step_samples = [], []
+            self.bar = Progress("train", self.data.total_steps, "step", enabled=self.main, initial=self.state.step,
+                                lines=False)  # a bar on a terminal; the log_every lines carry the rate and ETA
             for batch in self.loader(self.train_ds, plan):
                 if self.state.batch >= epoch_batches:
                     break
@@ -511,6 +523,7 @@ class Trainer:
                 rec, sums = self.optimizer_step(loss, parts, step_errors, lr)
                 now = time.perf_counter()
                 rec.update(img_per_s=B * ga / max(now - t_step, 1e-9), time=now - t_start)
+                self.step_time += now - t_step
                 t_step = now
                 if cfg.run.log_samples:
                     rec["samples"] = torch.cat(step_samples).tolist()
@@ -519,6 +532,8 @@ class Trainer:
                 if loop.steps_done(self.state, cfg.run.max_steps):
                     stop = True
                     break
+            self.bar.close()
+            self.bar = None
             self.timings["train_s"] += time.perf_counter() - t_epoch
             stop = self.end_of_epoch(loop.epoch_done(self.state, epoch_batches), stop, t_start)
         self.check_ranks_agree()
@@ -579,9 +594,13 @@ class Trainer:
             self.state = st = loop.with_corrupt_shards(st, "training", self.tally.counts)
         self.step_rates.append(rec["img_per_s"])
         self.tracker.log(rec)
-        if itstime(st.step, cfg.run.log_every, first=True):
-            log.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s", st.epoch, st.step, self.data.total_steps,
-                     rec["loss"], rec["lr"], rec["img_per_s"])
+        if self.bar is not None:
+            self.bar.update(1, loss=f"{rec['loss']:.4f}")
+        if itstime(st.step, cfg.run.log_every, first=True):  # ETA: this launch's training-step rate (evaluations extra)
+            log.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s | %s", st.epoch, st.step, self.data.total_steps,
+                     rec["loss"], rec["lr"], rec["img_per_s"],
+                     rate_eta(len(self.step_rates) - self.rates_start, self.data.total_steps - self.steps_start,
+                              self.step_time, "step"))
         if rec.get("skipped"):
             self.after_nonfinite_step(rec)
         if st.corrupt - self.corrupt_start > cfg.data.max_corrupt:
