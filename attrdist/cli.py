@@ -1,6 +1,7 @@
 """The `attrdist` command (installed by `pip install -e .`). Imports are lazy: --help is fast.
 
-    attrdist predict CHECKPOINT IMAGE [IMAGE ...] [--top K]   top attributes with probabilities
+    attrdist predict CHECKPOINT IMAGE [IMAGE ...] [--top K] [--thresholds val] [--jsonl FILE]
+                     [--device auto|cpu|cuda|mps] [--batch-size N]   top attributes with probabilities
     attrdist predict DETECTOR_RUN IMAGE ... [--out DIR] [--classes a,b] [--threshold T]   boxes drawn (PNG)
     attrdist inspect SHARDS [--sheet out.png] [--n 32] [--split train] [--seed 0]
     attrdist index DIR_OR_URL --labels cls|json:FIELD [--split NAME=GLOB ...] [--classes FILE] [--out DIR]
@@ -20,7 +21,18 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("predict", help="print the top attributes of images with a trained checkpoint")
     p.add_argument("checkpoint", help="run directory, checkpoints dir, or a checkpoints/step-* directory")
     p.add_argument("images", nargs="+")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=int, default=5, help="attributes/classes listed per image, most probable first")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="where the model runs; auto = CUDA > MPS > CPU, as training's run.device=auto")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass; results are printed (and "
+                                                              "written to --jsonl) as each batch finishes")
+    p.add_argument("--thresholds", default="", metavar="val[:FIELD]",
+                   help="multilabel runs: also list the attributes at or above the per-attribute thresholds the run "
+                        "tuned on validation (report.json; label field data.eval_labels[0] unless :FIELD). Refused "
+                        "for multiclass runs (one softmax class, no thresholds) and detectors (--threshold)")
+    p.add_argument("--jsonl", default=None, metavar="FILE", help="also write one JSON object per image to FILE "
+                   "(path, top [[name, prob], ...], predicted [[name, prob], ...] with --thresholds; detectors: "
+                   "png, detections); FILE appears complete or not at all")
     p.add_argument("--out", default="predictions", help="detectors: directory for <image>-detections.png")
     p.add_argument("--threshold", type=float, default=0.3, help="detectors: lowest score drawn and listed")
     p.add_argument("--classes", default="", help="detectors: comma-separated class names to detect instead of "
@@ -76,22 +88,66 @@ def main(argv: list[str] | None = None) -> None:
                                     progress=not args.quiet)
             print("\n".join(lines))
         elif args.cmd == "predict":
-            from attrdist.predict import load_for_inference, predict_images
+            _predict(args)
 
-            model, cfg, attributes, ckpt = load_for_inference(args.checkpoint)
-            if cfg.data.task == "detection":
-                from attrdist.predict import detect_images
 
-                classes = [c.strip() for c in args.classes.split(",") if c.strip()] or None
-                print(f"# checkpoint {ckpt} ({len(classes or attributes)} classes)")
-                for png, found in detect_images(model, attributes, args.images, args.out, threshold=args.threshold,
-                                                classes=classes, novel=cfg.data.novel_classes):
-                    print(f"{png}: " + (", ".join(f"{n} {s:.2f} {b}" for n, s, b in found) or "nothing above threshold"))
-                return
-            print(f"# checkpoint {ckpt} ({len(attributes)} attributes)")
-            for path, top in zip(args.images, predict_images(model, cfg, attributes, args.images, args.top)):
-                print(f"{path}: " + ", ".join(f"{name} ({p:.3f})" for name, p in top))
+def _predict(args) -> None:
+    import contextlib
+    import json
 
+    from attrdist import atomic
+    from attrdist.errors import AttrdistError
+    from attrdist.predict import iter_predictions, load_for_inference, val_thresholds
+    from attrdist.train.runtime import choose_device
+
+    if args.batch_size < 1:
+        raise AttrdistError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.top < 1:
+        raise AttrdistError(f"--top {args.top}: must be >= 1")
+    which, _, field = args.thresholds.partition(":")
+    if which not in ("", "val"):
+        raise AttrdistError(f"--thresholds {args.thresholds}: the thresholds a run has are those tuned on val: "
+                            f"--thresholds val (or val:FIELD)")
+    device = choose_device(args.device, key="--device")
+    model, cfg, attributes, ckpt = load_for_inference(args.checkpoint, device)
+    with contextlib.ExitStack() as stack:
+        out = None
+        if args.jsonl:
+            out = stack.enter_context(open(stack.enter_context(atomic.atomic_path(args.jsonl)), "w"))
+
+        def emit(obj: dict) -> None:
+            if out is not None:
+                out.write(json.dumps(obj) + "\n")
+
+        if cfg.data.task == "detection":
+            from attrdist.predict import detect_images
+
+            if which:
+                val_thresholds(ckpt, cfg, attributes, field)  # refuses, saying why
+            classes = [c.strip() for c in args.classes.split(",") if c.strip()] or None
+            print(f"# checkpoint {ckpt} ({len(classes or attributes)} classes) on {device}", flush=True)
+            for path, (png, found) in zip(args.images, detect_images(model, attributes, args.images, args.out,
+                                                                   threshold=args.threshold, classes=classes,
+                                                                   novel=cfg.data.novel_classes, device=device)):
+                print(f"{png}: " + (", ".join(f"{n} {s:.2f} {b}" for n, s, b in found) or "nothing above threshold"),
+                      flush=True)
+                emit({"path": path, "png": str(png), "detections": [[n, s, b] for n, s, b in found]})
+            return
+        thresholds, about = val_thresholds(ckpt, cfg, attributes, field) if which else (None, "")
+        from attrdist.core.transforms import Preprocess
+
+        pre = Preprocess.of(cfg.data)
+        print(f"# checkpoint {ckpt} ({len(attributes)} attributes) on {device}; preprocessing {pre.image_size} px, "
+              f"eval resize {pre.eval_resize:.4g}, {pre.interpolation}, mean {list(pre.mean)}, std {list(pre.std)}"
+              + (f"; thresholds {about}" if about else ""), flush=True)
+        for path, top, above in iter_predictions(model, cfg, attributes, args.images, args.top, device,
+                                                 args.batch_size, thresholds):
+            line = f"{path}: " + ", ".join(f"{name} ({p:.3f})" for name, p in top)
+            if above is not None:
+                line += " | above thresholds: " + (", ".join(f"{n} ({p:.3f})" for n, p in above) or "none")
+            print(line, flush=True)
+            emit({"path": path, "top": [[n, p] for n, p in top],
+                  **({"predicted": [[n, p] for n, p in above]} if above is not None else {})})
 
 if __name__ == "__main__":
     sys.exit(main())

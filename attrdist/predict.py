@@ -2,16 +2,25 @@
 detector, the boxes drawn on each image (PNG) and listed.
 
     attrdist predict runs/coconut-demo-20261123-101500 image1.jpg image2.jpg --top 5
+    attrdist predict runs/coconut-demo-... *.jpg --thresholds val --jsonl preds.jsonl --device cuda --batch-size 128
     attrdist predict runs/dior_remoteclip-demo-... scene.jpg --out detections/ --threshold 0.3
     attrdist predict runs/dior_remoteclip-demo-... scene.jpg --classes airport,helipad   # any names: open vocabulary
+
+Images are prepared exactly as the run evaluated them: the size, eval crop, resampling filter and
+mean/std recorded in the checkpoint's config (`Preprocess.of(cfg.data)`; resolved from the model when
+the run started, attrdist.models.preprocess). A checkpoint from before those keys were recorded gets
+the values attrdist used then (ImageNet mean/std, bilinear), so it predicts as it always did.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attrdist.train import checkpoint
@@ -19,7 +28,7 @@ from attrdist.core.config import Config, from_dict
 from attrdist.errors import AttrdistError
 from attrdist.models import build_model
 from attrdist.tasks import make_task
-from attrdist.core.transforms import decode_image, eval_transform
+from attrdist.core.transforms import Preprocess, decode_image, eval_transform
 
 
 def load_for_inference(path: str | Path, device: str = "cpu"):
@@ -45,37 +54,91 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     return model, cfg, meta["attributes"], ckpt
 
 
-def _decode(path: str, cfg: Config) -> torch.Tensor:
+def _decode(path: str, pre: Preprocess) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
         raise AttrdistError(f"{p}: image not found")
     try:
-        img = decode_image(p.read_bytes(), int(cfg.data.image_size * cfg.data.eval_resize))
+        img = decode_image(p.read_bytes(), int(pre.image_size * pre.eval_resize))
     except Exception as e:
         raise AttrdistError(f"{p}: cannot decode image ({type(e).__name__})") from None
-    return eval_transform(img, cfg.data.image_size, cfg.data.eval_resize)
+    return eval_transform(img, pre)
+
+
+def val_thresholds(ckpt: Path, cfg: Config, attributes: list[str], field: str = "") -> tuple[np.ndarray, str]:
+    """(per-attribute decision thresholds [A], what they are) that the run tuned on validation for
+    checkpoint `ckpt`: report.json's `thresholds` of label field `field` (default data.eval_labels[0], the
+    headline field). They exist for multilabel runs only, once the run has finished (its final evaluation
+    tunes them on val with the best checkpoint), and they belong to that checkpoint: any other is refused."""
+    task = cfg.data.task
+    if task != "multilabel":
+        why = ("a multiclass run predicts the one most probable class (softmax): it has no per-class thresholds"
+               if task == "multiclass" else "detectors take one score threshold: --threshold T" if task == "detection"
+               else f"task {task!r} tunes no per-attribute thresholds")
+        raise AttrdistError(f"--thresholds val: {ckpt} is a {task} run; {why}. Drop --thresholds (use --top K)")
+    run_dir = ckpt.parent.parent
+    path = run_dir / "report.json"
+    try:
+        rep = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AttrdistError(f"--thresholds val: {path} not found; thresholds are tuned on val when a run finishes "
+                            f"(resume it with run.resume=auto to finish), or drop --thresholds") from None
+    except (OSError, ValueError) as e:
+        raise AttrdistError(f"--thresholds val: {path} unreadable ({type(e).__name__}); drop --thresholds") from None
+    field = field or cfg.data.eval_labels[0]
+    table = rep.get("thresholds") if isinstance(rep, dict) else None
+    if not isinstance(table, dict) or field not in table:
+        have = ", ".join(table) if isinstance(table, dict) else "none"
+        raise AttrdistError(f"--thresholds val: {path} has no thresholds for label field {field!r} (has: {have}); "
+                            f"use --thresholds val:FIELD with one of those")
+    best = Path(str(rep.get("best_checkpoint", ""))).name
+    if best != ckpt.name:
+        raise AttrdistError(f"--thresholds val: {path} tuned its thresholds for checkpoint {best}, not {ckpt.name}; "
+                            f"predict with the run directory (its best checkpoint) or drop --thresholds")
+    t = np.asarray(table[field], dtype=np.float64)
+    if t.shape != (len(attributes),):
+        raise AttrdistError(f"--thresholds val: {path} holds {t.size} thresholds for {field!r}, the checkpoint has "
+                            f"{len(attributes)} attributes; drop --thresholds")
+    return t, f"tuned on val against `{field}` ({path})"
 
 
 @torch.inference_mode()
-def predict_images(model, cfg: Config, attributes: list[str], images: list[str], top: int = 5,
-                   device: str = "cpu", batch_size: int = 64) -> list[list[tuple[str, float]]]:
-    """Top-k attributes per image. Runs as evaluation does: batches, the run's precision where this device
-    has it (run.precision=auto -> bf16 on CPUs with native bf16 and on CUDA), channels_last if configured
-    (one image per fp32 forward ran at 0.16x the bare model's throughput: bench/inference.py)."""
+def iter_predictions(model, cfg: Config, attributes: list[str], images: list[str], top: int = 5,
+                     device: str = "cpu", batch_size: int = 64, thresholds: np.ndarray | None = None
+                     ) -> Iterator[tuple[str, list[tuple[str, float]], list[tuple[str, float]] | None]]:
+    """(image, top-k [(attribute, probability)], the attributes at or above `thresholds` with their
+    probabilities, most probable first, or None without thresholds) per image, a batch at a time, in
+    order. Runs as evaluation does: batches, the run's preprocessing (`Preprocess.of(cfg.data)`), the
+    run's precision where this device has it (run.precision=auto -> bf16 on CPUs with native bf16 and on
+    CUDA), channels_last if configured (one image per fp32 forward ran at 0.16x the bare model's
+    throughput: bench/inference.py)."""
     from attrdist.train.runtime import resolve_precision
 
     mp = resolve_precision(cfg.run.precision if cfg.run.precision != "fp16" or device == "cuda" else "auto", device)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
-    task, k, out = make_task(cfg), min(top, len(attributes)), []
+    task, k, pre = make_task(cfg), min(top, len(attributes)), Preprocess.of(cfg.data)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
     for i in range(0, len(images), batch_size):
-        x = torch.stack([_decode(p, cfg) for p in images[i:i + batch_size]]).to(device, memory_format=fmt)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+        paths = images[i:i + batch_size]
+        x = torch.stack([_decode(p, pre) for p in paths]).to(device, memory_format=fmt)
         with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
             logits = model(x)["logits"]
-        vals, idx = task.probs(logits.float()).topk(k, dim=1)
-        out += [[(attributes[j], float(v)) for v, j in zip(vs, js)] for vs, js in zip(vals.tolist(), idx.tolist())]
-    return out
+        probs = task.probs(logits.float()).cpu()
+        vals, idx = probs.topk(k, dim=1)
+        for n, (path, vs, js) in enumerate(zip(paths, vals.tolist(), idx.tolist())):
+            above = None
+            if thresholds is not None:
+                p = probs[n].double().numpy()
+                above = sorted(((attributes[j], float(p[j])) for j in np.flatnonzero(p >= thresholds)),
+                               key=lambda t: -t[1])
+            yield path, [(attributes[j], float(v)) for v, j in zip(vs, js)], above
+
+
+def predict_images(model, cfg: Config, attributes: list[str], images: list[str], top: int = 5,
+                   device: str = "cpu", batch_size: int = 64) -> list[list[tuple[str, float]]]:
+    """Top-k attributes per image (`iter_predictions`, collected)."""
+    return [t for _, t, _ in iter_predictions(model, cfg, attributes, images, top, device, batch_size)]
 
 
 @torch.no_grad()

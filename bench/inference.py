@@ -152,7 +152,7 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     from attrdist.train.runtime import resolve_precision
     from attrdist.train.trainer import Trainer
     from attrdist.data.samples import batch_images
-    from attrdist.core.transforms import decode_image, eval_transform
+    from attrdist.core.transforms import Preprocess, decode_image, eval_transform
 
     cfg = apply_overrides(cfg, [f"data.shards={shards}", f"run.out_dir={tmp / 'runs'}", "data.num_workers=0",
                                 f"run.device={device}"])
@@ -213,13 +213,14 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
         return eval_pass(tr, mem, n).seconds
 
     str_files = [str(p) for p in files]
-    size, resize = cfg.data.image_size, cfg.data.eval_resize
+    pre = Preprocess.of(tr.cfg.data)  # the Trainer's resolved preprocessing (config.json's)
+    size, resize = pre.image_size, pre.eval_resize
 
     def t_predict() -> None:
         predict_images(pmodel, pcfg, pattrs, str_files, top=5, device=str(dev))
 
     def t_bare_e2e() -> None:
-        xs = [eval_transform(decode_image(p.read_bytes(), int(size * resize)), size, resize) for p in files]
+        xs = [eval_transform(decode_image(p.read_bytes(), int(size * resize)), pre) for p in files]
         with torch.inference_mode(), autocast():
             for j in range(0, len(xs), b):
                 x = torch.stack(xs[j:j + b]).to(dev).contiguous(memory_format=fmt)

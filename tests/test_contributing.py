@@ -186,7 +186,7 @@ class Task(BaseTask):
         return collate(samples)
 
     def _count(self, model, batch, env):
-        x = batch_images(batch, env.device, env.memory_format)
+        x = batch_images(batch, env.device, env.memory_format, self.cfg.data)
         with env.autocast():
             return torch.sigmoid(model(x)["logits"].float()).sum(1)
 
@@ -202,7 +202,7 @@ class Task(BaseTask):
                                      "index": batch["index"].to(env.device), "valid": batch["valid"].to(env.device)})
 
     def inference_input(self, ds, n, batch, env):
-        return batch_images(collate([ds[(i, 0)] for i in range(batch)]), env.device, env.memory_format)
+        return batch_images(collate([ds[(i, 0)] for i in range(batch)]), env.device, env.memory_format, self.cfg.data)
 
     def evaluate(self, split, outputs, *, tune=False):
         p = outputs.per_sample

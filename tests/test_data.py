@@ -224,13 +224,19 @@ def test_colour_jitter_is_torchvisions_steps_in_one_affine_map():
         assert (colour_jitter(x, b, c, s) - ref).abs().max() < 1e-4, (b, c, s)  # float rounding only
 
 
-def test_photometric_is_the_colour_map_clamped_then_normalised_then_erased():
+@pytest.mark.parametrize("norm", ["imagenet", "lite0", "clip"])
+def test_photometric_is_the_colour_map_clamped_then_normalised_then_erased(norm):
     """`photometric` fuses the colour map with the normalisation (one baddbmm, one per-channel clamp): the
     same images as `colour_jitter` followed by torchvision's normalize and erasing, up to float rounding,
-    clipping included (strong contrast and brightness push pixels past 0 and 255)."""
+    clipping included (strong contrast and brightness push pixels past 0 and 255); with the run's mean/std
+    (ImageNet's the default, mean = std = 0.5 for tf_efficientnet_lite0, OpenAI CLIP's)."""
     from torchvision.transforms.v2 import functional as F
 
     from attrdist.core.transforms import IMAGENET_MEAN, IMAGENET_STD, colour_jitter, colour_matrix, photometric
+    from attrdist.models.preprocess import CLIP_MEAN, CLIP_STD
+
+    mean, std = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "lite0": ((0.5,) * 3, (0.5,) * 3),
+                 "clip": (tuple(CLIP_MEAN), tuple(CLIP_STD))}[norm]
 
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, 256, (4, 3, 24, 20), generator=g, dtype=torch.uint8)
@@ -238,9 +244,10 @@ def test_photometric_is_the_colour_map_clamped_then_normalised_then_erased():
     colour = torch.stack([torch.cat([m, torch.full((3, 1), c, dtype=torch.float64)], dim=1).float()
                           for m, c in (colour_matrix(*p) for p in params)])
     erase = torch.tensor([[0, 0, 0, 0], [2, 3, 5, 4], [0, 0, 0, 0], [10, 1, 3, 9]])
-    got = photometric(x, colour, erase)
+    got = photometric(x, colour, erase, mean=mean, std=std) if norm != "imagenet" else photometric(x, colour, erase)
+    assert (got - photometric(x, colour, erase, mean=mean, std=std)).abs().max() == 0
     for i, p in enumerate(params):
-        ref = F.normalize(colour_jitter(x[i], *p), list(IMAGENET_MEAN), list(IMAGENET_STD))
+        ref = F.normalize(colour_jitter(x[i], *p), list(mean), list(std))
         top, left, h, w = erase[i].tolist()
         ref[:, top:top + h, left:left + w] = 0.0
         assert (got[i] - ref).abs().max() < 1e-5, (p, (got[i] - ref).abs().max())

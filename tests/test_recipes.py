@@ -173,13 +173,27 @@ def test_dior_remoteclip_demo_trains_evaluates_base_and_novel_and_draws(aerial_s
     # predict: boxes drawn on a real scene, and new class names at test time (open vocabulary)
     img = next((aerial_shards.parent / "dior" / "JPEGImages-test").glob("*.jpg"))
     q = subprocess.run([sys.executable, "-m", "attrdist.cli", "predict", str(run_dir), str(img), "--out",
-                        str(tmp_path / "pred"), "--threshold", "0.0", "--classes", "airport,helipad"],
+                        str(tmp_path / "pred"), "--threshold", "0.0", "--classes", "airport,helipad", "--jsonl",
+                        str(tmp_path / "pred.jsonl"), "--device", "cpu"],
                        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
     assert q.returncode == 0, q.stderr[-3000:]
     png = tmp_path / "pred" / f"{img.stem}-detections.png"
     assert png.stat().st_size > 1000 and "(2 classes)" in q.stdout
     named = {part.split(" ")[0] for part in q.stdout.splitlines()[-1].split(": ", 1)[1].split(", ") if part}
     assert named <= {"airport", "helipad", "nothing"}
+    (row,) = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert row["path"] == str(img) and row["png"] == str(png) and {d[0] for d in row["detections"]} <= {"airport", "helipad"}
+    # one source of truth for the detector's normalisation: config.json records the CLIP values the model applies
+    from attrdist.models.preprocess import CLIP_MEAN, CLIP_STD
+    from attrdist.predict import load_for_inference
+
+    data = json.loads((run_dir / "config.json").read_text())["data"]
+    assert data["mean"] == list(CLIP_MEAN) and data["std"] == list(CLIP_STD)
+    model, cfg, _, _ = load_for_inference(run_dir)
+    assert list(model.transform.image_mean) == list(cfg.data.mean) and list(model.transform.image_std) == list(cfg.data.std)
+    q = subprocess.run([sys.executable, "-m", "attrdist.cli", "predict", str(run_dir), str(img), "--thresholds", "val"],
+                       cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert q.returncode == 2 and "detectors take one score threshold: --threshold T" in q.stderr
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,94 @@ def test_predict_in_batches_matches_one_image_at_a_time(trained_run: Path, small
         db, ds = dict(b), dict(s)
         common = db.keys() & ds.keys()
         assert len(common) >= 3 and all(abs(db[n] - ds[n]) < 0.02 for n in common), (b, s)
+
+
+def test_config_json_records_concrete_preprocessing(trained_run: Path):
+    """The demo's resnet18 (timm's pretrained cfg: ImageNet mean/std, bicubic): config.json and the checkpoint
+    record the values the run used; the recipe's own image_size/eval_resize are kept."""
+    data = json.loads((trained_run / "config.json").read_text())["data"]
+    assert data["mean"] == [0.485, 0.456, 0.406] and data["std"] == [0.229, 0.224, 0.225]
+    assert data["interpolation"] == "bicubic" and data["image_size"] == 64 and data["eval_resize"] == 1.0
+    best = json.loads((trained_run / "checkpoints" / "best.json").read_text())["dir"]
+    assert json.loads((trained_run / "checkpoints" / best / "meta.json").read_text())["config"]["data"] == data
+    assert "preprocessing: data.image_size=64 (set by the recipe" in (trained_run / "train.log").read_text()
+
+
+def _predict_cli(*args, capsys) -> tuple[int, str, str]:
+    from attrdist import cli
+
+    try:
+        cli.main(["predict", *map(str, args)])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_thresholds_jsonl_batches_and_device(trained_run: Path, small_demo: Path, tmp_path, capsys):
+    """--thresholds val lists what is at or above report.json's val-tuned thresholds (of the headline label
+    field), --jsonl holds the same as the text, --batch-size changes nothing but the batching, --device cpu."""
+    import numpy as np
+
+    imgs = [str(p) for p in sorted((small_demo / "images" / "val").glob("*.jpg"))[:5]]
+    code, out, err = _predict_cli(trained_run, *imgs, "--top", "21", "--thresholds", "val", "--jsonl",
+                                  tmp_path / "p.jsonl", "--batch-size", "2", "--device", "cpu", capsys=capsys)
+    assert code == 0, err
+    assert "on cpu" in out and "thresholds tuned on val against `true_labels`" in out and "bicubic" in out
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in rows] == imgs
+    report = json.loads((trained_run / "report.json").read_text())
+    meta = json.loads((trained_run / "checkpoints" / Path(report["best_checkpoint"]).name / "meta.json").read_text())
+    t = dict(zip(meta["attributes"], report["thresholds"]["true_labels"]))
+    lines = [x for x in out.splitlines() if not x.startswith("#")]
+    assert len(lines) == 5
+    for r, line in zip(rows, lines):
+        probs = dict(r["top"])  # --top 21: every attribute
+        assert len(probs) == 21
+        want = sorted((n for n in probs if probs[n] >= t[n]), key=lambda n: -probs[n])
+        assert [n for n, _ in r["predicted"]] == want
+        assert line.startswith(r["path"] + ": ") and line.endswith(
+            " | above thresholds: " + (", ".join(f"{n} ({probs[n]:.3f})" for n in want) or "none"))
+    assert any(r["predicted"] for r in rows) and len({float(v) for v in t.values()}) > 1  # per attribute
+    # one batch of 64 instead of batches of 2: the same numbers (fp32 here: run.precision=fp32)
+    code, _, err = _predict_cli(trained_run, *imgs, "--top", "21", "--thresholds", "val", "--jsonl",
+                                tmp_path / "q.jsonl", capsys=capsys)
+    assert code == 0, err
+    again = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, again):
+        assert [n for n, _ in a["predicted"]] == [n for n, _ in b["predicted"]]
+        assert np.allclose([p for _, p in a["top"]], [p for _, p in b["top"]], atol=1e-5)
+
+
+def test_predict_refusals_are_one_line_and_leave_no_jsonl(trained_run: Path, small_demo: Path, tmp_path, capsys):
+    img = str(next((small_demo / "images" / "val").glob("*.jpg")))
+    out = tmp_path / "p.jsonl"
+    cases = [(["--thresholds", "test"], "--thresholds test: the thresholds a run has are those tuned on val"),
+             (["--thresholds", "val:nope"], "has no thresholds for label field 'nope' (has: labels, true_labels)"),
+             (["--batch-size", "0"], "--batch-size 0: must be >= 1")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: not available on this machine (use --device auto)"))
+    for extra, message in cases:
+        code, _, err = _predict_cli(trained_run, img, "--jsonl", out, *extra, capsys=capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    # thresholds belong to the checkpoint they were tuned with: another step of the run is refused
+    ck = trained_run / "checkpoints"
+    best = json.loads((ck / "best.json").read_text())["dir"]
+    other = next((d for d in sorted(ck.glob("step-*")) if d.name != best), None)
+    if other is not None:
+        code, _, err = _predict_cli(other, img, "--thresholds", "val", "--jsonl", out, capsys=capsys)
+        assert code == 2 and f"tuned its thresholds for checkpoint {best}, not {other.name}" in err
+    # a run without report.json (unfinished)
+    bare = tmp_path / "unfinished"
+    shutil.copytree(ck, bare / "checkpoints")
+    code, _, err = _predict_cli(bare, img, "--thresholds", "val", "--jsonl", out, capsys=capsys)
+    assert code == 2 and "report.json not found" in err
+    # an image that fails mid-way: the JSON lines file is not left half-written
+    code, _, err = _predict_cli(trained_run, img, str(tmp_path / "missing.jpg"), "--batch-size", "1", "--jsonl", out,
+                                capsys=capsys)
+    assert code == 2 and "missing.jpg: image not found" in err
+    assert not out.exists() and not list(tmp_path.glob(".p.jsonl*"))
 
 
 def test_overfit_drives_loss_to_zero(small_shards, tmp_path):

@@ -62,8 +62,11 @@ class DataConfig:
     train_split: str = _f("train", "split used for training")
     val_split: str = _f("val", "split used for validation / early stopping")
     test_split: str = _f("test", "split reported at the end with thresholds tuned on val (skipped if absent)")
-    image_size: int = _f(224, "training/eval resolution (square)")
-    eval_resize: float = _f(1.0, "eval: resize to image_size*eval_resize, then centre-crop image_size")
+    image_size: int = _f(0, "training/eval resolution (square); 0 = the model's pretrained input size (timm's pretrained cfg of model.backbone; 224 where it has none). Like every preprocessing key, resolved when the run starts and recorded in config.json (README 'Preprocessing')")
+    eval_resize: float = _f(0.0, "eval and predict: resize the short side to image_size*eval_resize, then centre-crop image_size (1/eval_resize is timm's crop_pct); 0 = from the model (1/crop_pct of its pretrained cfg)")
+    interpolation: Literal["auto", "bilinear", "bicubic", "nearest"] = _f("auto", "resampling filter of the training crop and the eval/predict resize (antialiased); auto = the model's (its pretrained cfg: bicubic for most timm models; bilinear for the open-vocabulary detector)")
+    mean: tuple[float, ...] = _f((), "per-channel RGB mean (0..1 scale) images are normalised with, e.g. 0.5,0.5,0.5; empty = the model's: timm's pretrained cfg of model.backbone (ImageNet's for most, 0.5 for tf_efficientnet_lite0 and many ViTs, OpenAI CLIP's for CLIP towers), OpenAI CLIP's for the open-vocabulary detector")
+    std: tuple[float, ...] = _f((), "per-channel RGB std (0..1 scale) images are normalised with; empty = the model's (see data.mean)")
     batch_size: int = _f(8, "GLOBAL batch size per optimizer micro-step (split over processes)")
     eval_batch_size: int = _f(0, "global eval batch size (0 = 2 x batch_size)")
     num_workers: int = _f(2, "DataLoader worker processes per rank (decode + augment + collate)")
@@ -379,7 +382,15 @@ def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     d, o, r, m = cfg.data, cfg.optim, cfg.run, cfg.model
     checks = [
-        (d.image_size >= 16, "data.image_size must be >= 16"),
+        (d.image_size == 0 or d.image_size >= 16, "data.image_size must be >= 16 (or 0 = the model's input size)"),
+        (d.eval_resize == 0 or d.eval_resize >= 1, "data.eval_resize must be >= 1 (resize the short side to at least "
+                                                   "image_size before the centre crop) or 0 = from the model"),
+        (len(d.mean) in (0, 3), "data.mean takes 3 values (R,G,B on the 0..1 scale, e.g. data.mean=0.5,0.5,0.5) or "
+                                "none (data.mean= : the model's)"),
+        (len(d.std) in (0, 3) and all(v > 0 for v in d.std), "data.std takes 3 positive values (R,G,B on the 0..1 "
+                                                            "scale) or none (data.std= : the model's)"),
+        (bool(d.mean) == bool(d.std), "data.mean and data.std go together: set both (3 values each) or neither "
+                                      "(both from the model)"),
         (d.batch_size >= 1, "data.batch_size must be >= 1"),
         (d.eval_batch_size >= 0, "data.eval_batch_size must be >= 0"),
         (d.num_workers >= 0, "data.num_workers must be >= 0"),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import simplejpeg
@@ -19,10 +21,42 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from attrdist.core import rng as rnglib
-from attrdist.core.config import AugmentConfig
+from attrdist.core.config import AugmentConfig, DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MODES = {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC,
+          "nearest": F.InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The concrete preprocessing of a DataConfig: resolution, the eval crop, the resampling filter and
+    the normalisation. A run resolves data.image_size / eval_resize / interpolation / mean / std from its
+    model when it starts (attrdist.models.preprocess.resolve) and records them in config.json; `of` reads
+    them. A value left unresolved (a DataConfig built directly, or a config.json written before these keys
+    existed) means what attrdist always did before: 224 px, no eval margin, bilinear, ImageNet mean/std."""
+
+    image_size: int = 224
+    eval_resize: float = 1.0
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @classmethod
+    def of(cls, d: DataConfig) -> "Preprocess":
+        return cls(image_size=d.image_size or 224, eval_resize=d.eval_resize or 1.0,
+                   interpolation="bilinear" if d.interpolation == "auto" else d.interpolation,
+                   mean=tuple(d.mean) or IMAGENET_MEAN, std=tuple(d.std) or IMAGENET_STD)
+
+    @property
+    def mode(self) -> F.InterpolationMode:
+        return _MODES[self.interpolation]
+
+    @property
+    def decode_side(self) -> int:
+        """Eval: the short side the image is resized to (what JPEG draft decoding may go down to)."""
+        return max(self.image_size, int(round(self.image_size * self.eval_resize)))
 
 # Refuse decompression bombs: more pixels than this raise PIL.Image.DecompressionBombError.
 Image.MAX_IMAGE_PIXELS = 89_478_485
@@ -142,16 +176,18 @@ def rotate_hue(img_u8: torch.Tensor, shift: float) -> torch.Tensor:
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def eval_geometry(img_u8: torch.Tensor, size: int, resize: float = 1.0) -> torch.Tensor:
-    """Resize the short side to size*resize, centre-crop size x size: uint8 [3, size, size]."""
+def eval_geometry(img_u8: torch.Tensor, size: int, resize: float = 1.0, interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize the short side to size*resize (antialiased, `interpolation`: bilinear, bicubic or nearest),
+    centre-crop size x size: uint8 [3, size, size]. 1/resize is timm's crop_pct."""
     short = max(size, int(round(size * resize)))
-    x = F.resize(img_u8, [short], antialias=True)
+    x = F.resize(img_u8, [short], interpolation=_MODES[interpolation], antialias=True)
     return F.center_crop(x, [size, size]).contiguous()
 
 
-def eval_transform(img_u8: torch.Tensor, size: int, resize: float = 1.0) -> torch.Tensor:
-    """`eval_geometry` then normalisation: float [3, size, size]."""
-    return photometric(eval_geometry(img_u8, size, resize)[None])[0]
+def eval_transform(img_u8: torch.Tensor, pre: Preprocess = Preprocess()) -> torch.Tensor:
+    """`eval_geometry` then normalisation, both as `pre` says: float [3, size, size]."""
+    x = eval_geometry(img_u8, pre.image_size, pre.eval_resize, pre.interpolation)
+    return photometric(x[None], mean=pre.mean, std=pre.std)[0]
 
 
 def _crop_params(g: np.random.Generator, h: int, w: int, scale, ratio) -> tuple[int, int, int, int]:
@@ -178,7 +214,8 @@ def _crop_params(g: np.random.Generator, h: int, w: int, scale, ratio) -> tuple[
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def train_geometry(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfig) -> dict[str, torch.Tensor]:
+def train_geometry(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfig,
+                   interpolation: str = "bilinear") -> dict[str, torch.Tensor]:
     """The worker's half of the augmentation, a pure function of (image, key): the spatial steps (crop,
     flips, rotation, blur) done on uint8 pixels, and the parameters of the pixel-wise steps (colour map,
     erasing box) drawn but not applied. `photometric` applies them to a whole batch where the batch
@@ -190,7 +227,7 @@ def train_geometry(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfig
     g = rnglib.generator(key)
     _, h, w = img_u8.shape
     top, left, ch, cw = _crop_params(g, h, w, aug.crop_scale, aug.crop_ratio)
-    x = F.resized_crop(img_u8, top, left, ch, cw, [size, size], antialias=True)
+    x = F.resized_crop(img_u8, top, left, ch, cw, [size, size], interpolation=_MODES[interpolation], antialias=True)
     # Draw every parameter unconditionally so the stream layout never depends on the config.
     u = g.uniform(size=6)
     jitter = g.uniform(-1.0, 1.0, size=4)
@@ -214,20 +251,20 @@ def train_geometry(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfig
 
 IDENTITY_COLOUR = torch.cat([torch.eye(3), torch.zeros(3, 1)], dim=1)
 NO_ERASE = torch.zeros(4, dtype=torch.int64)
-_MEAN_T = torch.tensor(IMAGENET_MEAN)
-_STD_T = torch.tensor(IMAGENET_STD)
-
-
-_SCALE_T = 1.0 / (255.0 * _STD_T)  # 0..255 pixels -> normalised: x * scale - shift, per channel
-_SHIFT_T = _MEAN_T / _STD_T
+@lru_cache(maxsize=16)
+def _normaliser(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) on the CPU: 0..255 pixels -> normalised as x * scale - shift, per channel."""
+    m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    return 1.0 / (255.0 * s), m / s
 
 
 def photometric(images: torch.Tensor, colour: torch.Tensor | None = None, erase: torch.Tensor | None = None,
-                memory_format=torch.contiguous_format) -> torch.Tensor:
+                memory_format=torch.contiguous_format, *, mean: tuple[float, ...] = IMAGENET_MEAN,
+                std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
     """The pixel-wise half, on a batch wherever it is (CPU or GPU): uint8 [B, 3, H, W] -> float32 images,
-    each sample's colour map applied and clamped once, normalised with the ImageNet mean/std, then its
-    erasing box (host tensor [B, 4]: top, left, height, width; height 0 = none) set to 0, the mean
-    colour. Without `colour`/`erase`: normalisation only (eval).
+    each sample's colour map applied and clamped once, normalised with `mean`/`std` (on the 0..1 scale:
+    the run's data.mean/std, `Preprocess`), then its erasing box (host tensor [B, 4]: top, left, height,
+    width; height 0 = none) set to 0, the mean colour. Without `colour`/`erase`: normalisation only (eval).
 
     The colour map and the normalisation are both affine, so they run as one `baddbmm` (the map's rows
     scaled by 1/(255 std), its offset shifted by mean/std) and one clamp to each channel's normalised
@@ -235,7 +272,7 @@ def photometric(images: torch.Tensor, colour: torch.Tensor | None = None, erase:
     `colour_jitter` then normalising, up to float rounding: tests/test_data.py)."""
     x = images.float()
     dev = x.device
-    scale, shift = _SCALE_T.to(dev), _SHIFT_T.to(dev)
+    scale, shift = (t.to(dev) for t in _normaliser(tuple(mean), tuple(std)))
     if colour is None:
         x = x.mul_(scale.view(1, 3, 1, 1)).sub_(shift.view(1, 3, 1, 1))
     else:
@@ -253,11 +290,12 @@ def photometric(images: torch.Tensor, colour: torch.Tensor | None = None, erase:
     return x.contiguous(memory_format=memory_format)
 
 
-def train_transform(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfig) -> torch.Tensor:
+def train_transform(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfig,
+                    pre: Preprocess = Preprocess()) -> torch.Tensor:
     """Augment one image: a pure function of (image, key) -> normalised float [3, size, size];
     `train_geometry` then `photometric`, exactly as a training batch gets them."""
-    g = train_geometry(img_u8, key, size, aug)
-    return photometric(g["image"][None], g["colour"][None], g["erase"][None])[0]
+    g = train_geometry(img_u8, key, size, aug, pre.interpolation)
+    return photometric(g["image"][None], g["colour"][None], g["erase"][None], mean=pre.mean, std=pre.std)[0]
 
 
 def _erase_box(g: np.random.Generator, h: int, w: int, scale) -> tuple[int, int, int, int]:

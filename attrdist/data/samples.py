@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, default_collate
 
 from attrdist.core import rng as rnglib
 from attrdist.core.config import DataConfig
-from attrdist.core.transforms import (IDENTITY_COLOUR, IMAGENET_MEAN, NO_ERASE, decode_image, eval_geometry,
+from attrdist.core.transforms import (IDENTITY_COLOUR, NO_ERASE, Preprocess, decode_image, eval_geometry,
                                       photometric, train_geometry)
 from attrdist.data.foreign import sample_meta
 from attrdist.data.reader import ShardError, ShardReader, check_checksums
@@ -106,6 +106,7 @@ class SampleDataset(Dataset):
         self.reader, self.A, self.fields = reader, num_attributes, list(label_fields)
         self.cfg, self.seed, self.train, self.pixels_in_workers = cfg, seed, train, pixels_in_workers
         self.image_dtype = image_dtype
+        self.pre = Preprocess.of(cfg)  # size, eval crop, resampling, mean/std: the run's (config.json)
         self.labels_from = getattr(reader, "labels_from", None)  # foreign shards (attrdist index): data.foreign
 
     def __len__(self) -> int:
@@ -123,10 +124,12 @@ class SampleDataset(Dataset):
         return out
 
     def blank(self, index: int) -> dict:
-        s = self.cfg.image_size
+        pre = self.pre
+        s = pre.image_size
         # the mean colour (what erasing paints): a neutral image for BatchNorm; the loss masks it out
-        img = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1).expand(3, s, s)
-        out = {"image": photometric(img[None])[0].to(self.image_dtype) if self.pixels_in_workers else img.contiguous(),
+        img = torch.tensor([round(255 * m) for m in pre.mean], dtype=torch.uint8).view(3, 1, 1).expand(3, s, s)
+        out = {"image": photometric(img[None], mean=pre.mean, std=pre.std)[0].to(self.image_dtype)
+               if self.pixels_in_workers else img.contiguous(),
                "index": index, "valid": False, "corrupt": False}
         if self.train and not self.pixels_in_workers:
             out.update(colour=IDENTITY_COLOUR, erase=NO_ERASE)
@@ -146,18 +149,21 @@ class SampleDataset(Dataset):
             check_checksums(raw, meta)  # ChecksumError: flipped bits since packing
             labels = self._labels(meta)  # IndexError/TypeError: label indices that do not fit the attributes
             data = next(raw[k] for k in IMAGE_KEYS if k in raw)
-            size = self.cfg.image_size
+            pre = self.pre
+            size = pre.image_size
             if self.train:
                 min_side = int(math.ceil(size / math.sqrt(self.cfg.augment.crop_scale[0])))
                 img = decode_image(bytes(data), min_side)
                 key = rnglib.fold(self.seed, rnglib.AUGMENT, epoch, index)
-                x = train_geometry(img, key, size, self.cfg.augment)  # uint8 image + colour/erase parameters
+                # uint8 image + colour/erase parameters
+                x = train_geometry(img, key, size, self.cfg.augment, pre.interpolation)
             else:
-                img = decode_image(bytes(data), int(size * self.cfg.eval_resize))
-                x = {"image": eval_geometry(img, size, self.cfg.eval_resize)}
+                img = decode_image(bytes(data), int(size * pre.eval_resize))
+                x = {"image": eval_geometry(img, size, pre.eval_resize, pre.interpolation)}
             if self.pixels_in_workers:
                 x = {"image": photometric(x["image"][None], x["colour"][None] if "colour" in x else None,
-                                          x["erase"][None] if "erase" in x else None)[0].to(self.image_dtype)}
+                                          x["erase"][None] if "erase" in x else None, mean=pre.mean,
+                                          std=pre.std)[0].to(self.image_dtype)}
         except Exception as e:  # unreadable sample, corrupt JPEG, missing field, bad labels, decompression bomb
             out = self.blank(index)
             out["corrupt"] = True
@@ -184,13 +190,17 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-def batch_images(batch: dict, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+def batch_images(batch: dict, device, memory_format=torch.contiguous_format, pre: Preprocess | DataConfig | None = None
+                 ) -> torch.Tensor:
     """A batch's uint8 images -> the model's float input on `device`: the pixel-wise augmentation (train
     batches carry each sample's colour map and erasing box) and normalisation run there, on the whole
-    batch at once (`transforms.photometric`)."""
+    batch at once (`transforms.photometric`). `pre`: the run's preprocessing (its mean/std are used), or the
+    DataConfig holding it; None = `Preprocess()` (ImageNet's, what a DataConfig left unresolved means)."""
     dev = torch.device(device)
     if batch["image"].is_floating_point():  # already finished (a benchmark's batches held in memory)
         return batch["image"].to(dev, non_blocking=True).contiguous(memory_format=memory_format)
     colour = batch["colour"].to(dev, non_blocking=True) if "colour" in batch else None
     # the erasing boxes stay on the host: they are read as numbers (no device sync)
-    return photometric(batch["image"].to(dev, non_blocking=True), colour, batch.get("erase"), memory_format)
+    pre = pre if isinstance(pre, Preprocess) else Preprocess.of(pre) if pre is not None else Preprocess()
+    return photometric(batch["image"].to(dev, non_blocking=True), colour, batch.get("erase"), memory_format,
+                       mean=pre.mean, std=pre.std)

@@ -146,11 +146,11 @@ def crop(image: Image.Image, box: np.ndarray, size: int, g: np.random.Generator 
 
 
 def to_tensor(crops: list[np.ndarray]) -> torch.Tensor:
-    """uint8 HWC crops -> CLIP-normalised float [N, 3, H, W]."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    """uint8 HWC crops -> CLIP-normalised float [N, 3, H, W] (the detector's values: models/preprocess.py)."""
+    from attrdist.models.preprocess import CLIP_MEAN, CLIP_STD
 
     x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255)
-    mean, std = torch.tensor(OPENAI_DATASET_MEAN)[:, None, None], torch.tensor(OPENAI_DATASET_STD)[:, None, None]
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     return (x - mean) / std
 
 

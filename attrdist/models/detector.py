@@ -12,7 +12,7 @@ classified by cosine similarity against the frozen CLIP text embeddings of class
 
 Architecture (torchvision `FasterRCNN`, so its forward contract, losses and post-processing):
 
-    image (CLIP mean/std, resized by GeneralizedRCNNTransform to min_size/max_size)
+    image (0..1, CLIP mean/std: models/preprocess.py, resized by GeneralizedRCNNTransform to min_size/max_size)
       -> CLIP ModifiedResNet trunk (3-conv stem, layer1..4; the attention pool is not used)
       -> FPN over cfg.fpn_layers (+ a max-pool level), torchvision `BackboneWithFPN`
       -> RPN (anchors: one size per FPN level, cfg.anchor_sizes) -> MultiScaleRoIAlign 7x7
@@ -263,8 +263,9 @@ class OpenVocabDetector(FasterRCNN):
 
     def __init__(self, clip: nn.Module, cfg: DetectorConfig, prompts: list[str], frozen_bn: bool = False,
                  frozen_stages: int = 0, clip_crops: bool = False):
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         from open_clip.utils import freeze_batch_norm_2d
+
+        from attrdist.models.preprocess import CLIP_MEAN, CLIP_STD  # what config.json records (data.mean/std)
 
         levels = len(cfg.fpn_layers) + 1
         if len(cfg.anchor_sizes) != levels:
@@ -286,7 +287,7 @@ class OpenVocabDetector(FasterRCNN):
         box_head = TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_dim)
         super().__init__(
             backbone, num_classes=None, min_size=cfg.min_size, max_size=cfg.max_size,
-            image_mean=list(OPENAI_DATASET_MEAN), image_std=list(OPENAI_DATASET_STD),
+            image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
             rpn_anchor_generator=anchors, rpn_batch_size_per_image=cfg.rpn_batch_size,
             rpn_pre_nms_top_n_train=cfg.proposals_train, rpn_post_nms_top_n_train=cfg.proposals_train,
             rpn_pre_nms_top_n_test=cfg.proposals_test, rpn_post_nms_top_n_test=cfg.proposals_test,

@@ -54,7 +54,7 @@ class Classification(BaseTask):
 
     def forward_loss(self, model, batch: dict, env: StepEnv) -> tuple[torch.Tensor, dict]:
         f, dev = self.cfg.data.labels, env.device
-        x = batch_images(batch, dev, env.memory_format)
+        x = batch_images(batch, dev, env.memory_format, self.cfg.data)
         with env.autocast():
             out = model(x)
         return self.loss(out, batch[f"labels/{f}"].to(dev), batch[f"mask/{f}"].to(dev), batch["valid"].to(dev),
@@ -63,7 +63,7 @@ class Classification(BaseTask):
     def eval_batch(self, model, batch: dict, env: StepEnv) -> EvalBatch:
         """Probabilities, labels and masks per sample; the loss on data.labels times the valid samples."""
         dev, f0 = env.device, self.cfg.data.labels
-        x = batch_images(batch, dev, env.memory_format)
+        x = batch_images(batch, dev, env.memory_format, self.cfg.data)
         with env.autocast():
             out = model(x)
         valid = batch["valid"].to(dev)
@@ -78,7 +78,7 @@ class Classification(BaseTask):
         return EvalBatch(per_sample=per, sums=sums)
 
     def inference_input(self, ds, n: int, batch: int, env: StepEnv):
-        return batch_images(collate([ds[(i, 0)] for i in range(batch)]), env.device, env.memory_format)
+        return batch_images(collate([ds[(i, 0)] for i in range(batch)]), env.device, env.memory_format, self.cfg.data)
 
     # ------------------------------------------------------------------ metrics
     def nonfinite_outputs(self, outputs: EvalOutputs) -> tuple[int, int]:

@@ -24,15 +24,16 @@ from attrdist.malloc import tune_malloc
 log = logging.getLogger("attrdist")
 
 
-def choose_device(pref: str = "auto") -> str:
-    """CUDA > MPS > CPU, or the requested one if available."""
+def choose_device(pref: str = "auto", key: str = "run.device") -> str:
+    """CUDA > MPS > CPU, or the requested one if available (`key`: how the user asked, for the error)."""
     has = {"cuda": torch.cuda.is_available(),
            "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
            "cpu": True}
     if pref == "auto":
         return next(d for d in ("cuda", "mps", "cpu") if has[d])
     if not has[pref]:
-        raise AttrdistError(f"run.device={pref}: not available on this machine (use run.device=auto)")
+        sep = "=" if key.startswith("run.") else " "
+        raise AttrdistError(f"{key}{sep}{pref}: not available on this machine (use {key}{sep}auto)")
     return pref
 
 

@@ -42,6 +42,7 @@ from attrdist.data.samples import CorruptTally, worker_image_dtype
 from attrdist.data.reader import ShardReader, load_manifest
 from attrdist.errors import AttrdistError
 from attrdist.models import build_model, convert_sync_batchnorm, count_parameters, freeze_batchnorm_stats
+from attrdist.models.preprocess import resolve as resolve_preprocess
 from attrdist.tasks import make_task
 from attrdist.tasks.base import StepEnv
 from attrdist.train import checkpoint, interrupt, report, shm_allreduce
@@ -200,6 +201,9 @@ class Trainer:
     def __init__(self, cfg: Config, recipe: str):
         if cfg.run.debug:
             cfg = debug_config(cfg)
+        # size, eval crop, resampling, mean/std from the model where the recipe left them open: config.json,
+        # the checkpoints, evaluation and `attrdist predict` all see these concrete values
+        cfg, preprocess_notes = resolve_preprocess(cfg)
         self.cfg, self.recipe = cfg, recipe
         trackers = check_trackers(cfg.run.log_with)  # before anything starts: a missing package stops the run
         planned = planned_run_dir(cfg)  # rank 0's is the run directory
@@ -208,6 +212,7 @@ class Trainer:
         self.main = self.acc.is_main_process
         self.run_dir = self.open_run_dir(planned)
         self.workers = usable_workers(cfg.data.num_workers)
+        log.info("preprocessing: %s", "; ".join(preprocess_notes))
         self.manifest = load_manifest(cfg.data.shards, cache=cfg.data)
         self.task = make_task(cfg, self.manifest)
         self.data = build_data(cfg, self.manifest, self.acc.num_processes)
