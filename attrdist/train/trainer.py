@@ -805,8 +805,10 @@ def seed_rng(seed: int, device: torch.device) -> None:
 
 @torch.no_grad()
 def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    for d, s in zip(dst, src):
-        d.copy_(s)
+    """dst[i] <- src[i]: one multi-tensor kernel call (torch._foreach_copy_) instead of a Python loop of copy_
+    (EfficientNet-B0: 147 BatchNorm buffers every step; bench/timm_peer.py)."""
+    if dst:
+        torch._foreach_copy_(dst, src)
 
 
 def _fault_nan_steps() -> set[int]:
