@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.timm_peer                 # ~6 min on 2 cores (5 rounds x 2 precisions x 3 loops)
     .venv/bin/python -m bench.timm_peer --rounds 7
     .venv/bin/python -m bench.timm_peer --quick         # smoke run: 1 round, 1 + 4 steps
+    .venv/bin/python -m bench.timm_peer --only parts    # ~1 min: the per-step parts attrdist adds, timed alone
 
 The peer is the loop of timm's train.py (train_one_epoch, 1 process, no EMA, no mixup) written out: a timm model
 (`timm.create_model("efficientnet_b0", num_classes=C, drop_rate=...)`, channels_last as --channels-last does),
@@ -24,7 +25,13 @@ Same batches: the first 4 batches of the trainer's epoch-0 plan, decoded and aug
 dataset, cycled by all three loops. Rounds alternate the three loops (ABC CBA ...) in one process; the figure
 is the per-step median of img/s (attrdist's logged img_per_s; the peer's own per-step clock), median over
 rounds of the per-round ratio, with the min-max spread. Target: attrdist >= 1.0x in both precisions against
-BOTH peers (the issue's parity; timm-fused is the one that measures attrdist's own overhead). Writes bench/results/timm_peer.csv.
+BOTH peers (the issue's parity; timm-fused is the one that measures attrdist's own overhead).
+
+--only parts (also run by the full benchmark; bench/results/timm_peer-parts.csv): what attrdist adds per step,
+each timed alone in this process: the metrics record (`Tracker.log` of a train record: metrics.jsonl +
+TensorBoard, 5 x 500 calls), saving EfficientNet-B0's 147 BatchNorm buffers (a loop of `copy_` against
+`trainer._copy`, one `torch._foreach_copy_`; 10 alternated rounds of 200 calls), and Python's garbage collector
+inside `Trainer.train()` (gc.callbacks over a 3 + 40-step fp32 run: collections and ms per step). Writes bench/results/timm_peer.csv.
 """
 
 from __future__ import annotations
@@ -108,8 +115,94 @@ def attrdist_steps(cfg, batches, warmup: int, steps: int, tmp: Path, info: dict)
     return s
 
 
+def overhead_parts(shards: Path, tmp: Path, quick: bool) -> list[dict]:
+    """The per-step parts attrdist adds to a bare loop, each timed alone (see the module docstring)."""
+    import gc
+
+    import timm
+    import torch
+
+    import bench.train_step as ts
+    import attrdist.train.trainer as trainer_mod
+    from attrdist.train.tracking import Tracker
+
+    rows = []
+    (tmp / "tracker").mkdir()
+    tr = Tracker(tmp / "tracker", enabled=True)
+    rec = {"type": "train", "step": 1, "epoch": 0, "loss": 0.5, "lr": 1e-3, "bce": 0.4, "contrastive": 0.1,
+           "grad_norm": 1.2, "img_per_s": 200.0, "time": 1.0}
+    per = []
+    for _ in range(2 if quick else 5):
+        t0 = time.perf_counter()
+        for i in range(500):
+            rec["step"] = i
+            tr.log(rec)
+        per.append((time.perf_counter() - t0) / 500 * 1000)
+    tr.close()
+    rows.append({"benchmark": "timm_peer", "what": f"metrics record (Tracker.log, TensorBoard {'on' if tr._tb else 'off'})",
+                 "ms_per_step": round(statistics.median(per), 4), "min": round(min(per), 4), "max": round(max(per), 4)})
+    bufs = list(timm.create_model("efficientnet_b0", num_classes=10).buffers())
+    saved = [b.detach().clone() for b in bufs]
+
+    @torch.no_grad()
+    def loop():
+        for d, s in zip(saved, bufs):
+            d.copy_(s)
+
+    fns = {"loop of copy_": loop, "trainer._copy (_foreach_copy_)": lambda: trainer_mod._copy(saved, bufs)}
+    res: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(4 if quick else 10):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(200):
+                fns[k]()
+            res[k].append((time.perf_counter() - t0) / 200 * 1000)
+    for k, v in res.items():
+        rows.append({"benchmark": "timm_peer", "what": f"BatchNorm buffer save, {len(bufs)} tensors: {k}",
+                     "ms_per_step": round(statistics.median(v), 4), "min": round(min(v), 4), "max": round(max(v), 4)})
+    events: list = []
+    on = [False]
+
+    def cb(phase, info):
+        if on[0]:
+            events.append((phase, info["generation"], time.perf_counter()))
+
+    orig = trainer_mod.Trainer.train
+
+    def train(self):
+        on[0] = True
+        try:
+            return orig(self)
+        finally:
+            on[0] = False
+
+    gc.callbacks.append(cb)
+    trainer_mod.Trainer.train = train
+    try:
+        cfg = effnet_cfg(shards, "fp32")
+        batches, _ = ts.standalone_batches(cfg)
+        n = 3 + (5 if quick else 40)
+        ts.attrdist_inprocess(cfg, batches, 3, n - 3, tmp, "gc", {})
+    finally:
+        gc.callbacks.remove(cb)
+        trainer_mod.Trainer.train = orig
+    count, ms, start = [0, 0, 0], [0.0, 0.0, 0.0], {}
+    for phase, g, t in events:
+        if phase == "start":
+            start[g] = t
+        elif g in start:
+            count[g] += 1
+            ms[g] += 1000 * (t - start[g])
+    rows.append({"benchmark": "timm_peer", "what": f"garbage collection inside Trainer.train() ({n} steps, whole train() incl. "
+                 f"set-up)", "ms_per_step": round(sum(ms) / n, 4), "gc_gen0_gen1_gen2": "/".join(map(str, count))})
+    for r in rows:
+        print(f"{r['what']}: {r['ms_per_step']:.4f} ms per step")
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     ap = parser(__doc__, rounds=5)
+    ap.add_argument("--only", choices=["parts"], help="only the per-step parts (no peer comparison)")
     args = ap.parse_args(argv)
     import bench.train_step as ts
     from attrdist.malloc import tune_malloc
@@ -122,6 +215,10 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="attrdist-bench-timm-peer-") as tmp:
         tmp = Path(tmp)
         shards = ts.make_shards(tmp)
+        parts = overhead_parts(shards, tmp, args.quick)
+        save("timm_peer-parts", parts, quick=args.quick)
+        if args.only == "parts":
+            return []
         for precision in ("bf16", "fp32"):
             cfg = effnet_cfg(shards, precision)
             batches, names = ts.standalone_batches(cfg)
