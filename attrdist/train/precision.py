@@ -157,6 +157,8 @@ def describe(rec: dict) -> str:
     mp = "bf16" if rec["choice"] == "bf16" else "fp32"
     if rec.get("source") == "resumed":
         return f"run.precision=auto -> {mp}: as this run's earlier launch decided (precision.json; not measured again)"
+    if rec.get("source") == "rule":
+        return f"run.precision=auto -> {mp}: rank 0's CPU has no native bf16 (every rank follows rank 0)"
     if rec.get("source") == "failed":
         return f"run.precision=auto -> {mp}: the precision probe failed ({rec.get('error')}); the rule (native bf16) holds"
     f, b = statistics.median(rec["fp32_ms"]), statistics.median(rec["bf16_ms"])

@@ -271,9 +271,16 @@ class Trainer:
         """run.precision=auto on a CPU with native bf16 (attrdist.train.precision): rank 0 takes this run's earlier
         decision (a resume), else the machine's cached one, else probes a copy of `model`; every rank gets rank 0's
         answer; the accelerator drops to fp32 if bf16 is not faster. Before `prepare` wraps the forward."""
-        if not self.precision_pending:
-            return
         cfg, acc = self.cfg, self.acc
+        if not self.precision_pending:
+            if acc.num_processes > 1 and precision.needs_probe(cfg.run.precision, self.rt.device, "bf16", cfg.run.deepspeed):
+                # this rank's CPU has no native bf16 (rule: fp32): join rank 0's broadcast, refuse to differ from it
+                mine = {"choice": "no", "source": "rule"} if self.main else None
+                theirs = precision.broadcast(mine, acc.num_processes)["choice"]
+                if theirs != "no":
+                    raise AttrdistError(f"run.precision=auto: rank 0 chose bf16 but rank {acc.process_index}'s CPU has no "
+                                        f"native bf16 (mixed CPUs in one job); pin run.precision=fp32 or bf16")
+            return
         rec = None
         if self.main:
             rec = precision.previous(self.run_dir) if cfg.run.resume == "auto" else None
