@@ -143,3 +143,20 @@ def test_a_run_with_auto_probes_records_and_its_resume_keeps_the_answer(tmp_path
     assert len(lines) == 2 and "as this run's earlier launch decided" in lines[1]
     assert not (tmp_path / "cache" / "precision" / f"{rec['key']}.json").exists()
     assert f"mixed_precision={mp} " in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or "avx512_bf16" not in precision.cpu_identity()["flags"],
+                    reason="the probe runs on CPUs with native bf16 (AVX512_BF16) only")
+def test_two_real_ranks_with_auto_train_in_rank_0s_precision(tmp_path, small_shards, monkeypatch):
+    """2 gloo ranks through the launcher with run.precision=auto: rank 0 probes, both ranks take its answer
+    (the broadcast inside Trainer), the run finishes, and the report states the precision that was used."""
+    from tests.test_distributed import args, launch
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("ATTRDIST_CACHE", str(tmp_path / "cache"))  # launch() passes the environment on
+    launch(2, args(small_shards, run_dir, "run.precision=auto", "run.max_steps=2"))
+    rec = json.loads((run_dir / "precision.json").read_text())
+    assert rec["source"] == "probe" and rec["fields"]["per_rank_batch"] == 4  # batch 8 over 2 ranks
+    log_text = (run_dir / "train.log").read_text()
+    assert "run.precision=auto -> " in log_text and "world_size=2" in log_text
+    assert f"mixed_precision={'bf16' if rec['choice'] == 'bf16' else 'no'} " in (run_dir / "report.md").read_text()
