@@ -19,7 +19,7 @@ import time
 
 from bench.common import RESULTS, machine_info, markdown_targets
 
-ORDER = ["pack", "input", "input_profile", "train_step", "trainer_profile", "ddp", "malloc", "inference", "memory", "scale"]
+ORDER = ["pack", "input", "input_profile", "train_step", "trainer_profile", "timm_peer", "precision", "ddp", "malloc", "inference", "memory", "scale"]
 
 
 def targets_from_csv(name: str) -> list[dict]:

@@ -136,6 +136,9 @@ def load_recipe(name: str):
 def with_data(cfg, shards: Path, device: str, **data):
     from attrdist.core.config import validate
 
+    # data.order=permutation: the in-memory batches are the BatchPlan's (collect_batches), and the BenchTrainer's
+    # stretched epoch (more batches than the 128 demo samples hold) needs the plan that does not read the shards
+    data = {"order": "permutation", **data}
     cfg = replace(cfg, data=replace(cfg.data, shards=str(shards), num_workers=0, **data),
                   model=replace(cfg.model, pretrained=""), run=replace(cfg.run, device=device))
     validate(cfg)

@@ -97,6 +97,7 @@ class RuntimeInfo:
     malloc: str = "system"  # "keep": tune_malloc applied
     allreduce: str = "-"  # gradient all-reduce: "shm" (attrdist.train.shm_allreduce), else the group's backend
     launcher_notes: tuple[str, ...] = ()  # how accelerate's own settings were honoured (launcher_settings)
+    precision_pref: str = "auto"  # run.precision after the launcher's explicit setting (an explicit one is no 'auto')
 
     def describe(self) -> str:
         return (f"world_size={self.world_size} rank={self.rank} local_rank={self.local_rank} device={self.device} "
@@ -330,7 +331,7 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int, log_with=None, proje
                        world_size=acc.num_processes, rank=acc.process_index, local_rank=acc.local_process_index,
                        mixed_precision=mp if run_cfg.deepspeed else str(acc.mixed_precision), threads=threads,
                        launcher=launcher, engine=f"deepspeed-{run_cfg.deepspeed}" if run_cfg.deepspeed else "ddp",
-                       malloc=malloc, launcher_notes=launch.notes)
+                       malloc=malloc, launcher_notes=launch.notes, precision_pref=launch.precision)
     if not run_cfg.deepspeed and info.distributed_type == "DEEPSPEED":
         raise AttrdistError("accelerate's config turned DeepSpeed on but run.deepspeed is empty: set run.deepspeed=zero1|"
                             "zero2|zero3 (attrdist then builds the DeepSpeed config from the run's and checkpoints "

@@ -18,6 +18,7 @@ and the loop state (epoch, batch within the epoch, step, early-stopping counters
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -45,7 +46,7 @@ from attrdist.models import build_model, convert_sync_batchnorm, count_parameter
 from attrdist.models.preprocess import resolve as resolve_preprocess
 from attrdist.tasks import make_task
 from attrdist.tasks.base import StepEnv
-from attrdist.train import checkpoint, interrupt, report, shm_allreduce
+from attrdist.train import checkpoint, interrupt, precision, report, shm_allreduce
 from attrdist.train.evaluation import count_corrupt, evaluation_pass
 from attrdist.train.progress import Progress, rate_eta
 from attrdist.train.rundir import planned_run_dir, resolve_run_dir, setup_logging
@@ -209,6 +210,12 @@ class Trainer:
         planned = planned_run_dir(cfg)  # rank 0's is the run directory
         self.acc, self.rt = make_accelerator(cfg.run, cfg.optim, cfg.data.batch_size, project_dir=str(planned),
                                              log_with=accelerate_log_with(trackers, planned))
+        # run.precision=auto on a CPU with native bf16 (and no explicit launcher setting): measured on the model
+        # once it is built (settle_precision)
+        self.precision_pending = precision.needs_probe(self.rt.precision_pref, self.rt.device, self.rt.mixed_precision,
+                                                       cfg.run.deepspeed)
+        if self.precision_pending:
+            self.rt = replace(self.rt, mixed_precision="auto")  # the runtime line says so until it is settled
         self.main = self.acc.is_main_process
         self.run_dir = self.open_run_dir(planned)
         self.workers = usable_workers(cfg.data.num_workers)
@@ -274,6 +281,7 @@ class Trainer:
             log.info("model.channels_last: weights kept contiguous under DeepSpeed (it needs them flat)")
         elif cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        self.settle_precision(model)
         optimizer = build_optimizer(cfg.optim, model, fused=cfg.optim.fused and not cfg.run.deepspeed)
         model, optimizer = self.acc.prepare(model, optimizer)
         if self.rt.allreduce == "shm" and isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -286,6 +294,66 @@ class Trainer:
         if self.task.describe():
             log.info("%s", self.task.describe())
         return model, optimizer
+
+    def settle_precision(self, model: torch.nn.Module) -> None:
+        """run.precision=auto on a CPU with native bf16 (attrdist.train.precision): rank 0 takes this run's earlier
+        decision (a resume), else the machine's cached one, else probes a copy of `model`; every rank gets rank 0's
+        answer; the accelerator drops to fp32 if bf16 is not faster. Before `prepare` wraps the forward."""
+        cfg, acc = self.cfg, self.acc
+        if not self.precision_pending:
+            if acc.num_processes > 1 and precision.needs_probe(cfg.run.precision, self.rt.device, "bf16", cfg.run.deepspeed):
+                # this rank's CPU has no native bf16 (rule: fp32): join rank 0's broadcast, refuse to differ from it
+                mine = {"choice": "no", "source": "rule"} if self.main else None
+                theirs = precision.broadcast(mine, acc.num_processes)["choice"]
+                if theirs != "no":
+                    raise AttrdistError(f"run.precision=auto: rank 0 chose bf16 but rank {acc.process_index}'s CPU has no "
+                                        f"native bf16 (mixed CPUs in one job); pin run.precision=fp32 or bf16")
+            return
+        rec = None
+        if self.main:
+            rec = precision.previous(self.run_dir) if cfg.run.resume == "auto" else None
+            if rec is None:
+                fields = precision.key_fields(
+                    model=to_dict(cfg.model), classes=len(self.manifest.attributes), task=type(self.task).__name__,
+                    image_size=cfg.data.image_size, per_rank_batch=cfg.data.batch_size // acc.num_processes,
+                    threads=self.rt.threads)
+                try:
+                    rec = precision.decide(fields, lambda: self.probe_precision(model))
+                except Exception as e:  # a probe that cannot run must not stop the run: the rule (bf16) holds
+                    rec = {"choice": "bf16", "source": "failed", "error": f"{type(e).__name__}: {e}"[:300]}
+            atomic.write_json(self.run_dir / "precision.json", rec)
+        rec = precision.broadcast(rec, acc.num_processes)
+        log.info("%s", precision.describe(rec))
+        if rec["choice"] == "no":
+            precision.use_fp32(acc)
+        self.rt = replace(self.rt, mixed_precision=str(acc.mixed_precision))
+        self.precision_pending = False
+
+    def probe_precision(self, model: torch.nn.Module) -> dict:
+        """{"no": [s...], "bf16": [s...]}: forward + loss + backward of a copy of `model` on this rank's first
+        training batch (decoded and augmented as in training), fp32 and bf16 autocast alternated
+        (precision.time_alternating). The copy keeps the model's weights and BatchNorm statistics untouched, and
+        torch's RNG is restored after: the run trains exactly as without the probe."""
+        import copy
+
+        cfg, dev = self.cfg, self.acc.device
+        b = cfg.data.batch_size // self.acc.num_processes
+        ds = self.task.dataset(self.data.train_reader, train=True, pixels_in_workers=self.pixels_in_workers,
+                               image_dtype=torch.float32)
+        batch = self.task.collate([ds[(i % self.data.n_train, 0)] for i in range(b)])
+        fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        with torch.random.fork_rng(devices=[]):
+            probe = copy.deepcopy(model).train()
+            params = [p for p in probe.parameters() if p.requires_grad]
+
+            def step(autocast):
+                loss, _ = self.task.forward_loss(probe, batch, StepEnv(dev, autocast, fmt, None))
+                loss.backward()
+                for p in params:
+                    p.grad = None
+
+            bf16 = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)  # noqa: E731
+            return precision.time_alternating({"no": lambda: step(contextlib.nullcontext), "bf16": lambda: step(bf16)})
 
     def apply_norm_options(self, model: torch.nn.Module) -> None:
         """model.freeze_bn_stats / model.sync_bn: BatchNorm that does not depend on how the global batch is
@@ -341,7 +409,7 @@ class Trainer:
         return {"epoch": self.state.epoch, "batch": self.state.batch, "samples": self.state.samples,
                 "recipe": self.recipe, "attributes": list(self.manifest.attributes), "config": to_dict(self.cfg),
                 "monitor": self.cfg.run.monitor, "metric": metric, "world_size": self.acc.num_processes,
-                "engine": self.rt.engine, "attrdist_version": __version__}
+                "engine": self.rt.engine, "mixed_precision": self.rt.mixed_precision, "attrdist_version": __version__}
 
     def save(self, pointers=("last",), metric: float | None = None) -> None:
         """Collective: every rank calls it. DDP: rank 0 writes. DeepSpeed: every rank writes its ZeRO
@@ -783,8 +851,10 @@ def seed_rng(seed: int, device: torch.device) -> None:
 
 @torch.no_grad()
 def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    for d, s in zip(dst, src):
-        d.copy_(s)
+    """dst[i] <- src[i]: one multi-tensor kernel call (torch._foreach_copy_) instead of a Python loop of copy_
+    (EfficientNet-B0: 147 BatchNorm buffers every step; bench/timm_peer.py)."""
+    if dst:
+        torch._foreach_copy_(dst, src)
 
 
 def _fault_nan_steps() -> set[int]:
