@@ -301,7 +301,7 @@ class Trainer:
         answer; the accelerator drops to fp32 if bf16 is not faster. Before `prepare` wraps the forward."""
         cfg, acc = self.cfg, self.acc
         if not self.precision_pending:
-            if acc.num_processes > 1 and precision.needs_probe(cfg.run.precision, self.rt.device, "bf16", cfg.run.deepspeed):
+            if acc.num_processes > 1 and precision.needs_probe(self.rt.precision_pref, self.rt.device, "bf16", cfg.run.deepspeed):
                 # this rank's CPU has no native bf16 (rule: fp32): join rank 0's broadcast, refuse to differ from it
                 mine = {"choice": "no", "source": "rule"} if self.main else None
                 theirs = precision.broadcast(mine, acc.num_processes)["choice"]
