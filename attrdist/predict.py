@@ -35,6 +35,12 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     ckpt = checkpoint.resolve(path, "best")
     meta = checkpoint.verify(ckpt)
     cfg: Config = from_dict(Config, meta["config"])
+    if cfg.run.precision == "auto" and torch.device(device).type == "cpu":
+        from attrdist.train import precision
+
+        measured = precision.previous(ckpt.parent.parent)  # the run's own probe: bf16 was slower for this model
+        if measured and measured["choice"] == "no":
+            cfg = replace(cfg, run=replace(cfg.run, precision="fp32"))
     # every weight comes from the checkpoint: no pretrained file, no text tower needed
     model_cfg = replace(cfg.model, pretrained="", attr_init="learned")
     quiet = logging.getLogger("attrdist")
@@ -109,8 +115,8 @@ def iter_predictions(model, cfg: Config, attributes: list[str], images: list[str
     """(image, top-k [(attribute, probability)], the attributes at or above `thresholds` with their
     probabilities, most probable first, or None without thresholds) per image, a batch at a time, in
     order. Runs as evaluation does: batches, the run's preprocessing (`Preprocess.of(cfg.data)`), the
-    run's precision where this device has it (run.precision=auto -> bf16 on CPUs with native bf16 and on
-    CUDA), channels_last if configured (one image per fp32 forward ran at 0.16x the bare model's
+    run's precision where this device has it (run.precision=auto -> bf16 on CUDA and on CPUs with native
+    bf16, unless the run's own probe found bf16 slower there: load_for_inference), channels_last if configured (one image per fp32 forward ran at 0.16x the bare model's
     throughput: bench/inference.py)."""
     from attrdist.train.runtime import resolve_precision
 

@@ -131,6 +131,10 @@ def test_a_run_with_auto_probes_records_and_its_resume_keeps_the_answer(tmp_path
     assert rec["source"] == "probe" and "measured now" in line
     mp = "bf16" if rec["choice"] == "bf16" else "no"
     assert f"mixed_precision={mp} " in (run_dir / "report.md").read_text()
+    # attrdist predict on a CPU follows the run's measured answer (an fp32 answer turns its 'auto' into fp32)
+    from attrdist.predict import load_for_inference
+    _, cfg, _, _ = load_for_inference(run_dir)
+    assert cfg.run.precision == ("auto" if rec["choice"] == "bf16" else "fp32")
     assert "mixed_precision=auto " in next(x for x in (run_dir / "train.log").read_text().splitlines() if "runtime: " in x)
     # a new run, same model and machine: the cache answers, nothing is measured
     run_recipe([*base, f"run.run_dir={tmp_path / 'r2'}"], env=env)
