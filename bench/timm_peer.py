@@ -126,9 +126,18 @@ def overhead_parts(shards: Path, tmp: Path, quick: bool) -> list[dict]:
     import attrdist.train.trainer as trainer_mod
     from attrdist.train.tracking import Tracker
 
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from attrdist.core.config import Config
+    from attrdist.train.tracking import accelerate_log_with
+
     rows = []
     (tmp / "tracker").mkdir()
-    tr = Tracker(tmp / "tracker", enabled=True)
+    # as the Trainer builds it with the default run.log_with=tensorboard: accelerate's TensorBoard tracker
+    acc = Accelerator(cpu=True, log_with=accelerate_log_with(("tensorboard",), tmp / "tracker"),
+                      project_dir=str(tmp / "tracker"))
+    tr = Tracker(tmp / "tracker", enabled=True, acc=acc, cfg=Config(), recipe="bench")
     rec = {"type": "train", "step": 1, "epoch": 0, "loss": 0.5, "lr": 1e-3, "bce": 0.4, "contrastive": 0.1,
            "grad_norm": 1.2, "img_per_s": 200.0, "time": 1.0}
     per = []
@@ -139,7 +148,10 @@ def overhead_parts(shards: Path, tmp: Path, quick: bool) -> list[dict]:
             tr.log(rec)
         per.append((time.perf_counter() - t0) / 500 * 1000)
     tr.close()
-    rows.append({"benchmark": "timm_peer", "what": f"metrics record (Tracker.log, TensorBoard {'on' if tr._tb else 'off'})",
+    acc.end_training()
+    AcceleratorState._reset_state(True)  # the Trainers below build their own
+    GradientState._reset_state()
+    rows.append({"benchmark": "timm_peer", "what": f"metrics record (Tracker.log, trackers: {', '.join(tr.names) or 'none'})",
                  "ms_per_step": round(statistics.median(per), 4), "min": round(min(per), 4), "max": round(max(per), 4)})
     bufs = list(timm.create_model("efficientnet_b0", num_classes=10).buffers())
     saved = [b.detach().clone() for b in bufs]
