@@ -46,6 +46,7 @@ def test_a_runs_config_json_reproduces_it_bitwise_in_a_new_run_dir(small_shards,
     assert ca == cb
 
 
+@pytest.mark.slow  # 19 s: two more training launches; make test-slow
 def test_resume_with_a_runs_config_json_continues_that_run(small_shards, tmp_path):
     run_dir = tmp_path / "run"
     run_recipe(["--profile", "demo", f"data.shards={small_shards}", f"run.run_dir={run_dir}", *FAST, "run.epochs=1"])

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.distributed
 
 ARGS = ["data.batch_size=8", "data.num_workers=0", "run.epochs=1", "run.eval_every=1", "run.log_every=1",
         "model.dim=64", "model.contrastive_dim=32", "run.precision=fp32", "run.threads=1", "model.dropout=0",
-        "model.channels_last=false", "run.max_steps=6"]
+        "model.channels_last=false", "run.max_steps=6", "model.pretrained=none"]  # full profile, from scratch on purpose
 
 
 def launch(shards: Path, run_dir: Path, nproc: int, stage: str, *extra: str, check: bool = True,

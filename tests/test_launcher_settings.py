@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from tests.conftest import FAST, assert_one_line_error, run_env, run_recipe
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
@@ -60,6 +62,7 @@ def test_the_launchers_default_leaves_run_precision_in_charge(small_shards, tmp_
     assert "mixed_precision=bf16" in next(x for x in log.splitlines() if "runtime: " in x)
 
 
+@pytest.mark.slow  # 25 s: five refused launches; make test-slow
 def test_settings_attrdist_cannot_follow_stop_the_run_with_one_line(small_shards, tmp_path):
     p = run_recipe(args(small_shards, tmp_path / "a", "run.device=cuda"), check=False,
                    launcher=[*LAUNCH, "--cpu"], env=run_env(HF_HOME=str(tmp_path / "hf")))

@@ -149,6 +149,7 @@ def test_a_run_with_auto_probes_records_and_its_resume_keeps_the_answer(tmp_path
     assert f"mixed_precision={mp} " in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.slow  # 39 s; the broadcast itself is covered by test_two_gloo_ranks_that_would_disagree_get_rank_0s_answer
 @pytest.mark.skipif(torch.cuda.is_available() or "avx512_bf16" not in precision.cpu_identity()["flags"],
                     reason="the probe runs on CPUs with native bf16 (AVX512_BF16) only")
 def test_two_real_ranks_with_auto_train_in_rank_0s_precision(tmp_path, small_shards, monkeypatch):

@@ -23,16 +23,17 @@ def signal_a_rank(run_dir, log, sig, *, after_lines: int, extra: list[str], time
     launcher to exit. Returns (exit status, seconds from the signal to the exit, the ranks)."""
     cmd = [sys.executable, "-m", "launch", "local", "recipes/coconut.py", "--nproc", "2", *extra,
            f"run.run_dir={run_dir}", "data.batch_size=8", "data.num_workers=0", "run.log_every=1", "model.dim=64",
-           "model.contrastive_dim=32", "run.precision=fp32", "run.threads=1"]
+           "model.contrastive_dim=32", "run.precision=fp32", "run.threads=1", "model.pretrained=none"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=subprocess.STDOUT)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= after_lines):
+        assert proc.poll() is None, f"the run ended before training (exit {proc.returncode}):\n{log.read_text()[-3000:]}"
         time.sleep(0.1)
     ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
              if "coconut.py" in " ".join(c.cmdline()) and "accelerate" not in " ".join(c.cmdline())]
-    assert len(ranks) == 2
+    assert len(ranks) == 2, log.read_text()[-3000:]
     ranks[-1].send_signal(sig)
     t0 = time.time()
     try:
