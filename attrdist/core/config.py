@@ -72,7 +72,7 @@ class DataConfig:
     num_workers: int = _f(2, "DataLoader worker processes per rank (decode + augment + collate)")
     pixel_stage: Literal["auto", "workers", "device"] = _f("auto", "where colour jitter, normalisation and erasing run: 'workers' (per sample, float batches), 'device' (batched where the batch lands, from uint8 batches); auto = workers on a CPU device, else device (bench/input.py)")
     worker_dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "the dtype of the finished images workers hand over when the pixel stage runs in them: auto = bfloat16 when the run computes in bf16 (half the bytes through shared memory; the model's first layer casts its input to bf16 under autocast anyway, so it sees the same values: tests/test_train.py), else float32")
-    decode: Literal["workers", "device"] = _f("workers", "where training JPEGs are decoded and cropped/flipped: 'workers' (libjpeg-turbo in the loader's CPU workers, uint8 crops handed over) or 'device' (the workers only read the bytes and draw the keyed augmentation parameters; the batch's JPEGs are decoded on the run's device (nvJPEG through torchvision.io.decode_jpeg on CUDA) and cropped/flipped there with the same keys; PNGs and JPEGs the device refuses fall back to the CPU decode): for GPUs whose CPU cores cannot keep up (bench/gpu.py)")
+    decode: Literal["workers", "device"] = _f("workers", "where JPEGs are decoded and cropped: 'workers' (libjpeg-turbo in the loader's CPU workers, at a DCT-reduced scale, uint8 crops handed over) or 'device' (the workers only read and check each sample, read its JPEG header and draw its augmentation as 'workers' does, the crop box scaled to the full-size image; the batch's JPEGs are decoded at full size on the run's device (nvJPEG through torchvision.io.decode_jpeg on CUDA, libjpeg-turbo on a CPU device) and cropped/flipped/rotated/blurred there: pixels differ slightly from 'workers', the parameters do not; evaluation batches too, resized and centre-cropped there; PNG, CMYK and JPEGs whose header the workers cannot read are decoded in the workers as with 'workers', a JPEG the device refuses on the CPU; needs the pixel stage on the device (data.pixel_stage=auto/device) and a task with one (not detection)): for GPUs whose CPU cores cannot keep up (bench/gpu.py)")
     task: str = _f("multilabel", "what is learned: multilabel (sigmoid/BCE attributes), multiclass (softmax/CE classes), detection (boxes, open vocabulary): attrdist/tasks/<task>.py; or the module path of a task of your own")
     novel_classes: tuple[str, ...] = _f((), "detection: classes held out of training (their boxes are background) and detected at test time only through their prompts")
     labels: str = _f("labels", "which label field of the shards to train on")
@@ -396,6 +396,8 @@ def validate(cfg: Config) -> None:
                                       "(both from the model)"),
         (d.batch_size >= 1, "data.batch_size must be >= 1"),
         (d.eval_batch_size >= 0, "data.eval_batch_size must be >= 0"),
+        (d.decode == "workers" or d.pixel_stage != "workers", "data.decode=device hands JPEG bytes, not pixels, over from "
+                                                             "the workers: set data.pixel_stage=auto or device"),
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
         (d.max_corrupt >= 0, "data.max_corrupt must be >= 0"),
         (d.streams >= 1, "data.streams must be >= 1"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -109,15 +109,22 @@ def _decode_jpeg(data: bytes, min_side: int | None) -> torch.Tensor:
         raise _NotForSimplejpeg from None
     if colourspace not in ("YCbCr", "Gray") or w * h > Image.MAX_IMAGE_PIXELS:  # CMYK, YCCK; PIL says "bomb"
         raise _NotForSimplejpeg
-    scale = 1
-    if min_side:  # PIL's draft: the largest power of 2 <= min(w // min_side, h // min_side), at most 8
-        fits = min(w // min_side, h // min_side)
-        scale = next((s for s in (8, 4, 2) if fits >= s), 1)
+    scale = draft_scale(h, w, min_side)
     try:  # simplejpeg picks the smallest scale M/8 with sides >= these: exactly 1/scale
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=-(-w // scale), min_height=-(-h // scale))
     except ValueError:  # a libjpeg warning (strict) or error: PIL decides
         raise _NotForSimplejpeg from None
     return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def draft_scale(h: int, w: int, min_side: int | None) -> int:
+    """The factor `decode_image(data, min_side)` scales an h x w JPEG down by in the DCT domain: PIL's draft,
+    the largest power of 2 <= min(w // min_side, h // min_side), at most 8 (1 without `min_side`). The
+    decoded image is ceil(h / scale) x ceil(w / scale)."""
+    if not min_side:
+        return 1
+    fits = min(w // min_side, h // min_side)
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
 
 
 # Hue rotation in YIQ space: a 3x3 colour matrix, ~18x cheaper than torchvision's HSV round trip at
@@ -214,39 +221,100 @@ def _crop_params(g: np.random.Generator, h: int, w: int, scale, ratio) -> tuple[
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
+@dataclass(frozen=True)
+class TrainParams:
+    """Every random choice of one sample's training augmentation, for a source image of `source` (h, w):
+    the spatial steps (`geometry`, applied by `apply_geometry` wherever the pixels are) and the pixel-wise
+    ones (`colour`, `erase`, applied by `photometric`)."""
+
+    source: tuple[int, int]  # (height, width) of the image the crop box is in
+    crop: tuple[int, int, int, int]  # (top, left, height, width) in the source image
+    hflip: bool
+    vflip: bool
+    angle: float  # degrees; 0 = no rotation
+    sigma: float  # Gaussian blur's sigma; 0 = no blur
+    colour: torch.Tensor  # float32 [3, 4]: the map x -> M @ x + c * grey mean on 0..255 pixels, as [M | c]
+    erase: tuple[int, int, int, int]  # (top, left, height, width) in the output; height 0 = none
+
+    def geometry(self) -> torch.Tensor:
+        """The spatial steps as one float64 row [10]: source h, w, crop top, left, h, w, hflip, vflip, angle,
+        sigma (float64 holds the integers and the drawn floats exactly, so `apply_geometry` of the row is
+        `apply_geometry` of these parameters, bit for bit)."""
+        return torch.tensor([*self.source, *self.crop, float(self.hflip), float(self.vflip), self.angle, self.sigma],
+                            dtype=torch.float64)
+
+
+def draw_train_params(key: int, h: int, w: int, size: int, aug: AugmentConfig) -> TrainParams:
+    """The augmentation's parameters for a source image of h x w pixels and a size x size output: a pure
+    function of (key, h, w, size, aug). The one place they are drawn, for the workers' decode
+    (`train_geometry`) and the device's (data.decode=device: `draw_full_size_params`, the same draw).
+
+    The stream layout is fixed: crop (torchvision's rejection loop), 6 uniforms (hflip, vflip, blur, erase
+    and 2 spare), 4 jitters, the angle when aug.rotate, sigma when blurred, the erasing box when erased; every
+    one of these draws happens whatever their probabilities, so the stream never depends on the config
+    beyond that."""
+    g = rnglib.generator(key)
+    crop = _crop_params(g, h, w, aug.crop_scale, aug.crop_ratio)
+    u = g.uniform(size=6)
+    jitter = g.uniform(-1.0, 1.0, size=4)
+    angle = float(g.uniform(-aug.rotate, aug.rotate)) if aug.rotate else 0.0
+    m, c = colour_matrix(1.0 + aug.brightness * float(jitter[0]), 1.0 + aug.contrast * float(jitter[1]),
+                         1.0 + aug.saturation * float(jitter[2]), aug.hue * float(jitter[3]))
+    sigma = float(g.uniform(0.1, 2.0)) if u[2] < aug.blur else 0.0
+    box = _erase_box(g, size, size, aug.erase_scale) if u[3] < aug.erase else (0, 0, 0, 0)
+    colour = torch.cat([m, torch.full((3, 1), c, dtype=torch.float64)], dim=1).float()
+    return TrainParams(source=(h, w), crop=crop, hflip=bool(u[0] < aug.hflip), vflip=bool(u[1] < aug.vflip),
+                       angle=angle, sigma=sigma, colour=colour, erase=box)
+
+
+def draw_full_size_params(key: int, h: int, w: int, size: int, aug: AugmentConfig, min_side: int) -> TrainParams:
+    """What the workers draw for an h x w JPEG they decode with `decode_image(data, min_side)` (at
+    1/`draft_scale`), for the same image decoded at full size (data.decode=device): the same draw (every
+    parameter the same) with the crop box scaled up to full-size pixels (cut at the image's edge, where the
+    reduced image's last pixel covered a partial block). Drawing at full size instead would change the crop
+    loop's rounding and with it, where a candidate box is accepted in one size and not the other, every
+    later draw: 7.4 % of the keys for 80 px demo images at size 24 (scale 1/2)."""
+    s = draft_scale(h, w, min_side)
+    p = draw_train_params(key, -(-h // s), -(-w // s), size, aug)
+    top, left, ch, cw = p.crop
+    return replace(p, source=(h, w), crop=(top * s, left * s, min(ch * s, h - top * s), min(cw * s, w - left * s)))
+
+
+def apply_geometry(img_u8: torch.Tensor, geometry, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """The spatial steps of `TrainParams.geometry()` (a float64 row or its list) on a uint8 [3, h, w] image on
+    any device: the resized crop (antialiased, `interpolation`), flips, rotation, then the blur (spatial and
+    linear: before the colour map, which commutes with it up to its clamp). uint8 [3, size, size]."""
+    _, _, top, left, ch, cw, hflip, vflip, angle, sigma = (geometry.tolist() if isinstance(geometry, torch.Tensor)
+                                                           else geometry)
+    x = F.resized_crop(img_u8, int(top), int(left), int(ch), int(cw), [size, size], interpolation=_MODES[interpolation],
+                       antialias=True)
+    if hflip:
+        x = F.horizontal_flip(x)
+    if vflip:
+        x = F.vertical_flip(x)
+    if angle:
+        x = F.rotate(x, angle)
+    if sigma:
+        k = max(3, int(2 * round(3 * sigma) + 1))
+        x = F.gaussian_blur(x, [k, k], [sigma, sigma])
+    return x.contiguous()
+
+
 def train_geometry(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfig,
                    interpolation: str = "bilinear") -> dict[str, torch.Tensor]:
     """The worker's half of the augmentation, a pure function of (image, key): the spatial steps (crop,
     flips, rotation, blur) done on uint8 pixels, and the parameters of the pixel-wise steps (colour map,
-    erasing box) drawn but not applied. `photometric` applies them to a whole batch where the batch
-    lands (the training process, on its device): workers ship uint8 images, 4x fewer bytes than float,
-    and the per-pixel float work runs once per batch, vectorised (bench/input.py).
+    erasing box) drawn but not applied (`draw_train_params` then `apply_geometry`). `photometric` applies
+    them to a whole batch where the batch lands (the training process, on its device): workers ship uint8
+    images, 4x fewer bytes than float, and the per-pixel float work runs once per batch, vectorised
+    (bench/input.py).
 
     Returns {"image": uint8 [3, size, size], "colour": float32 [3, 4] (the map x -> M @ x + c * grey mean,
     on 0..255 pixels, as [M | c]), "erase": int64 [4] (top, left, height, width; height 0 = none)}."""
-    g = rnglib.generator(key)
     _, h, w = img_u8.shape
-    top, left, ch, cw = _crop_params(g, h, w, aug.crop_scale, aug.crop_ratio)
-    x = F.resized_crop(img_u8, top, left, ch, cw, [size, size], interpolation=_MODES[interpolation], antialias=True)
-    # Draw every parameter unconditionally so the stream layout never depends on the config.
-    u = g.uniform(size=6)
-    jitter = g.uniform(-1.0, 1.0, size=4)
-    angle = float(g.uniform(-aug.rotate, aug.rotate)) if aug.rotate else 0.0
-    if u[0] < aug.hflip:
-        x = F.horizontal_flip(x)
-    if u[1] < aug.vflip:
-        x = F.vertical_flip(x)
-    if angle:
-        x = F.rotate(x, angle)
-    m, c = colour_matrix(1.0 + aug.brightness * float(jitter[0]), 1.0 + aug.contrast * float(jitter[1]),
-                         1.0 + aug.saturation * float(jitter[2]), aug.hue * float(jitter[3]))
-    if u[2] < aug.blur:  # spatial and linear: before the colour map (which commutes with it up to its clamp)
-        sigma = float(g.uniform(0.1, 2.0))
-        k = max(3, int(2 * round(3 * sigma) + 1))
-        x = F.gaussian_blur(x, [k, k], [sigma, sigma])
-    box = _erase_box(g, size, size, aug.erase_scale) if u[3] < aug.erase else (0, 0, 0, 0)
-    colour = torch.cat([m, torch.full((3, 1), c, dtype=torch.float64)], dim=1).float()
-    return {"image": x.contiguous(), "colour": colour, "erase": torch.tensor(box, dtype=torch.int64)}
+    p = draw_train_params(key, h, w, size, aug)
+    return {"image": apply_geometry(img_u8, p.geometry(), size, interpolation), "colour": p.colour,
+            "erase": torch.tensor(p.erase, dtype=torch.int64)}
 
 
 IDENTITY_COLOUR = torch.cat([torch.eye(3), torch.zeros(3, 1)], dim=1)

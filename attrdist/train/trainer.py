@@ -222,13 +222,21 @@ class Trainer:
         log.info("preprocessing: %s", "; ".join(preprocess_notes))
         self.manifest = load_manifest(cfg.data.shards, cache=cfg.data)
         self.task = make_task(cfg, self.manifest)
+        if cfg.data.decode == "device" and not self.task.pixel_stage:
+            raise AttrdistError(f"data.decode=device: the {cfg.data.task} task decodes its images in the loader's "
+                                f"workers only; set data.decode=workers")
         self.data = build_data(cfg, self.manifest, self.acc.num_processes)
         self.model, self.optimizer = self.build_model_and_optimizer()
         self.env = StepEnv(self.acc.device, self.acc.autocast,
                            torch.channels_last if cfg.model.channels_last else torch.contiguous_format,
                            (lambda c: self.acc.reduce(c, "mean")) if self.acc.num_processes > 1 else None)
         self.train_ds = self.dataset(self.data.train_reader, train=not cfg.run.overfit_batches)
-        if self.task.pixel_stage:
+        if self.task.pixel_stage and cfg.data.decode == "device":
+            log.info("input: %d workers read the samples and draw their augmentation; their JPEGs are decoded and "
+                     "cropped/flipped on %s (%s; PNG, CMYK and the like in the workers), colour, normalisation and "
+                     "erasing batched there (data.decode=device)", self.workers, self.acc.device,
+                     "torchvision.io.decode_jpeg: " + ("nvJPEG" if self.acc.device.type == "cuda" else "libjpeg-turbo"))
+        elif self.task.pixel_stage:
             log.info("input: %d workers decode + crop/flip; colour, normalisation and erasing run %s "
                      "(data.pixel_stage=%s)", self.workers,
                      f"in the workers, {str(self.train_ds.image_dtype).split('.')[-1]} batches (data.worker_dtype="
@@ -384,9 +392,11 @@ class Trainer:
     @property
     def pixels_in_workers(self) -> bool:
         """data.pixel_stage: auto = in the workers on a CPU device (the training process's threads are busy
-        with the step there), else on the device."""
+        with the step there), else on the device; always on the device with data.decode=device (the workers
+        hand over JPEG bytes, not pixels)."""
         where = self.cfg.data.pixel_stage
-        return where == "workers" or (where == "auto" and self.acc.device.type == "cpu")
+        on_cpu = self.acc.device.type == "cpu" and self.cfg.data.decode == "workers"
+        return where == "workers" or (where == "auto" and on_cpu)
 
     def loader(self, ds, plan: BatchPlan):
         return make_loader(ds, plan, self.workers, pin_memory=self.rt.device == "cuda",
