@@ -48,6 +48,7 @@ from attrdist.tasks import make_task
 from attrdist.tasks.base import StepEnv
 from attrdist.train import checkpoint, interrupt, precision, report, shm_allreduce
 from attrdist.train.evaluation import count_corrupt, evaluation_pass
+from attrdist.train.input_check import InputCheck
 from attrdist.train.progress import Progress, rate_eta
 from attrdist.train.rundir import planned_run_dir, resolve_run_dir, setup_logging
 from attrdist.train.runtime import available_cores, make_accelerator
@@ -241,6 +242,10 @@ class Trainer:
         self.step_rates = array("d")  # images/s of every optimizer step: the report's median
         self.bar = None  # the training progress bar on a terminal (attrdist.train.progress)
         self.step_time, self.rates_start, self.steps_start = 0.0, 0, 0  # this launch's step time, for the ETA
+        # after the first forward, one log line of what the step really got: a pinned batch, channels_last tensors
+        self.input_check = InputCheck(self.acc.unwrap_model(self.model), pin_memory=self.rt.device == "cuda",
+                                      channels_last=cfg.model.channels_last,
+                                      weights_channels_last=cfg.model.channels_last and not self.deepspeed)
 
     # ---------------------------------------------------------------- builders
     def open_run_dir(self, planned: Path) -> Path:
@@ -584,6 +589,7 @@ class Trainer:
                 lr = cfg.optim.lr * lr_factor(self.state.step, cfg.schedule, self.data.steps_per_epoch,
                                               self.data.total_steps)
                 loss, parts = self.micro_batch(batch, micro, lr)
+                self.input_check.log_once(batch)
                 for h in hooks:
                     h.remove()
                 hooks = []
