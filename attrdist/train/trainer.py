@@ -167,15 +167,20 @@ def debug_config(cfg: Config) -> Config:
                    run=replace(cfg.run, epochs=1, max_steps=3, eval_every=1, log_every=1))
 
 
-def build_optimizer(cfg, model: torch.nn.Module, fused: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(cfg, model: torch.nn.Module, fused: bool = True, offload: bool = False) -> torch.optim.Optimizer:
     """AdamW / Adam / SGD with no weight decay on biases and norms. `fused`: torch's single-kernel
     implementation (CPU and CUDA), ~4x faster steps than the default on CPU (ResNet-18: 4.7 vs 20.8 ms,
-    bench/train_step.py); off under DeepSpeed, which steps its own flattened partitions."""
+    bench/train_step.py); off under DeepSpeed, which steps its own flattened partitions. `offload`: DeepSpeed
+    with run.offload, which takes its own CPU Adam only (attrdist.train.zero.cpu_optimizer)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if offload:
+        from attrdist.train import zero
+
+        return zero.cpu_optimizer(groups, cfg)
     params = [p for g in groups for p in g["params"]]
     kw = {"fused": True} if fused and params and all(p.device.type in ("cpu", "cuda") for p in params) else {}
     if cfg.name == "adamw":
@@ -287,7 +292,8 @@ class Trainer:
         elif cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.settle_precision(model)
-        optimizer = build_optimizer(cfg.optim, model, fused=cfg.optim.fused and not cfg.run.deepspeed)
+        optimizer = build_optimizer(cfg.optim, model, fused=cfg.optim.fused and not cfg.run.deepspeed,
+                                    offload=bool(cfg.run.deepspeed) and cfg.run.offload != "none")
         model, optimizer = self.acc.prepare(model, optimizer)
         if self.rt.allreduce == "shm" and isinstance(model, torch.nn.parallel.DistributedDataParallel):
             shm_allreduce.register(model)
