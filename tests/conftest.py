@@ -15,6 +15,23 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 DEMO_VOCAB = ROOT / "recipes" / "coconut_demo_vocab.json"
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """`cuda` tests (tests/test_cuda.py) skip where torch sees no CUDA device, with the reason and where they run.
+    The mark is added at collection, so the skip comes before any of their fixtures builds data."""
+    cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"no CUDA device (torch {torch.__version__}, CUDA build "
+                                   f"{torch.version.cuda or 'none'}: torch.cuda.is_available() is False); these run on "
+                                   f"a GPU machine: `make gpu-check` / `python -m bench.gpu` (or `pytest -m cuda`)")
+    for item in cuda:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory) -> Path:
     """A small demo dataset in COCO formats (train 96 / val 32 / test 32 images)."""
@@ -36,6 +53,33 @@ def small_shards(small_demo, tmp_path_factory) -> Path:
     pack_coco_captions(out, splits, load_vocabulary(DEMO_VOCAB), dataset="test-demo", vocab_path=DEMO_VOCAB,
                        max_samples=40, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def cocottributes_shards(small_demo, tmp_path_factory) -> Path:
+    """The demo's objects with simulated COCO Attributes votes, through the real pickle packer."""
+    from attrdist.pack.cocottributes import pack_cocottributes
+    from attrdist.demo.cocottributes import OBJECT_ATTRIBUTES, write_pickle
+
+    tmp = tmp_path_factory.mktemp("cocottributes")
+    pkl = write_pickle(small_demo, tmp / "votes.pkl")
+    ann = small_demo / "annotations"
+    m = pack_cocottributes(tmp / "shards", pkl, [ann / "instances_train.json", ann / "instances_val.json"],
+                           [small_demo / "images"], dataset="test-cocottributes", min_size=12, progress=False)
+    assert m["attributes"] == list(OBJECT_ATTRIBUTES)
+    return tmp / "shards"
+
+
+@pytest.fixture(scope="session")
+def aerial_shards(tmp_path_factory) -> Path:
+    """Small procedural aerial scenes in DIOR's layout, through the real DIOR packer."""
+    from attrdist.demo.aerial import AerialSpec, ensure_aerial
+    from attrdist.pack.dior import pack_dior
+
+    tmp = tmp_path_factory.mktemp("aerial")
+    root = ensure_aerial(tmp / "dior", AerialSpec(n_train=64, n_val=16, n_test=16), progress=False)
+    pack_dior(root, tmp / "shards", dataset="test-aerial", progress=False)
+    return tmp / "shards"
 
 
 def sigint_as_in_a_terminal() -> None:

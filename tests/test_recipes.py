@@ -8,7 +8,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -83,21 +82,6 @@ def test_attribute_queries_from_a_text_tower_never_see_labels():
     assert out["logits"].shape == (2, 4) and out["attr_emb"].shape == (4, cfg.model.contrastive_dim)
 
 
-@pytest.fixture(scope="module")
-def cocottributes_shards(small_demo, tmp_path_factory) -> Path:
-    """The demo's objects with simulated COCO Attributes votes, through the real pickle packer."""
-    from attrdist.pack.cocottributes import pack_cocottributes
-    from attrdist.demo.cocottributes import OBJECT_ATTRIBUTES, write_pickle
-
-    tmp = tmp_path_factory.mktemp("cocottributes")
-    pkl = write_pickle(small_demo, tmp / "votes.pkl")
-    ann = small_demo / "annotations"
-    m = pack_cocottributes(tmp / "shards", pkl, [ann / "instances_train.json", ann / "instances_val.json"],
-                           [small_demo / "images"], dataset="test-cocottributes", min_size=12, progress=False)
-    assert m["attributes"] == list(OBJECT_ATTRIBUTES)
-    return tmp / "shards"
-
-
 def test_cocottributes_demo_trains_with_ignore_mask_and_epoch_checkpoints(cocottributes_shards, tmp_path):
     from attrdist.data.reader import ShardReader, load_manifest
 
@@ -135,18 +119,6 @@ def test_coco_attributes_demo_reports_per_attribute_table_and_inference_speed(sm
     per = rep["results"]["test"]["details"]["true_labels"]["per_attribute"]
     assert len(per) == 21 and {"name", "ap", "f1@0.5", "precision@0.5", "recall@0.5", "support"} <= per[0].keys()
     assert rep["config"]["model"]["fusion_layers"] == 2 and rep["config"]["model"]["head_dims"] == [64, 32]
-
-
-@pytest.fixture(scope="module")
-def aerial_shards(tmp_path_factory) -> Path:
-    """Small procedural aerial scenes in DIOR's layout, through the real DIOR packer."""
-    from attrdist.demo.aerial import AerialSpec, ensure_aerial
-    from attrdist.pack.dior import pack_dior
-
-    tmp = tmp_path_factory.mktemp("aerial")
-    root = ensure_aerial(tmp / "dior", AerialSpec(n_train=64, n_val=16, n_test=16), progress=False)
-    pack_dior(root, tmp / "shards", dataset="test-aerial", progress=False)
-    return tmp / "shards"
 
 
 def test_dior_remoteclip_demo_trains_evaluates_base_and_novel_and_draws(aerial_shards, tmp_path):

@@ -57,6 +57,10 @@ def test_short_run_writes_every_output(trained_run: Path):
     meta = json.loads((ck / "meta.json").read_text())
     assert len(meta["attributes"]) == 21 and set(meta["files"]) == {"model.safetensors", "state.pt"}
     assert not list((r / "checkpoints").glob(".*"))  # no temporary files left
+    # what the first step really got (attrdist.train.input_check): pinning is asked on CUDA only
+    (line,) = [x for x in (r / "train.log").read_text().splitlines() if "input checked: " in x]
+    assert line.endswith("input checked: host batch pinned=False, model input channels_last=True, conv weights "
+                         "channels_last=True (17 of 17), on cpu"), line
 
 
 def test_predict_prints_top_attributes(trained_run: Path, small_demo: Path):

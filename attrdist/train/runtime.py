@@ -54,8 +54,9 @@ def resolve_precision(pref: str, device: str) -> str:
     if pref == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise AttrdistError("run.precision=bf16: this GPU has no bf16 support; use run.precision=fp16 or fp32")
     if pref == "auto":
-        if device == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        if device == "cuda":  # native bf16 only (compute capability >= 8.0): torch's default answer counts
+            # emulation too, True on a V100 or T4, which have no bf16 tensor cores
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
         if device == "cpu":
             return "bf16" if cpu_has_bf16() else "no"
         return "no"

@@ -48,6 +48,7 @@ from attrdist.tasks import make_task
 from attrdist.tasks.base import StepEnv
 from attrdist.train import checkpoint, interrupt, precision, report, shm_allreduce
 from attrdist.train.evaluation import count_corrupt, evaluation_pass
+from attrdist.train.input_check import InputCheck
 from attrdist.train.progress import Progress, rate_eta
 from attrdist.train.rundir import planned_run_dir, resolve_run_dir, setup_logging
 from attrdist.train.runtime import available_cores, make_accelerator
@@ -166,15 +167,20 @@ def debug_config(cfg: Config) -> Config:
                    run=replace(cfg.run, epochs=1, max_steps=3, eval_every=1, log_every=1))
 
 
-def build_optimizer(cfg, model: torch.nn.Module, fused: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(cfg, model: torch.nn.Module, fused: bool = True, offload: bool = False) -> torch.optim.Optimizer:
     """AdamW / Adam / SGD with no weight decay on biases and norms. `fused`: torch's single-kernel
     implementation (CPU and CUDA), ~4x faster steps than the default on CPU (ResNet-18: 4.7 vs 20.8 ms,
-    bench/train_step.py); off under DeepSpeed, which steps its own flattened partitions."""
+    bench/train_step.py); off under DeepSpeed, which steps its own flattened partitions. `offload`: DeepSpeed
+    with run.offload, which takes its own CPU Adam only (attrdist.train.zero.cpu_optimizer)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if offload:
+        from attrdist.train import zero
+
+        return zero.cpu_optimizer(groups, cfg)
     params = [p for g in groups for p in g["params"]]
     kw = {"fused": True} if fused and params and all(p.device.type in ("cpu", "cuda") for p in params) else {}
     if cfg.name == "adamw":
@@ -249,6 +255,10 @@ class Trainer:
         self.step_rates = array("d")  # images/s of every optimizer step: the report's median
         self.bar = None  # the training progress bar on a terminal (attrdist.train.progress)
         self.step_time, self.rates_start, self.steps_start = 0.0, 0, 0  # this launch's step time, for the ETA
+        # after the first forward, one log line of what the step really got: a pinned batch, channels_last tensors
+        self.input_check = InputCheck(self.acc.unwrap_model(self.model), pin_memory=self.rt.device == "cuda",
+                                      channels_last=cfg.model.channels_last,
+                                      weights_channels_last=cfg.model.channels_last and not self.deepspeed)
 
     # ---------------------------------------------------------------- builders
     def open_run_dir(self, planned: Path) -> Path:
@@ -290,7 +300,8 @@ class Trainer:
         elif cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.settle_precision(model)
-        optimizer = build_optimizer(cfg.optim, model, fused=cfg.optim.fused and not cfg.run.deepspeed)
+        optimizer = build_optimizer(cfg.optim, model, fused=cfg.optim.fused and not cfg.run.deepspeed,
+                                    offload=bool(cfg.run.deepspeed) and cfg.run.offload != "none")
         model, optimizer = self.acc.prepare(model, optimizer)
         if self.rt.allreduce == "shm" and isinstance(model, torch.nn.parallel.DistributedDataParallel):
             shm_allreduce.register(model)
@@ -594,6 +605,7 @@ class Trainer:
                 lr = cfg.optim.lr * lr_factor(self.state.step, cfg.schedule, self.data.steps_per_epoch,
                                               self.data.total_steps)
                 loss, parts = self.micro_batch(batch, micro, lr)
+                self.input_check.log_once(batch)
                 for h in hooks:
                     h.remove()
                 hooks = []

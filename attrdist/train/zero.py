@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
 from attrdist.errors import AttrdistError
 
+log = logging.getLogger("attrdist")
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
 
@@ -91,11 +93,31 @@ def build(run, optim, *, global_batch: int, world: int, precision: str, device: 
         if device != "cuda":
             raise AttrdistError(f"run.offload={run.offload} is for GPU runs (it moves state off the GPU); on {device} "
                                 f"set run.offload=none")
+        if optim.name not in CPU_ADAM_MODES:
+            raise AttrdistError(f"run.offload={run.offload}: DeepSpeed steps offloaded optimizer state with its CPU Adam "
+                                f"only; optim.name={optim.name} has no such kernel: use optim.name=adamw or adam, or "
+                                f"run.offload=none")
         target = {"device": run.offload, **({"nvme_path": run.offload_dir} if run.offload == "nvme" else {})}
         cfg["zero_optimization"]["offload_optimizer"] = target
         if run.deepspeed == "zero3":
             cfg["zero_optimization"]["offload_param"] = dict(target)
     return cfg
+
+
+CPU_ADAM_MODES = {"adamw": True, "adam": False}  # optim.name -> DeepSpeedCPUAdam(adamw_mode=...)
+
+
+def cpu_optimizer(groups: list[dict], optim):
+    """The optimizer for run.offload=cpu|nvme: DeepSpeed's CPU Adam over the parameter groups. ZeRO-Offload
+    steps the fp32 partitions on the CPU and refuses any other optimizer ('You are using ZeRO-Offload with
+    a client provided optimizer', unless zero_force_ds_cpu_optimizer=false): its SIMD + OpenMP kernel is
+    5-7x faster than torch's (DeepSpeed's measurement). adamw decouples the weight decay, adam adds it to
+    the gradient (L2), as torch's AdamW and Adam do. The kernel is JIT-built with ninja on first use (65 s
+    on this 2-core CPU machine, cached in TORCH_EXTENSIONS_DIR)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    log.info("optimizer: DeepSpeedCPUAdam (adamw_mode=%s) for run.offload", CPU_ADAM_MODES[optim.name])
+    return DeepSpeedCPUAdam(groups, lr=optim.lr, adamw_mode=CPU_ADAM_MODES[optim.name])
 
 
 def weights_only_load(path, map_location=None):
