@@ -437,9 +437,13 @@ def step_row(section: str, what: str, times: list[float], images: int, info: dic
     return row
 
 
-def same_loss(a: dict, b: dict) -> tuple[bool, str]:
+def same_loss(a: dict, b: dict, tol: float = 2e-3) -> tuple[bool, str]:
+    """Whether two runs' step-1 losses agree within `tol` (relative): the same model on the same batch. bf16 kernels
+    may differ in their last bits between runs; inductor's fused bf16 kernels differ from eager ones by more
+    (measured on the CPU: 0.7 % between a compiled and an eager ResNet-18's step-1 loss), hence a wider `tol`
+    wherever one side may be compiled and the other not."""
     la, lb = a["first_loss"][0], b["first_loss"][0]
-    ok = abs(la - lb) <= 2e-3 * max(1.0, abs(lb))  # bf16 kernels may differ in their last bits between runs
+    ok = abs(la - lb) <= tol * max(1.0, abs(lb))
     return ok, f"step-1 loss {la:.5f} vs bare {lb:.5f}{'' if ok else ' (DIFFERENT: not the same work?)'}"
 
 
@@ -517,7 +521,7 @@ def run_compile(shards: Path, device: str, s: Sizes, tmp: Path, out: dict) -> tu
     rows = [step_row("compile", f"{label}: attrdist Trainer, run.compile=true", t["trainer"], images, info["trainer"],
                      common),
             step_row("compile", f"{label}: bare loop, torch.compile(model)", t["bare"], images, info["bare"], common)]
-    _, loss_note = same_loss(info["trainer"], info["bare"])
+    _, loss_note = same_loss(info["trainer"], info["bare"], tol=2e-2)
     compiled = images / t["trainer"][0]
     warm = (f"; warm-up (compile) {info['trainer']['warmup_s'][0]:.0f} s in the Trainer, "
             f"{info['bare']['warmup_s'][0]:.0f} s bare")

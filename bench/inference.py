@@ -154,9 +154,14 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     from attrdist.data.samples import batch_images
     from attrdist.core.transforms import Preprocess, decode_image, eval_transform
 
+    from bench.train_step import reset_accelerate
+
     cfg = apply_overrides(cfg, [f"data.shards={shards}", f"run.out_dir={tmp / 'runs'}", "data.num_workers=0",
                                 f"run.device={device}"])
     log_buf = io.StringIO()
+    # a fresh accelerate state: the previous model's Trainer may have settled another precision (the CPU probe can
+    # pick fp32 for the demo model and bf16 for the next), which accelerate refuses to change in one process
+    reset_accelerate()
     with contextlib.redirect_stdout(log_buf):  # the Trainer's log handler binds to this buffer
         tr = Trainer(cfg, recipe)
     val = cfg.data.val_split
