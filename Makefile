@@ -9,7 +9,7 @@ DS_STAMP := $(VENV)/.attrdist-deepspeed
 TEST_STAMP := $(VENV)/.attrdist-test
 export TORCH_EXTENSIONS_DIR ?= $(or $(ATTRDIST_CACHE),$(HOME)/.cache/attrdist)/torch_extensions
 
-.PHONY: setup setup-deepspeed setup-test demo test test-slow bench clean-runs
+.PHONY: setup setup-deepspeed setup-test demo test test-slow bench gpu-check gpu-wheels clean-runs
 
 # `make setup`: the runtime (requirements/base.txt), all `make demo` needs. DeepSpeed and the test tools
 # are extras on top of it: `make setup-deepspeed` (run.deepspeed, CPU DDP's shm all-reduce) and
@@ -54,6 +54,15 @@ test-slow: setup-test
 # every benchmark in bench/, one after the other (~30 min here); results in bench/results/, see BENCHMARKS.md
 bench: setup-test
 	$(PY) -m bench
+
+# issue 21's one device script: the cuda tests, trainer vs bare loop, host sync, input feed, inference and
+# torch.compile on one GPU (< 8 min on an H100); without CUDA the CPU-side parts at small sizes. bench/gpu.py.
+gpu-check: setup-test
+	$(PY) -m bench.gpu
+
+# .whl/: the wheels a lent GPU machine without network lacks (bench/gpu_wheels.sh says how to install them there)
+gpu-wheels:
+	bash bench/gpu_wheels.sh
 
 clean-runs:
 	rm -rf runs

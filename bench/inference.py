@@ -13,7 +13,8 @@ Two models, each built by attrdist.models.build_model from a recipe's own config
                  attrdist.predict.load_for_inference does (weights do not change the speed); eval batch 12.
 
 Everything runs in this process with the Trainer's own runtime (make_accelerator: device, threads,
-precision = runtime.resolve_precision(run.precision) -> bf16 autocast on a CPU with AVX512-BF16);
+precision as the Trainer settled it: run.precision=auto -> bf16 autocast on a CPU with AVX512-BF16 where
+its probe of the model finds bf16 faster, bf16 on a GPU);
 data.num_workers=0 because the eval batches come from memory. The eval images are decoded once
 (the real SampleDataset, eval transform) and held in memory; then, alternating, median of rounds,
 each over the same N = K x eval-batch images:
@@ -149,21 +150,26 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     from attrdist.core.config import apply_overrides
     from attrdist.models import build_model
     from attrdist.predict import load_for_inference, predict_images
-    from attrdist.train.runtime import resolve_precision
     from attrdist.train.trainer import Trainer
     from attrdist.data.samples import batch_images
     from attrdist.core.transforms import Preprocess, decode_image, eval_transform
 
+    from bench.train_step import reset_accelerate
+
     cfg = apply_overrides(cfg, [f"data.shards={shards}", f"run.out_dir={tmp / 'runs'}", "data.num_workers=0",
                                 f"run.device={device}"])
     log_buf = io.StringIO()
+    # a fresh accelerate state: the previous model's Trainer may have settled another precision (the CPU probe can
+    # pick fp32 for the demo model and bf16 for the next), which accelerate refuses to change in one process
+    reset_accelerate()
     with contextlib.redirect_stdout(log_buf):  # the Trainer's log handler binds to this buffer
         tr = Trainer(cfg, recipe)
     val = cfg.data.val_split
     names = list(tr.manifest.attributes)
     dev = tr.acc.device
-    mp = resolve_precision(cfg.run.precision, dev.type)
-    assert mp == tr.rt.mixed_precision, (mp, tr.rt.mixed_precision)
+    # the Trainer's own decision: run.precision=auto on a CPU with native bf16 is settled by a probe of this model
+    # (attrdist.train.precision), which a busy machine can tip to fp32; the bare loop computes the same way
+    mp = tr.rt.mixed_precision
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -194,7 +200,9 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     # a checkpoint written by the Trainer, loaded the way `attrdist predict` loads it
     with contextlib.redirect_stdout(log_buf):
         tr.save(pointers=("last", "best"))
-    pmodel, pcfg, pattrs, _ckpt = load_for_inference(tr.run_dir, device=str(dev))
+    # the device's type, as `attrdist predict --device cuda` passes it: predict_images resolves run.precision=auto
+    # from it ("cuda:0" would resolve to fp32 against the bare loop's bf16)
+    pmodel, pcfg, pattrs, _ckpt = load_for_inference(tr.run_dir, device=dev.type)
 
     def t_bare() -> float:
         sync()
@@ -217,7 +225,7 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     size, resize = pre.image_size, pre.eval_resize
 
     def t_predict() -> None:
-        predict_images(pmodel, pcfg, pattrs, str_files, top=5, device=str(dev))
+        predict_images(pmodel, pcfg, pattrs, str_files, top=5, device=dev.type)
 
     def t_bare_e2e() -> None:
         xs = [eval_transform(decode_image(p.read_bytes(), int(size * resize)), pre) for p in files]
@@ -262,8 +270,9 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     if p.returncode != 0:
         raise SystemExit(f"attrdist predict failed ({p.returncode}):\n{p.stderr[-3000:]}")
     printed = sum(1 for line in p.stdout.splitlines() if not line.startswith("#"))
+    # device: the CLI's --device default, auto (cuda where there is one)
     rows.append({"benchmark": "inference", "what": "attrdist predict CLI (1 run, incl. start-up + load)",
-                 "images": len(files), **common, **as_predict, "device": "cpu",  # the CLI has no device option
+                 "images": len(files), **common, **as_predict, "device": "auto",
                  "median_s": round(cli_s, 3), "min_s": round(cli_s, 3), "max_s": round(cli_s, 3),
                  "items_per_s": round(len(files) / cli_s, 1), "rounds": 1, "lines_printed": printed})
 
@@ -282,6 +291,31 @@ def bench_model(key: str, label: str, cfg, recipe: str, shards: Path, files: lis
     return rows, targets, notes
 
 
+def measure(device: str, rounds: int, demo_k: int, full_k: int | None, tmp: Path
+            ) -> tuple[list[dict], list[dict], list[str]]:
+    """Both models (the 284-attribute one only if `full_k`): K eval batches each, `rounds` alternated rounds on
+    `device`; (rows, targets, notes). Also what bench/gpu.py runs on a GPU."""
+    os.environ["ATTRDIST_CACHE"] = str(tmp / "cache")  # nothing touches the user's cache
+    coconut, coco_attr = load_recipe("coconut"), load_recipe("coco_attributes")
+    t_start = time.perf_counter()
+    demo_cfg = coconut.demo()
+    shards, files = demo_data(tmp, n_val=demo_k * 2 * demo_cfg.data.batch_size)
+    rows, targets, notes = bench_model("coconut-demo", "coconut demo (ResNet-18, 64 px, 21 attr.)", demo_cfg,
+                                       "coconut", shards, files, tmp / "m1", device, rounds, demo_k)
+    print(f"coconut-demo done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    if full_k:
+        full_cfg = coco_attr.full()
+        full_cfg = replace(full_cfg, model=replace(full_cfg.model, pretrained="", attr_init="learned"))
+        eval_b = full_cfg.data.eval_batch_size or 2 * full_cfg.data.batch_size
+        shards, files = coco284_data(tmp, n_val=full_k * eval_b)
+        r, tg, nt = bench_model("attr284-224", "284 attr. (coco_attributes full, ResNet-50, 224 px)", full_cfg,
+                                "coco_attributes", shards, files, tmp / "m2", device, rounds, full_k)
+        rows += r
+        targets += tg
+        notes += nt
+    return rows, targets, notes
+
+
 def main(argv=None):
     ap = parser(__doc__, rounds=5, quick="smoke run: fewer images, 1 round")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
@@ -295,31 +329,15 @@ def main(argv=None):
     demo_k, full_k = (2, 1) if args.quick else (4, 3)
     logging.getLogger("attrdist").setLevel(logging.WARNING)
     t_start = time.perf_counter()
-    rows, targets, notes = [], [], []
     with tempfile.TemporaryDirectory(prefix="attrdist-bench-inf-") as tmp_s:
-        tmp = Path(tmp_s)
-        os.environ["ATTRDIST_CACHE"] = str(tmp / "cache")  # nothing touches the user's cache
-        coconut, coco_attr = load_recipe("coconut"), load_recipe("coco_attributes")
-
-        demo_cfg = coconut.demo()
-        shards, files = demo_data(tmp, n_val=demo_k * 2 * demo_cfg.data.batch_size)
-        r, tg, nt = bench_model("coconut-demo", "coconut demo (ResNet-18, 64 px, 21 attr.)", demo_cfg, "coconut",
-                                shards, files, tmp / "m1", device, rounds, demo_k)
-        rows += r
-        targets += tg
-        notes += nt
-        print(f"coconut-demo done ({time.perf_counter() - t_start:.0f} s)", flush=True)
-
-        full_cfg = coco_attr.full()
-        full_cfg = replace(full_cfg, model=replace(full_cfg.model, pretrained="", attr_init="learned"))
-        eval_b = full_cfg.data.eval_batch_size or 2 * full_cfg.data.batch_size
-        shards, files = coco284_data(tmp, n_val=full_k * eval_b)
-        r, tg, nt = bench_model("attr284-224", "284 attr. (coco_attributes full, ResNet-50, 224 px)", full_cfg,
-                                "coco_attributes", shards, files, tmp / "m2", device, rounds, full_k)
-        rows += r
-        targets += tg
-        notes += nt
+        rows, targets, notes = measure(device, rounds, demo_k, full_k, Path(tmp_s))
     took = time.perf_counter() - t_start
+    print_tables(rows, notes)
+    return save("inference", rows, targets, quick=args.quick, note=f"({took:.0f} s)")
+
+
+def print_tables(rows: list[dict], notes: list[str]) -> None:
+    """The images/s table, the ratios, the notes and the 284-attribute model's figure against the quoted one."""
     print("| model | what | images | median | images/s |\n| --- | --- | ---: | ---: | ---: |")
     for r in rows:
         if "median_s" in r:
@@ -330,10 +348,10 @@ def main(argv=None):
             print(f"{r['model']}: {r['what']}: {r['median']:.3f}x ({r['spread']})")
     for line in notes:
         print(line)
-    full_bare = next(r for r in rows if r["model"] == "attr284-224" and r["what"] == "bare")
-    print(f"284-attribute model, bare loop: {full_bare['items_per_s']:.1f} images/s on {full_bare['device']} "
-          f"({full_bare['precision']}, batch {full_bare['eval_batch']}); the experiments quoted {QUOTED_FPS} on a GPU")
-    return save("inference", rows, targets, quick=args.quick, note=f"({took:.0f} s)")
+    full_bare = next((r for r in rows if r["model"] == "attr284-224" and r["what"] == "bare"), None)
+    if full_bare:
+        print(f"284-attribute model, bare loop: {full_bare['items_per_s']:.1f} images/s on {full_bare['device']} "
+              f"({full_bare['precision']}, batch {full_bare['eval_batch']}); the experiments quoted {QUOTED_FPS} on a GPU")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.pack [--n 1200] [--rounds 3]
 
 Data: N COCO-like JPEGs (640x480, quality 90) cut from the real COCO photos in
-../shared/data/coco/images when present (else rendered by the demo generator at 640x480), with a
-COCO captions JSON and instances JSON, written to a directory on disk (not tmpfs: TMPDIR) and synced.
+../shared/data/coco/images (or $ATTRDIST_BENCH_COCO) when present (else rendered by the demo generator at
+640x480), with a COCO captions JSON and instances JSON, written to a directory on disk (not tmpfs: TMPDIR) and synced.
 Measured on the same cores, alternating, median of rounds:
   disk_read       read every file's bytes from the disk: each file's pages are first dropped from the page
                   cache (posix_fadvise DONTNEED, unprivileged), so this is the raw disk read of issue 3's target
@@ -54,7 +54,8 @@ from PIL import Image
 from bench.common import alternate, parser, ratio_stats, save, summarize, target_row
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO = ROOT.parent / "shared" / "data" / "coco" / "images"
+# $ATTRDIST_BENCH_COCO: another folder of COCO photos (bench/gpu_wheels.sh carries them to a machine without ../shared)
+COCO = Path(os.environ.get("ATTRDIST_BENCH_COCO") or ROOT.parent / "shared" / "data" / "coco" / "images")
 WORDS = ["A person riding a red bicycle on a street", "A dog sitting on a wooden bench outdoors",
          "Two cats sleeping on a sofa indoors", "A plate of food on a table", "A white bus parked in a city"]
 

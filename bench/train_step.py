@@ -304,9 +304,11 @@ def attrdist_inprocess(cfg, batches, warmup: int, steps: int, tmp: Path, tag: st
 
 
 def bare_loop(cfg, batches, names, warmup: int, steps: int, *, precision: str, threads: int, info: dict,
-              ddp: bool = False) -> float:
+              ddp: bool = False, compile_model: bool = False) -> float:
     """The plain PyTorch loop (see the module docstring); returns the timed seconds. `ddp`: wrapped in torch's
-    DistributedDataParallel (the process group is already up; each rank passes its own slice of the batches)."""
+    DistributedDataParallel (the process group is already up; each rank passes its own slice of the batches).
+    `compile_model`: torch.compile(model) (inductor, default mode) after the optimizer is built; the compile
+    happens in the first warm-up step (info["warmup_s"]: the warm-up steps' seconds)."""
     import torch
 
     from attrdist.core import rng as rnglib
@@ -328,6 +330,8 @@ def bare_loop(cfg, batches, names, warmup: int, steps: int, *, precision: str, t
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg.optim, model)
     params = [p for p in model.parameters() if p.requires_grad]
+    if compile_model:
+        model = torch.compile(model)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     task, f, clip = make_task(cfg), cfg.data.labels, cfg.optim.clip_grad_norm
@@ -352,12 +356,14 @@ def bare_loop(cfg, batches, names, warmup: int, steps: int, *, precision: str, t
 
     K = len(batches)
     rank = int(os.environ.get("RANK", "0")) if ddp else 0
+    t_warm = time.perf_counter()
     for i in range(warmup):  # the trainer's dropout keys: step 1's loss must match attrdist's
         torch.manual_seed(rnglib.fold(cfg.run.seed, rnglib.DROPOUT, 0, i, rank))
         loss = step(batches[i % K])
         if i == 0:
             info.setdefault("first_loss", []).append(float(loss.item()))
     sync()
+    info.setdefault("warmup_s", []).append(time.perf_counter() - t_warm)
     if ddp:
         torch.distributed.barrier()
     t0 = t_prev = time.perf_counter()
