@@ -199,7 +199,7 @@ def test_a_training_run_decodes_on_the_device(mixed, tmp_path):
 # On a CUDA GPU only (issue 21's GPU run): nvJPEG through torchvision, the crops on the device
 # ------------------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (issue 21's GPU run)")
+needs_cuda = pytest.mark.cuda  # skipped without a GPU by tests/conftest.py, run by `make gpu-check`
 
 
 @needs_cuda
