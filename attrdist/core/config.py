@@ -201,8 +201,8 @@ class RunConfig:
     offload: Literal["none", "cpu", "nvme"] = _f("none", "DeepSpeed: offload optimizer states (and zero3 parameters) to CPU memory or NVMe; GPU runs only")
     offload_dir: str = _f("", "offload=nvme: a directory on a local NVMe disk")
     shm_allreduce: Literal["auto", "on", "off"] = _f("auto", "CPU DDP with every rank on this host: all-reduce the gradients through shared memory (DeepSpeed's shm kernel, JIT-built once) instead of gloo's TCP: 2-rank ResNet-18@64 training 1.15-1.17x faster here (bench/ddp.py); auto = when possible (else gloo, reason logged), on = fail if not possible, off = gloo")
-    compile: bool = _f(False, "torch.compile the model (inductor) before training: fuses kernels, worth it on GPUs for long runs (compiles for a minute or more at the start; bench/gpu.py measures it)")
-    host_sync: Literal["auto", "step", "lagged"] = _f("auto", "when the host reads each step's all-ranks agreement (loss, non-finite flag, corrupt count, stop signal): 'step' = right after the step (one device sync per step), 'lagged' = one step later, while the next step runs (a non-finite step is still skipped on the device, the same steps as 'step'; a stop or a limit takes effect one step later); auto = lagged on CUDA, step elsewhere (on a CPU the sync costs nothing)")
+    compile: bool = _f(False, "torch.compile the model (inductor) before training, in place (checkpoints keep the plain model's keys): fuses kernels, worth it on GPUs for long runs (the first step compiles for a minute or more, the first evaluation once more; bench/gpu.py measures it); DDP runs only (not with run.deepspeed); on CPU inductor needs g++")
+    host_sync: Literal["auto", "step", "lagged"] = _f("auto", "when the host reads each step's all-ranks agreement (loss, non-finite flag, corrupt count, stop signal): 'step' = right after the step (one device sync per step), 'lagged' = one step later, while the next step runs (a non-finite step is still skipped, on the device: the same steps and weights as 'step'; a stop signal or data.max_corrupt takes effect one step later); lagged needs optim.fused and no run.deepspeed, fp16, run.log_samples or run.debug: auto = lagged on CUDA where it can (else step, reason logged), step elsewhere (on a CPU the sync costs nothing)")
     dist_timeout_s: int = _f(1800, "seconds a rank waits in a collective (all-reduce, barrier) for the others before the run fails: a crashed or stuck rank never hangs the job forever")
     init_from: str = _f("", "initialise the whole model from a checkpoint (run dir, checkpoints/step-* dir or model.safetensors, e.g. a DeepSpeed run's consolidated weights); fresh optimizer and schedule")
 
@@ -431,6 +431,9 @@ def validate(cfg: Config) -> None:
         (r.offload == "none" or r.deepspeed, "run.offload needs run.deepspeed=zero1|zero2|zero3"),
         (r.offload != "nvme" or r.offload_dir, "run.offload=nvme needs run.offload_dir (a directory on a local NVMe disk)"),
         (not r.deepspeed_config or r.deepspeed, "run.deepspeed_config needs run.deepspeed=zero1|zero2|zero3"),
+        (not (r.compile and r.deepspeed), f"run.compile=true with run.deepspeed={r.deepspeed}: attrdist compiles DDP "
+                                          f"runs only (DeepSpeed's engine.compile and ZeRO's parameter hooks are "
+                                          f"untested here); drop one of them"),
     ]
     for f_name in ("hflip", "vflip", "blur", "erase"):
         p = getattr(d.augment, f_name)

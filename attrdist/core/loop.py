@@ -8,6 +8,7 @@ many skipped steps") is a predicate of the state and the config, so it can be te
     s = LoopState()
     s = after_batch(s, global_batch=32)                   # one global (micro-)batch read
     s = after_step(s, skipped=False, corrupt=0)           # one optimizer step taken (or skipped)
+    s = step_agreed(step_taken(s), skipped=False, corrupt=0)   # the same in two halves (run.host_sync=lagged)
     if itstime(s.step, cfg.run.log_every, first=True): ...
     s = after_epoch(s)
     s = after_eval(s, value=0.91)                         # value: higher is better
@@ -44,8 +45,20 @@ def after_batch(s: LoopState, global_batch: int) -> LoopState:
 def after_step(s: LoopState, *, skipped: bool, corrupt: int) -> LoopState:
     """An optimizer step was taken, or `skipped` (a non-finite loss/gradient on some rank); `corrupt`:
     samples of this step's batches that were skipped as undecodable, all ranks together."""
-    return replace(s, step=s.step + 1, nonfinite=s.nonfinite + skipped,
-                   nonfinite_streak=s.nonfinite_streak + 1 if skipped else 0, corrupt=s.corrupt + corrupt)
+    return step_agreed(step_taken(s), skipped=skipped, corrupt=corrupt)
+
+
+def step_taken(s: LoopState) -> LoopState:
+    """The count of `after_step` alone: an optimizer step has been taken or skipped (run.host_sync=lagged
+    counts it when the step is queued on the device, and learns which it was one step later)."""
+    return replace(s, step=s.step + 1)
+
+
+def step_agreed(s: LoopState, *, skipped: bool, corrupt: int) -> LoopState:
+    """The rest of `after_step`: what every rank agreed about the latest step whose agreement has been read
+    (steps are read in order, so the streak is the same as when each is read at once)."""
+    return replace(s, nonfinite=s.nonfinite + skipped, nonfinite_streak=s.nonfinite_streak + 1 if skipped else 0,
+                   corrupt=s.corrupt + corrupt)
 
 
 def after_epoch(s: LoopState) -> LoopState:

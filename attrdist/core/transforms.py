@@ -320,10 +320,13 @@ def train_geometry(img_u8: torch.Tensor, key: int, size: int, aug: AugmentConfig
 IDENTITY_COLOUR = torch.cat([torch.eye(3), torch.zeros(3, 1)], dim=1)
 NO_ERASE = torch.zeros(4, dtype=torch.int64)
 @lru_cache(maxsize=16)
-def _normaliser(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) on the CPU: 0..255 pixels -> normalised as x * scale - shift, per channel."""
+def _normaliser(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device = torch.device("cpu")
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, shift, luma weights) on `device`: 0..255 pixels -> normalised as x * scale - shift, per channel.
+    Cached per device: a copy of a small CPU tensor to a GPU is synchronous (pageable memory), so copying these
+    per batch would make the host wait for the device every step (run.host_sync=lagged exists to avoid that)."""
     m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-    return 1.0 / (255.0 * s), m / s
+    return tuple(t.to(device) for t in (1.0 / (255.0 * s), m / s, _LUMA.to(torch.float32)))
 
 
 def photometric(images: torch.Tensor, colour: torch.Tensor | None = None, erase: torch.Tensor | None = None,
@@ -340,13 +343,13 @@ def photometric(images: torch.Tensor, colour: torch.Tensor | None = None, erase:
     `colour_jitter` then normalising, up to float rounding: tests/test_data.py)."""
     x = images.float()
     dev = x.device
-    scale, shift = (t.to(dev) for t in _normaliser(tuple(mean), tuple(std)))
+    scale, shift, luma = _normaliser(tuple(mean), tuple(std), dev)
     if colour is None:
         x = x.mul_(scale.view(1, 3, 1, 1)).sub_(shift.view(1, 3, 1, 1))
     else:
         b, _, h, w = x.shape
         colour = colour.to(dev, torch.float32)
-        grey = x.mean(dim=(2, 3)) @ _LUMA.to(dev, torch.float32)  # [B]: each image's mean luma
+        grey = x.mean(dim=(2, 3)) @ luma  # [B]: each image's mean luma
         m = colour[:, :, :3] * scale.view(1, 3, 1)
         bias = colour[:, :, 3] * grey[:, None] * scale.view(1, 3) - shift.view(1, 3)
         y = torch.baddbmm(bias.unsqueeze(2), m, x.reshape(b, 3, h * w))

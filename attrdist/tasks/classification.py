@@ -57,8 +57,10 @@ class Classification(BaseTask):
         x = batch_images(batch, dev, env.memory_format, self.cfg.data)
         with env.autocast():
             out = model(x)
-        return self.loss(out, batch[f"labels/{f}"].to(dev), batch[f"mask/{f}"].to(dev), batch["valid"].to(dev),
-                         self.cfg.optim, mean_counts=env.mean_counts)
+        # non_blocking: a blocking host-to-CUDA copy waits for the whole stream (c10::cuda::memcpy_and_sync), i.e.
+        # for the previous step, every step (run.host_sync=lagged); the loader pins the batch on CUDA
+        y, m, v = (batch[k].to(dev, non_blocking=True) for k in (f"labels/{f}", f"mask/{f}", "valid"))
+        return self.loss(out, y, m, v, self.cfg.optim, mean_counts=env.mean_counts)
 
     def eval_batch(self, model, batch: dict, env: StepEnv) -> EvalBatch:
         """Probabilities, labels and masks per sample; the loss on data.labels times the valid samples."""

@@ -50,11 +50,20 @@ class InputCheck:
     asked to pin; `channels_last`: the model input should be channels_last; `weights_channels_last`: the conv
     weights should be (model.channels_last, except under DeepSpeed, which keeps them flat)."""
 
-    def __init__(self, model: torch.nn.Module, *, pin_memory: bool, channels_last: bool, weights_channels_last: bool):
+    def __init__(self, model: torch.nn.Module, *, pin_memory: bool, channels_last: bool, weights_channels_last: bool,
+                 observe_input: bool = True):
+        """`observe_input=False` (run.compile): no hook; the line says the input was not observed. A hook on a
+        compiled module is traced into its graph, and removing it after the first forward changes what the
+        graph was guarded on: a second compile of the whole model."""
         self.model, self.asked = model, (pin_memory, channels_last, weights_channels_last)
         self.seen: dict | None = None
         self.done = False
-        self.handle = model.register_forward_pre_hook(self._observe)
+        if observe_input:
+            self.handle = model.register_forward_pre_hook(self._observe)
+        else:
+            p = next(model.parameters(), None)
+            self.seen = {"input": "not observed (run.compile)", "input_cl": None, "input_only_cl": False,
+                         "device": p.device if p is not None else None}
 
     def _observe(self, _module, args) -> None:
         x = args[0] if args else None

@@ -99,12 +99,13 @@ class RuntimeInfo:
     allreduce: str = "-"  # gradient all-reduce: "shm" (attrdist.train.shm_allreduce), else the group's backend
     launcher_notes: tuple[str, ...] = ()  # how accelerate's own settings were honoured (launcher_settings)
     precision_pref: str = "auto"  # run.precision after the launcher's explicit setting (an explicit one is no 'auto')
+    host_sync: str = "step"  # run.host_sync resolved (attrdist.train.agreement): "step" or "lagged"
 
     def describe(self) -> str:
         return (f"world_size={self.world_size} rank={self.rank} local_rank={self.local_rank} device={self.device} "
                 f"distributed={self.distributed_type} engine={self.engine} backend={self.backend} "
                 f"mixed_precision={self.mixed_precision} threads={self.threads} malloc={self.malloc} allreduce={self.allreduce} "
-                f"launcher={self.launcher}")
+                f"host_sync={self.host_sync} launcher={self.launcher}")
 
 
 def _launcher_argv() -> list[str]:

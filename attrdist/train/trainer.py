@@ -8,9 +8,11 @@
 (attrdist/tasks/), data plan, model and optimizer. `Trainer.train` is the loop. Its state is a frozen
 `LoopState` replaced by the pure transitions of attrdist.core.loop, and every "is it time to ..." is
 a predicate there. What the loop calls is named: `micro_batch` (forward and backward of this rank's
-slice of one global batch), `optimizer_step` (the all-ranks agreement, then step or skip),
-`after_step` (records, fault policies, checkpoints), `end_of_epoch` (evaluation, best checkpoint,
-early stop). The evaluation pass is attrdist.train.evaluation, the same for every task.
+slice of one global batch), `optimizer_step` (the all-ranks agreement, then step or skip), `agree`
+(hands the step to the host's reader: at once, or one step later under run.host_sync=lagged, see
+attrdist.train.agreement; `settle` reads what is pending), `after_step` (records, fault policies,
+checkpoints), `end_of_epoch` (evaluation, best checkpoint, early stop). The evaluation pass is
+attrdist.train.evaluation, the same for every task.
 
 Everything random is keyed (attrdist.core.rng); a checkpoint holds the weights, the optimizer state
 and the loop state (epoch, batch within the epoch, step, early-stopping counters), nothing else.
@@ -19,6 +21,7 @@ and the loop state (epoch, batch within the epoch, step, early-stopping counters
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -46,7 +49,7 @@ from attrdist.models import build_model, convert_sync_batchnorm, count_parameter
 from attrdist.models.preprocess import resolve as resolve_preprocess
 from attrdist.tasks import make_task
 from attrdist.tasks.base import StepEnv
-from attrdist.train import checkpoint, interrupt, precision, report, shm_allreduce
+from attrdist.train import agreement, checkpoint, interrupt, precision, report, shm_allreduce
 from attrdist.train.evaluation import count_corrupt, evaluation_pass
 from attrdist.train.input_check import InputCheck
 from attrdist.train.progress import Progress, rate_eta
@@ -190,6 +193,26 @@ def build_optimizer(cfg, model: torch.nn.Module, fused: bool = True, offload: bo
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **kw)
 
 
+def check_compile(run_cfg, device: str) -> None:
+    """run.compile=true where this process cannot honour it: one line, before anything is built (with DeepSpeed:
+    attrdist.core.config.validate)."""
+    if not run_cfg.compile:
+        return
+    dyn = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper()
+    if dyn != "NO":
+        raise AttrdistError(f"run.compile=true and ACCELERATE_DYNAMO_BACKEND={dyn} (accelerate launch --dynamo_backend or "
+                            f"`accelerate config`) would both compile the model: drop one of them")
+    cxx = os.environ.get("CXX", "g++")  # inductor's C++ compiler on Linux (torch._inductor.config.cpp.cxx)
+    if device == "cpu" and not shutil.which(cxx):
+        raise AttrdistError(f"run.compile=true on CPU: inductor builds C++ kernels but finds no compiler ({cxx}); "
+                            f"install g++ (or set CXX), or drop run.compile")
+    if device == "cuda" and importlib.util.find_spec("triton") is None:
+        raise AttrdistError("run.compile=true on CUDA: inductor needs triton, which is not installed; install the "
+                            "triton that matches torch, or drop run.compile")
+    if device not in ("cpu", "cuda"):
+        raise AttrdistError(f"run.compile=true on {device}: attrdist compiles on CPU and CUDA only; drop run.compile")
+
+
 def log_shapes_once(model: torch.nn.Module) -> list:
     """Forward hooks that log every leaf module's output shape on the first forward (debug)."""
     handles = []
@@ -222,8 +245,13 @@ class Trainer:
                                                        cfg.run.deepspeed)
         if self.precision_pending:
             self.rt = replace(self.rt, mixed_precision="auto")  # the runtime line says so until it is settled
+        check_compile(cfg.run, self.rt.device)
+        host_sync, host_sync_note = agreement.resolve(cfg.run, cfg.optim, self.rt.device, self.rt.mixed_precision)
+        self.rt = replace(self.rt, host_sync=host_sync)
+        self.sync = agreement.HostSync(lagged=host_sync == "lagged")
         self.main = self.acc.is_main_process
         self.run_dir = self.open_run_dir(planned)
+        log.info("%s", host_sync_note)
         self.workers = usable_workers(cfg.data.num_workers)
         log.info("preprocessing: %s", "; ".join(preprocess_notes))
         self.manifest = load_manifest(cfg.data.shards, cache=cfg.data)
@@ -258,7 +286,8 @@ class Trainer:
         # after the first forward, one log line of what the step really got: a pinned batch, channels_last tensors
         self.input_check = InputCheck(self.acc.unwrap_model(self.model), pin_memory=self.rt.device == "cuda",
                                       channels_last=cfg.model.channels_last,
-                                      weights_channels_last=cfg.model.channels_last and not self.deepspeed)
+                                      weights_channels_last=cfg.model.channels_last and not self.deepspeed,
+                                      observe_input=not cfg.run.compile)
 
     # ---------------------------------------------------------------- builders
     def open_run_dir(self, planned: Path) -> Path:
@@ -305,6 +334,8 @@ class Trainer:
         model, optimizer = self.acc.prepare(model, optimizer)
         if self.rt.allreduce == "shm" and isinstance(model, torch.nn.parallel.DistributedDataParallel):
             shm_allreduce.register(model)
+        if cfg.run.compile:
+            self.compile_model(model)
         if self.deepspeed:
             from attrdist.train import zero
 
@@ -313,6 +344,18 @@ class Trainer:
         if self.task.describe():
             log.info("%s", self.task.describe())
         return model, optimizer
+
+    def compile_model(self, model: torch.nn.Module) -> None:
+        """run.compile: torch.compile (inductor) in place (nn.Module.compile), so the state_dict keys, checkpoints
+        and `attrdist predict` are those of the plain model. After accelerate's prepare, on what it returned: under
+        DDP the DDP module, as torch's DDP notes advise and accelerate's own dynamo_backend does (dynamo's
+        DDPOptimizer then splits the graph at DDP's gradient buckets, so the all-reduce still overlaps the
+        backward). The first forward and backward compile (logged: the first step's time); evaluation runs the
+        compiled module too and compiles its eval-mode, no-grad forward once more (twice when its last batch is
+        smaller: shapes then turn dynamic). What rules it out was checked at the start (`check_compile`)."""
+        model.compile()
+        log.info("run.compile: %s compiled in place with torch.compile (inductor); the first step compiles",
+                 type(model).__name__)
 
     def settle_precision(self, model: torch.nn.Module) -> None:
         """run.precision=auto on a CPU with native bf16 (attrdist.train.precision): rank 0 takes this run's earlier
@@ -437,6 +480,8 @@ class Trainer:
         partitions into the staging directory, the full weights are gathered (zero3), then rank 0 writes
         model.safetensors (consolidated: `attrdist predict` and non-DeepSpeed runs load it) and renames."""
         acc = self.acc
+        if self.sync.pending:  # run.host_sync=lagged: the loop settles first, so that the state saved is exact
+            raise RuntimeError(f"save at step {self.state.step} with {len(self.sync.pending)} step(s) not yet read: a bug")
         acc.wait_for_everyone()
         name = checkpoint.step_dir_name(self.state.step)
         write = not (self.ckpt_root / name).exists()  # agreed: nobody renames before the barriers below
@@ -590,47 +635,52 @@ class Trainer:
         epoch_batches = self.data.step_batches(ga)
         self.rates_start, self.steps_start = len(self.step_rates), self.state.step
         stop = loop.steps_done(self.state, cfg.run.max_steps)  # resumed at the end: nothing left to train
-        while self.state.epoch < cfg.run.epochs and not stop:
-            plan = self.data.train_plan(cfg.data, acc.num_processes, acc.process_index, cfg.run.seed, self.state.epoch,
-                                        self.state.batch, shuffle=not cfg.run.overfit_batches)
-            self.model.train()
-            t_epoch = t_step = time.perf_counter()
-            step_errors, step_samples = [], []
-            self.bar = Progress("train", self.data.total_steps, "step", enabled=self.main, initial=self.state.step,
-                                lines=False)  # a bar on a terminal; the log_every lines carry the rate and ETA
-            for batch in self.loader(self.train_ds, plan):
-                if self.state.batch >= epoch_batches:
-                    break
-                micro = self.state.batch % ga
-                lr = cfg.optim.lr * lr_factor(self.state.step, cfg.schedule, self.data.steps_per_epoch,
-                                              self.data.total_steps)
-                loss, parts = self.micro_batch(batch, micro, lr)
-                self.input_check.log_once(batch)
-                for h in hooks:
-                    h.remove()
-                hooks = []
-                if cfg.run.log_samples:  # collective, every micro-batch: rank r holds slice r of the global batch
-                    step_samples.append(acc.gather(batch["index"].to(acc.device)).cpu())
-                step_errors += batch["errors"]  # counted (per shard, all ranks) once the step is taken
-                self.state = loop.after_batch(self.state, B)
-                if micro < ga - 1:
-                    continue
-                rec, sums = self.optimizer_step(loss, parts, step_errors, lr)
-                now = time.perf_counter()
-                rec.update(img_per_s=B * ga / max(now - t_step, 1e-9), time=now - t_start)
-                self.step_time += now - t_step
-                t_step = now
-                if cfg.run.log_samples:
-                    rec["samples"] = torch.cat(step_samples).tolist()
-                self.after_step(rec, sums, step_errors, handlers)
+        try:
+            while self.state.epoch < cfg.run.epochs and not stop:
+                plan = self.data.train_plan(cfg.data, acc.num_processes, acc.process_index, cfg.run.seed,
+                                            self.state.epoch, self.state.batch, shuffle=not cfg.run.overfit_batches)
+                self.model.train()
+                t_epoch = t_step = time.perf_counter()
                 step_errors, step_samples = [], []
-                if loop.steps_done(self.state, cfg.run.max_steps):
-                    stop = True
-                    break
-            self.bar.close()
-            self.bar = None
-            self.timings["train_s"] += time.perf_counter() - t_epoch
-            stop = self.end_of_epoch(loop.epoch_done(self.state, epoch_batches), stop, t_start)
+                self.bar = Progress("train", self.data.total_steps, "step", enabled=self.main, initial=self.state.step,
+                                    lines=False)  # a bar on a terminal; the log_every lines carry the rate and ETA
+                for batch in self.loader(self.train_ds, plan):
+                    if self.state.batch >= epoch_batches:
+                        break
+                    micro = self.state.batch % ga
+                    lr = cfg.optim.lr * lr_factor(self.state.step, cfg.schedule, self.data.steps_per_epoch,
+                                                  self.data.total_steps)
+                    loss, parts = self.micro_batch(batch, micro, lr)
+                    self.input_check.log_once(batch)
+                    for h in hooks:
+                        h.remove()
+                    hooks = []
+                    if cfg.run.log_samples:  # collective, every micro-batch: rank r holds slice r of the global batch
+                        step_samples.append(acc.gather(batch["index"].to(acc.device)).cpu())
+                    step_errors += batch["errors"]  # counted (per shard, all ranks) once the step is taken
+                    self.state = loop.after_batch(self.state, B)
+                    if micro < ga - 1:
+                        continue
+                    step = self.optimizer_step(loss, parts, step_errors, lr)
+                    now = time.perf_counter()
+                    step.rec.update(img_per_s=B * ga / max(now - t_step, 1e-9), time=now - t_start)
+                    self.step_time += now - t_step
+                    t_step = now
+                    if cfg.run.log_samples:
+                        step.rec["samples"] = torch.cat(step_samples).tolist()
+                    self.agree(step, handlers)
+                    step_errors, step_samples = [], []
+                    if loop.steps_done(self.state, cfg.run.max_steps):
+                        stop = True
+                        break
+                self.settle(handlers)  # run.host_sync=lagged: the last step read, before evaluation and checkpoints
+                self.bar.close()
+                self.bar = None
+                self.timings["train_s"] += time.perf_counter() - t_epoch
+                stop = self.end_of_epoch(loop.epoch_done(self.state, epoch_batches), stop, t_start)
+        except BaseException:
+            self.record_pending()
+            raise
         self.check_ranks_agree()
         interrupt.restore(handlers)
         self.timings["wall_s"] = time.perf_counter() - t_start
@@ -654,67 +704,120 @@ class Trainer:
             acc.backward(loss)  # divided by optim.grad_accum inside (accelerate; DeepSpeed's engine)
         return loss, parts
 
-    def optimizer_step(self, loss: torch.Tensor, parts: dict, step_errors: list, lr: float) -> tuple[dict, list]:
+    def optimizer_step(self, loss: torch.Tensor, parts: dict, step_errors: list, lr: float) -> agreement.Step:
         """Clip, agree with every rank, then step or skip. One small all-reduce per step, before the optimizer
         step: the loss for the log; the non-finite flag, corrupt count and stop signal summed over ranks, so
-        every rank skips the same steps and saves the same step. Returns (the step's record, the sums)."""
-        acc, W = self.acc, self.acc.num_processes
-        grad_norm = acc.clip_grad_norm_(self.params, self.cfg.optim.clip_grad_norm) if self.cfg.optim.clip_grad_norm else None
-        flags = torch.tensor([loss.detach().float().item(), *(float(v) for v in parts.values()),
-                              float(not self.step_is_finite(loss, grad_norm, self.params)),
-                              float(len(step_errors)), float(interrupt.requested())], device=acc.device)
-        red = (acc.reduce(flags, "sum") if W > 1 else flags).tolist()
-        skipped = bool(red[-3])
-        if skipped:
-            self.skip_step()
-            _copy(self.buffers, self.saved_buffers)
+        every rank skips the same steps and saves the same step. run.host_sync=step reads the sums here and
+        steps or skips from the host; lagged decides on the device and leaves the sums to be read later
+        (attrdist.train.agreement). Returns the step, for `after_step` once its agreement is read."""
+        acc, W, clip = self.acc, self.acc.num_processes, self.cfg.optim.clip_grad_norm
+        grad_norm = acc.clip_grad_norm_(self.params, clip) if clip else None
+        host = [float(len(step_errors)), float(interrupt.requested())]
+        if self.sync.lagged:
+            if grad_norm is None:
+                grad_norm = agreement.total_norm(self.params, acc.device)
+            flags = agreement.flags(loss, parts, grad_norm, host)
         else:
-            self.optimizer.step()
+            flags = torch.tensor([loss.detach().float().item(), *(float(v) for v in parts.values()),
+                                  float(not self.step_is_finite(loss, grad_norm, self.params)), *host], device=acc.device)
+        red = acc.reduce(flags, "sum") if W > 1 else flags
+        if self.sync.lagged and agreement.state_ready(self.optimizer):  # no host read: the device steps or skips
+            agreement.step_unless(red[-3] > 0, self.optimizer, self.buffers, self.saved_buffers)
+            values = agreement.DeviceRead(torch.cat([red, grad_norm.detach().float().reshape(1)]))
+        else:
+            values = red.tolist() + [None if grad_norm is None else float(grad_norm)]
+            if values[-4]:
+                self.skip_step()
+                _copy(self.buffers, self.saved_buffers)
+            else:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state = loop.after_step(self.state, skipped=skipped, corrupt=int(red[-2]))
-        rec = {"type": "train", "step": self.state.step, "epoch": self.state.epoch, "loss": red[0] / W, "lr": lr}
-        rec.update({k: red[1 + i] / W for i, k in enumerate(parts)})
-        if grad_norm is not None:
-            rec["grad_norm"] = float(grad_norm)
-        if skipped:
-            rec.update(skipped=True, nonfinite_steps=self.state.nonfinite)
-        return rec, red
+        self.state = loop.step_taken(self.state)
+        return agreement.Step({"type": "train", "step": self.state.step, "epoch": self.state.epoch, "lr": lr},
+                              tuple(parts), list(step_errors), values)
 
-    def after_step(self, rec: dict, red: list, step_errors: list, handlers: dict) -> None:
+    def agree(self, step: agreement.Step, handlers: dict) -> None:
+        """Hand `step` over to run.host_sync's reader and act on every step read now (`after_step`: this one, or
+        the one before when lagged); then a periodic checkpoint, once nothing is pending."""
+        for done in self.sync.push(step):
+            self.after_step(done, handlers)
+        if self.cfg.run.compile and step.rec["step"] == self.steps_start + 1:
+            log.info("run.compile: the first step of this launch took %.1f s from the start of the loop (it compiles "
+                     "the forward and backward; the first evaluation compiles the eval-mode forward)", step.rec["time"])
+        if itstime(self.state.step, self.cfg.run.ckpt_every_steps):
+            self.settle(handlers)
+            self.save()
+
+    def settle(self, handlers: dict) -> None:
+        """Read and act on the step still pending under run.host_sync=lagged (nothing in step mode): before
+        whatever needs the loop state exact (a checkpoint, the end of the epoch, evaluation, the end)."""
+        for done in self.sync.flush():
+            self.after_step(done, handlers)
+
+    def record_pending(self) -> None:
+        """The training loop is leaving on an exception: the pending step's record still goes to metrics.jsonl
+        (its limits and checkpoints do not run: no collective on an error path). An error reading the device
+        (it may be why the loop is leaving) drops the record: the exception on its way out says more."""
+        try:
+            for done in self.sync.flush():
+                self.tracker.log(self.step_record(done))
+        except Exception as e:
+            log.warning("the last step's record is lost (%s: %s)", type(e).__name__, e)
+
+    def step_record(self, step: agreement.Step) -> dict:
+        """The metrics.jsonl record of a step whose agreement has been read; applies it to the loop state first
+        (`loop.step_agreed`: the skipped and corrupt counts)."""
+        W, v = self.acc.num_processes, step.values
+        self.state = loop.step_agreed(self.state, skipped=step.skipped, corrupt=step.corrupt)
+        h = step.rec
+        rec = {"type": "train", "step": h["step"], "epoch": h["epoch"], "loss": v[0] / W, "lr": h["lr"]}
+        rec.update({k: v[1 + i] / W for i, k in enumerate(step.parts)})
+        if self.cfg.optim.clip_grad_norm and step.grad_norm is not None:
+            rec["grad_norm"] = step.grad_norm
+        if step.skipped:
+            rec.update(skipped=True, nonfinite_steps=self.state.nonfinite)
+        rec.update({k: x for k, x in h.items() if k not in rec})  # img_per_s, time, samples
+        return rec
+
+    def after_step(self, step: agreement.Step, handlers: dict) -> None:
         """Record the step; then the policies that may end the run (non-finite streak, corrupt samples, a
-        stop signal: each saves a checkpoint first where training would otherwise be lost) and periodic saves."""
-        cfg, st = self.cfg, self.state
-        if red[-2]:  # some rank skipped corrupt samples: count and log them all (collective)
-            count_corrupt(self.acc, self.tally, step_errors)
-            self.state = st = loop.with_corrupt_shards(st, "training", self.tally.counts)
+        stop signal: each saves a checkpoint first where training would otherwise be lost). Under
+        run.host_sync=lagged this runs one step late: a save first reads the step pending after it, so the
+        checkpoint holds every step taken (its number is the later step's)."""
+        cfg, rec = self.cfg, self.step_record(step)
+        if step.corrupt:  # some rank skipped corrupt samples: count and log them all (collective)
+            count_corrupt(self.acc, self.tally, step.errors)
+            self.state = loop.with_corrupt_shards(self.state, "training", self.tally.counts)
         self.step_rates.append(rec["img_per_s"])
         self.tracker.log(rec)
         if self.bar is not None:
             self.bar.update(1, loss=f"{rec['loss']:.4f}")
-        if itstime(st.step, cfg.run.log_every, first=True):  # ETA: this launch's training-step rate (evaluations extra)
-            log.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s | %s", st.epoch, st.step, self.data.total_steps,
-                     rec["loss"], rec["lr"], rec["img_per_s"],
+        if itstime(rec["step"], cfg.run.log_every, first=True):  # ETA: this launch's training-step rate (evaluations extra)
+            log.info("epoch %d step %d/%d loss %.4f lr %.2e %.0f img/s | %s", rec["epoch"], rec["step"],
+                     self.data.total_steps, rec["loss"], rec["lr"], rec["img_per_s"],
                      rate_eta(len(self.step_rates) - self.rates_start, self.data.total_steps - self.steps_start,
                               self.step_time, "step"))
         if rec.get("skipped"):
             self.after_nonfinite_step(rec)
+        st = self.state
         if st.corrupt - self.corrupt_start > cfg.data.max_corrupt:
+            self.settle(handlers)
             self.save()  # no training is lost: fix the shards, then resume
+            st = self.state
             since = f" since the resume ({st.corrupt} in the whole run)" if self.corrupt_start else ""
             raise AttrdistError(f"{self.manifest.root}: {st.corrupt - self.corrupt_start} samples failed to decode{since}, "
                                 f"more than data.max_corrupt={cfg.data.max_corrupt}; per shard: {self.tally.worst()} "
                                 f"(the warnings above say why); restore or re-pack those shards, or raise "
                                 f"data.max_corrupt to skip them, then continue with --resume (checkpoint saved at "
                                 f"step {st.step})")
-        if red[-1]:  # a rank was asked to stop: every rank saves this step, then stops
-            signum = interrupt.requested() or int(red[-1])  # else: another rank's
+        if step.stop:  # a rank was asked to stop: every rank saves this step (lagged: the next), then stops
+            signum = interrupt.requested() or step.stop  # else: another rank's
+            self.settle(handlers)
             self.save()
             log.warning("stopped by signal %d after step %d (checkpoint saved); resume with --resume "
-                        "(run.run_dir=%s)", signum, st.step, self.run_dir)
+                        "(run.run_dir=%s)", signum, self.state.step, self.run_dir)
             interrupt.restore(handlers)
-            raise interrupt.Interrupted(signum, st.step, self.run_dir)
-        if itstime(st.step, cfg.run.ckpt_every_steps):
-            self.save()
+            raise interrupt.Interrupted(signum, self.state.step, self.run_dir)
 
     def end_of_epoch(self, epoch_done: bool, stop: bool, t_start: float) -> bool:
         """After an epoch (or a stop inside one): evaluate when it is time, save (best, last, permanent), decide
@@ -813,18 +916,19 @@ class Trainer:
 
     def after_nonfinite_step(self, rec: dict) -> None:
         """Log a skipped step (rank 0); stop the run once more than optim.max_nonfinite steps in a row were
-        skipped (every rank: the count is agreed through the step's all-reduce)."""
-        st, limit = self.state, self.cfg.optim.max_nonfinite
+        skipped (every rank: the count is agreed through the step's all-reduce). `rec`'s step: the state has
+        counted the steps queued after it already under run.host_sync=lagged, its streak is this step's."""
+        st, limit, n = self.state, self.cfg.optim.max_nonfinite, rec["step"]
         if self.main:
             log.warning("step %d: loss %s%s not finite: optimizer step skipped, weights and optimizer state unchanged "
-                        "(%d in a row, %d in this run; optim.max_nonfinite=%d in a row)", st.step, rec["loss"],
+                        "(%d in a row, %d in this run; optim.max_nonfinite=%d in a row)", n, rec["loss"],
                         f", gradient norm {rec['grad_norm']}" if "grad_norm" in rec else " or gradients",
                         st.nonfinite_streak, st.nonfinite, limit)
         if st.nonfinite_streak > limit:
             raise AttrdistError(
-                f"step {st.step}: the loss or gradients were NaN/Inf in {st.nonfinite_streak} optimizer steps in a row, "
+                f"step {n}: the loss or gradients were NaN/Inf in {st.nonfinite_streak} optimizer steps in a row, "
                 f"more than optim.max_nonfinite={limit}; all were skipped, so the weights are those of step "
-                f"{st.step - st.nonfinite_streak}; lower optim.lr (or check the data), then resume from the last "
+                f"{n - st.nonfinite_streak}; lower optim.lr (or check the data), then resume from the last "
                 f"checkpoint {self._last_checkpoint()}")
 
     def finish(self) -> Path:
