@@ -426,3 +426,25 @@ def test_real_dior_shards_round_trip_through_dataset_and_eval(tmp_path):
     m = coco_evaluate(gt, dets, CLASS_NAMES)
     present = {a["category_id"] for a in gt["annotations"]}
     assert m["mAP"] == pytest.approx(1.0) and m["classes_without_gt"] == 20 - len(present)
+
+
+def test_a_rank_whose_samples_all_failed_reports_the_same_loss_parts():
+    """The step's all-reduce sums one tensor of [loss, *parts, flags] over ranks: a rank whose whole slice of the
+    batch failed to decode must send the same parts (zeros), or the tensors differ in length across ranks."""
+    import contextlib
+
+    from attrdist.tasks.base import StepEnv
+    from attrdist.tasks.detection import LOSS_PARTS, Task
+
+    torch.manual_seed(0)
+    images, targets = squares(0, 2)
+    model = build_detector(DetectorConfig.tiny(min_size=96, max_size=96), ["a red square", "a blue square"], clip="tiny")
+    model.train()
+    env = StepEnv(torch.device("cpu"), contextlib.nullcontext, torch.contiguous_format, None)
+    batch = {"images": images, "targets": targets, "valid": torch.tensor([True, True])}
+    task = Task.__new__(Task)  # forward_loss needs no config or manifest
+    loss, parts = task.forward_loss(model, batch, env)
+    assert tuple(parts) == LOSS_PARTS and loss.item() > 0
+    loss, parts = task.forward_loss(model, {**batch, "valid": torch.tensor([False, False])}, env)
+    assert tuple(parts) == LOSS_PARTS and all(v.item() == 0 for v in parts.values()) and loss.item() == 0
+    loss.backward()  # still a graph over the trainable parameters: DDP's backward hooks fire on every rank

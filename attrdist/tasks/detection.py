@@ -28,6 +28,10 @@ from attrdist.tasks.base import fmt
 METRICS = (("mAP", "mAP @ IoU 0.50:0.95"), ("mAP50", "mAP @ IoU 0.50"), ("mAP75", "mAP @ IoU 0.75"))
 
 
+# torchvision's Faster R-CNN training losses (RPN + RoI heads), without their "loss_" prefix, sorted: the parts
+# every rank reports each step, also a rank whose samples all failed to decode
+LOSS_PARTS = ("box_reg", "classifier", "objectness", "rpn_box_reg")
+
 class Task(BaseTask):
     kind = "detection"
     headline = "mAP50"
@@ -88,11 +92,17 @@ class Task(BaseTask):
 
     def forward_loss(self, model, batch: dict, env: StepEnv) -> tuple[torch.Tensor, dict]:
         images, targets, _ = self._valid(batch, env.device)
-        if not images:  # every sample of this rank's batch failed to decode: a zero loss keeps ranks in step
-            return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0, {}
+        if not images:  # every sample of this rank's batch failed to decode: a zero loss keeps ranks in step, and
+            # zero parts under the same names (the step's all-reduce sums one tensor of the loss and its parts:
+            # a rank without them would send a shorter one)
+            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            return zero, {k: zero.detach().float() for k in LOSS_PARTS}
         with env.autocast():
             losses = model(images, targets)
-        return sum(losses.values()), {k.removeprefix("loss_"): v.detach().float() for k, v in sorted(losses.items())}
+        parts = {k.removeprefix("loss_"): v.detach().float() for k, v in sorted(losses.items())}
+        if tuple(parts) != LOSS_PARTS:
+            raise RuntimeError(f"the detector's losses are {tuple(parts)}, not {LOSS_PARTS}: update LOSS_PARTS")
+        return sum(losses.values()), parts
 
     def eval_batch(self, model, batch: dict, env: StepEnv) -> EvalBatch:
         images, _, keep = self._valid(batch, env.device)
