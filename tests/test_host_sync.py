@@ -138,6 +138,7 @@ def test_the_nonfinite_limit_stops_both_modes_alike_with_sgd_and_no_clipping(sma
     assert_tensors_equal(tensors(last(tmp_path / "step")), tensors(last(tmp_path / "lagged")), "step 4 (momentum): ")
 
 
+@pytest.mark.slow  # 30-40 s of 2-rank runs; make test keeps the 1-rank equalities (make test-slow)
 @pytest.mark.distributed
 def test_two_ranks_lagged_equal_step_mode_bitwise(small_shards, tmp_path, monkeypatch):
     """2 gloo ranks: every rank skips the NaN steps on the device from the same reduced flag; the weights and
