@@ -9,6 +9,9 @@
 #
 #   slurm/testcluster.sh start /tmp/slurm-2n --nodes 2   # two nodes, attrdist-n1 and attrdist-n2
 #
+#   slurm/testcluster.sh node /tmp/slurm-2n 2 crash     # every process on node 2 killed at once (a crash);
+#   slurm/testcluster.sh node /tmp/slurm-2n 2 start     # SLURM marks it DOWN after SlurmdTimeout=30 s; back
+#
 # With --nodes N (N >= 2) every node is a distinct host: its slurmd runs in its own network namespace
 # (a veth pair onto a bridge on this side, one address each in a private 10.213.X.0/24 that the script
 # checks is unused: .1 this side and slurmctld, .2, .3, ... the nodes), its own UTS namespace (hostname
@@ -27,10 +30,12 @@ set -euo pipefail
 
 cmd=${1:-}
 dir=${2:-}
-usage="usage: $0 start DIR [--nodes N] | stop DIR"
+usage="usage: $0 start DIR [--nodes N] | stop DIR | node DIR I crash|start"
 [ -n "$cmd" ] && [ -n "$dir" ] || { echo "$usage" >&2; exit 2; }
 nodes=1
-if [ $# -gt 2 ]; then
+if [ "$cmd" = node ]; then
+    [ $# = 4 ] && [[ $3 =~ ^[1-9]$ ]] && [[ $4 =~ ^(crash|start)$ ]] || { echo "$usage" >&2; exit 2; }
+elif [ $# -gt 2 ]; then
     [ "$1" = start ] && [ "$3" = --nodes ] && [ $# = 4 ] || { echo "$usage" >&2; exit 2; }
     nodes=$4
 fi
@@ -40,9 +45,10 @@ dir=$(cd "$dir" && pwd)
 
 log() { echo "testcluster: $*" >&2; }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
-    local limit=$1 what=$2; shift 2
-    for _ in $(seq $((limit * 10))); do
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: until COMMAND succeeds, for at most SECONDS (wall clock)
+    local limit=$1 what=$2 end; shift 2
+    end=$((SECONDS + limit))
+    while [ "$SECONDS" -lt "$end" ]; do
         if timeout 3 "$@" >/dev/null 2>&1; then return 0; fi
         sleep 0.1
     done
@@ -119,7 +125,36 @@ start_nodes() {  # the $nodes namespaces, their veth pairs, the bridge, the host
     done
 }
 
+start_slurmd() {  # start_slurmd I: node I's slurmd in its network namespace, with its own hostname, /dev/shm, hosts
+    # the node's network, its own hostname, a private /dev/shm, the hosts file that names every node; then
+    # slurmd (it daemonizes; its jobs inherit the namespaces). nsenter, not `ip netns exec`: that mounts a
+    # fresh /sys, without the cgroup mounts under /sys/fs/cgroup that slurmd 22.05 needs to start at all
+    mkdir -p "$dir/spool/attrdist-n$1"
+    nsenter --net="/run/netns/attrdist-$tag-n$1" unshare --uts --mount --propagation private -- \
+        sh -c 'hostname "$1" && mount -t tmpfs -o mode=1777 shm /dev/shm && mount --bind "$2" /etc/hosts && exec slurmd -N "$1" -f "$3"' \
+        sh "attrdist-n$1" "$dir/hosts" "$dir/slurm.conf" ||
+        { log "attrdist-n$1's slurmd did not start (see $dir/log/slurmd-attrdist-n$1.log)"; exit 1; }
+}
+
 if [ "$cmd" = stop ]; then stop; exit 0; fi
+if [ "$cmd" = node ]; then  # node DIR I crash|start: node I fails as a crashed host does, or comes back
+    i=$3 ns="attrdist-$tag-n$3"
+    [ -f "$dir/slurm.conf" ] && grep -qx "$ns" "$dir/run/netns" 2>/dev/null || { log "$dir has no node $i"; exit 2; }
+    export SLURM_CONF="$dir/slurm.conf"
+    if [ "$4" = crash ]; then  # every process on the node at once: slurmd, its slurmstepds, the job's tasks
+        pids=$(ip netns pids "$ns")
+        kill -9 $pids 2>/dev/null || true
+        for pid in $pids; do for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done; done
+        rm -f "$dir/run/slurmd-attrdist-n$i.pid"
+        log "attrdist-n$i crashed: killed $(echo $pids | wc -w) processes"
+    else
+        start_slurmd "$i"
+        # registered: a pid file again, and slurmctld no longer lists the node as not responding (*) or down
+        wait_for 60 "attrdist-n$i to register" bash -c "[ -f '$dir/run/slurmd-attrdist-n$i.pid' ] && sinfo -h -n attrdist-n$i -o %t | grep -qvE '[*]|down|drain'"
+        log "attrdist-n$i started: $(sinfo -h -n attrdist-n$i -o %t | head -1)"
+    fi
+    exit 0
+fi
 [ "$cmd" = start ] || { echo "$usage" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { log "needs root (it starts munged, slurmd and slurmctld)"; exit 3; }
 
@@ -214,9 +249,11 @@ else  # the nodes reach slurmctld at the bridge's address; every node's slurmd h
     nodelines=$(for i in $(seq "$nodes"); do
         echo "NodeName=attrdist-n$i NodeAddr=$net.$((i + 1)) NodeHostname=attrdist-n$i CPUs=$((cpus < 4 ? 4 : cpus)) RealMemory=$mem State=UNKNOWN"
     done)
+    # SlurmdTimeout: a node that stops answering is DOWN after 30 s, not Slurm's 300 (`node DIR I crash`)
     slurmd_files="SlurmdSpoolDir=$dir/spool/%n
 SlurmdPidFile=$dir/run/slurmd-%n.pid
-SlurmdLogFile=$dir/log/slurmd-%n.log"
+SlurmdLogFile=$dir/log/slurmd-%n.log
+SlurmdTimeout=30"
 fi
 cat >"$dir/slurm.conf" <<EOF
 ClusterName=attrdist
@@ -268,16 +305,7 @@ else
     nsenter --net="/run/netns/attrdist-$tag-n1" unshare --uts --mount --propagation private -- \
         sh -c 'hostname attrdist-try && mount -t tmpfs shm /dev/shm && mount --bind "$1" /etc/hosts' sh "$dir/hosts" \
         2>>"$dir/log/netns.log" || { log "cannot give a node its own hostname, /dev/shm and /etc/hosts (nsenter + unshare --uts --mount: $(tail -1 "$dir/log/netns.log"))"; exit 5; }
-    for i in $(seq "$nodes"); do
-        mkdir -p "$dir/spool/attrdist-n$i"
-        # the node's network, its own hostname, a private /dev/shm, the hosts file that names every node; then
-        # slurmd (it daemonizes; its jobs inherit the namespaces). nsenter, not `ip netns exec`: that mounts a
-        # fresh /sys, without the cgroup mounts under /sys/fs/cgroup that slurmd 22.05 needs to start at all
-        nsenter --net="/run/netns/attrdist-$tag-n$i" unshare --uts --mount --propagation private -- \
-            sh -c 'hostname "$1" && mount -t tmpfs -o mode=1777 shm /dev/shm && mount --bind "$2" /etc/hosts && exec slurmd -N "$1" -f "$3"' \
-            sh "attrdist-n$i" "$dir/hosts" "$dir/slurm.conf" ||
-            { log "attrdist-n$i's slurmd did not start (see $dir/log/slurmd-attrdist-n$i.log)"; exit 1; }
-    done
+    for i in $(seq "$nodes"); do start_slurmd "$i"; done
     wait_for 30 "$nodes idle nodes" bash -c "[ \$(sinfo -h -N -t idle -o %N | sort -u | wc -l) = $nodes ]"
 fi
 log "up: export SLURM_CONF=$dir/slurm.conf   (stop: $0 stop $dir)"

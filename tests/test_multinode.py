@@ -32,7 +32,7 @@ import pytest
 
 from tests.conftest import ROOT, assert_tensors_equal
 from tests.test_distributed import last_weights, max_rel_loss_diff, train_records
-from tests.test_slurm import CFG, job_id, run_dir, sacct
+from tests.test_slurm import CFG, job_id, run_dir, sacct, train_steps, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multinode]
 
@@ -86,13 +86,19 @@ def env(work: Path) -> dict:
                    TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR") or str(cache_dir() / "torch_extensions"))
 
 
-def submit(work: Path, shards: Path, nodes: int, tasks: int, *extra: str) -> subprocess.CompletedProcess:
+def submit(work: Path, shards: Path, nodes: int, tasks: int, *extra: str, wait: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "launch", "slurm", str(ROOT / "recipes" / "coconut.py"), "--logs", str(work / "logs"),
            "--nodes", str(nodes), "--tasks-per-node", str(tasks), "--partition", "debug", "--time", "00:10:00",
-           "--wait", "--profile", "demo", f"data.shards={shards}", f"run.out_dir={work / 'runs'}", *SAMPLES, *extra]
+           *(["--wait"] if wait else []), "--profile", "demo", f"data.shards={shards}", f"run.out_dir={work / 'runs'}",
+           *SAMPLES, *extra]
     p = subprocess.run(cmd, cwd=ROOT, env=env(work), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     return p
+
+
+def launch(work: Path, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch", *argv], cwd=ROOT, env=env(work), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +200,109 @@ def test_sbatch_template_on_two_nodes_with_two_tasks_each(two_nodes, within, wor
     rel = max_rel_loss_diff(two, four, range(1, 7))  # 4 ranks sum in another order: float-level differences
     print(f"\n2 nodes x 2 tasks vs 1 node x 2 tasks: max relative loss difference {rel:.2e} over 6 steps")
     assert rel < 1e-5
+
+
+def test_two_node_job_sent_usr2_checkpoints_on_every_rank_requeues_and_ends_bitwise_equal(across, work, small_shards):
+    """USR2 to every task of a running 2 nodes x 1 task job (what SLURM sends on preemption and before the time
+    limit): both ranks save the same step, rank 0 requeues the job, SLURM starts it again on the two nodes, and
+    it resumes to the weights of the uninterrupted 2-node run, bit for bit."""
+    p = submit(work, small_shards, 2, 1, wait=False)
+    jid, rd = job_id(p.stdout), run_dir(p.stdout)
+    wait_for(lambda: len(train_steps(rd)) >= 3, 120, "the 2-node job to train 3 steps")
+    subprocess.run(["scancel", "--signal=USR2", jid], check=True, timeout=30)
+    st = launch(work, "status", jid, "--wait")
+    assert st.returncode == 0, st.stdout + st.stderr
+    restarts = [json.loads(x) for x in (rd / "restarts.jsonl").read_text().splitlines()]
+    assert len(restarts) == 1 and restarts[0]["reason"].startswith("preemption (SIGUSR2"), restarts
+    stopped = restarts[0]["step"]
+    assert 3 <= stopped < STEPS and "restart:  1 preemption" in st.stdout, st.stdout
+    states = [s for _, s in sacct(jid)]
+    assert states[-1] == "COMPLETED" and len(states) >= 2, states
+    assert sorted(set(train_steps(rd))) == list(range(1, STEPS + 1))
+    log = (rd / "train.log").read_text()
+    assert f"job {jid} restart 1 (of at most 3): preemption" in log, log[-3000:]
+    assert re.search(rf"resumed from \S*/step-0*{stopped}: ", log), log[-3000:]
+    assert log.count("nodes: 2 nodes x 1 rank, master attrdist-n1:") == 2  # both attempts on both nodes
+    assert_tensors_equal(last_weights(rd), last_weights(across[1]))
+
+
+def node_processes(cluster: Path, node: int, needle: str) -> list[int]:
+    """Pids of the processes running on node `node` (in its network namespace) whose command line has `needle`."""
+    ns = (cluster / "run" / "netns").read_text().split()[node - 1]
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30).stdout.split()
+    out = []
+    for pid in pids:
+        try:
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+def test_a_rank_killed_on_the_other_node_ends_the_job_naming_it_and_resume_continues(two_nodes, across, work,
+                                                                                    small_shards):
+    """SIGKILL to rank 1 (on attrdist-n2) mid-run: rank 0 stops at once with one line naming rank 1 and its node,
+    the job ends FAILED within seconds, `launch status` names the task and node srun saw fail, and `--resume`
+    continues from the last periodic checkpoint to the uninterrupted run's weights, bit for bit."""
+    extra = ("run.ckpt_every_steps=4", "run.dist_timeout_s=120")
+    p = submit(work, small_shards, 2, 1, *extra, wait=False)
+    jid, rd = job_id(p.stdout), run_dir(p.stdout)
+    wait_for(lambda: len(train_steps(rd)) >= 6, 120, "the 2-node job to train 6 steps")
+    victims = node_processes(two_nodes, 2, "submitit.core._submit")
+    assert len(victims) == 1, victims
+    t = time.time()
+    os.kill(victims[0], 9)
+    st = launch(work, "status", jid, "--wait")
+    ended = time.time() - t
+    assert st.returncode == 1 and f"job {jid} (coconut.py, 2 ranks): FAILED" in st.stdout, st.stdout + st.stderr
+    assert ("error:    attrdist: error: rank 1 on node 1 (attrdist-n2) is gone: its connection broke in the middle "
+            "of a collective") in st.stdout, st.stdout
+    assert "failed:   task 1 on attrdist-n2: Killed (srun: the first task to fail)" in st.stdout, st.stdout
+    assert ended < 120, ended  # within run.dist_timeout_s: gloo sees the broken connection at once
+    print(f"\nrank 1 killed: the job ended FAILED {ended:.1f} s later (launch status --wait returned)")
+    assert [s for _, s in sacct(jid)] == ["FAILED"]
+    saved = json.loads((rd / "checkpoints" / "last.json").read_text())["dir"]
+    again = submit(work, small_shards, 2, 1, *extra, "--resume", f"run.run_dir={rd}")
+    assert "COMPLETED" in again.stdout, again.stdout
+    assert re.search(rf"resumed from \S*/{saved}: ", (rd / "train.log").read_text())
+    assert sorted(set(train_steps(rd))) == list(range(1, STEPS + 1))
+    assert_tensors_equal(last_weights(rd), last_weights(across[1]))
+
+
+def test_a_node_that_crashes_is_named_and_the_job_slurm_requeues_resumes_once_the_node_is_back(two_nodes, across, work,
+                                                                                           small_shards):
+    """Every process on attrdist-n2 killed at once (its slurmd, slurmstepd and rank 1: a crashed host). Rank 0
+    stops at once, naming rank 1 and its node. SLURM cannot reach the node: it marks it DOWN after its
+    SlurmdTimeout (30 s on the test cluster, 300 s by default) and requeues the job (the attempt ends NODE_FAIL),
+    which waits for two nodes. Once the node is back, the requeued attempt resumes from the last checkpoint by
+    itself and ends with the uninterrupted run's weights, bit for bit."""
+    p = submit(work, small_shards, 2, 1, "run.ckpt_every_steps=4", "run.dist_timeout_s=120", wait=False)
+    jid, rd = job_id(p.stdout), run_dir(p.stdout)
+    wait_for(lambda: len(train_steps(rd)) >= 6, 120, "the 2-node job to train 6 steps")
+    t = time.time()
+    subprocess.run(["bash", str(SCRIPT), "node", str(two_nodes), "2", "crash"], check=True, capture_output=True,
+                   timeout=60)
+    wait_for(lambda: "NODE_FAIL" in [s for _, s in sacct(jid)], 120, "SLURM to end the attempt on the crashed node")
+    noticed = time.time() - t
+    print(f"\nnode 2 crashed: SLURM ended the attempt NODE_FAIL {noticed:.1f} s later (SlurmdTimeout=30)")
+    assert noticed < 120  # SlurmdTimeout + SLURM's ping interval, within run.dist_timeout_s
+    st = launch(work, "status", jid)
+    assert st.returncode == 3 and re.match(rf"job {jid} \(coconut.py, 2 ranks\): (PENDING|REQUEUED)", st.stdout), st.stdout
+    assert ("error:    attrdist: error: rank 1 on node 1 (attrdist-n2) is gone: its connection broke in the middle "
+            "of a collective") in st.stdout, st.stdout
+    assert "failed:   node attrdist-n2 failed (srun: Node failure on attrdist-n2)" in st.stdout, st.stdout
+    assert subprocess.run(["sinfo", "-h", "-n", "attrdist-n2", "-o", "%t"], capture_output=True, text=True,
+                          timeout=30).stdout.split()[0].startswith("down")
+    saved = json.loads((rd / "checkpoints" / "last.json").read_text())["dir"]
+    subprocess.run(["bash", str(SCRIPT), "node", str(two_nodes), "2", "start"], check=True, capture_output=True,
+                   timeout=120)
+    st = launch(work, "status", jid, "--wait")
+    assert st.returncode == 0 and "COMPLETED" in st.stdout.splitlines()[0], st.stdout + st.stderr
+    assert "restart:  1 requeued by SLURM, not by attrdist" in st.stdout, st.stdout
+    assert "failed:   attempt 1: node attrdist-n2 failed (srun: Node failure on attrdist-n2)" in st.stdout, st.stdout
+    log = (rd / "train.log").read_text()
+    assert f"job {jid} restart 1: requeued by SLURM itself (node failure" in log, log[-3000:]
+    assert re.search(rf"resumed from \S*/{saved}: ", log), log[-3000:]
+    assert sorted(set(train_steps(rd))) == list(range(1, STEPS + 1))
+    assert_tensors_equal(last_weights(rd), last_weights(across[1]))

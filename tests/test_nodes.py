@@ -89,3 +89,20 @@ def test_extension_builds_are_kept_per_kind_of_cpu(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setenv("ATTRDIST_CACHE", str(tmp_path / "cache"))
     assert shm_allreduce.extensions_dir() == str(tmp_path / "cache" / "torch_extensions" / here)
+
+
+def test_a_broken_connection_names_the_rank_and_node_at_its_address():
+    """gloo's error names the peer's address: the layout's hosts, resolved, say whose it is."""
+    addresses = {"n1": "10.213.17.2", "n2": "10.213.17.3"}
+
+    def resolve(host, port):
+        return [(2, 1, 6, "", (addresses[host], 0))]
+
+    msg = "[gloo/transport/tcp/pair.cc:545] Read error [10.213.17.3]:33419: Connection reset by peer. This is ..."
+    one_each = nodes.layout([("n1", 0, 1, 0), ("n2", 0, 1, 1)], 0)
+    assert nodes.peer_at(msg, one_each, resolve) == "rank 1 on node 1 (n2)"
+    two_each = nodes.layout([("n1", 0, 2, 0), ("n1", 1, 2, 0), ("n2", 0, 2, 1), ("n2", 1, 2, 1)], 1)
+    assert nodes.peer_at(msg, two_each, resolve) == "a rank on node 1 (n2: ranks 2-3)"
+    assert nodes.peer_at(msg.replace(".3]", ".2]"), two_each, resolve) == "rank 0 on node 0 (n1)"  # rank 1's peer
+    assert nodes.peer_at(msg.replace(".3]", ".9]"), one_each, resolve) == ""
+    assert nodes.peer_at("Connection closed by peer", one_each, resolve) == ""

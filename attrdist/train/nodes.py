@@ -16,12 +16,14 @@ only among the ranks of one node), never from whether /dev/shm happens to be sha
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 
 from attrdist.errors import AttrdistError
 
 SHOWN_NODES = 8  # train.log lists this many nodes' hosts and ranks, then a count of the rest
+_current: list = []  # this process's Layout once gather() has run (peer_at reads it)
 
 
 @dataclass(frozen=True)
@@ -113,4 +115,29 @@ def gather() -> Layout:
         return layout([mine], 0)
     seen: list = [None] * dist.get_world_size()
     dist.all_gather_object(seen, mine)
-    return layout(seen, dist.get_rank())
+    lay = layout(seen, dist.get_rank())
+    _current[:] = [lay]
+    return lay
+
+
+def peer_at(message: str, lay: Layout | None = None, resolve=socket.getaddrinfo) -> str:
+    """Who is at the [address]:port a gloo error names ("Read error [10.213.17.3]:33419: Connection reset by
+    peer"): "rank 1 on node 1 (attrdist-n2)", "a rank on node 1 (attrdist-n2: ranks 2-3)" when the node runs
+    several (they share its address), or "" when the message names no address or no node has it. On this
+    rank's own node the peer is one of the other ranks. `lay`: the run's layout (gather()'s by default)."""
+    lay = lay or (_current[0] if _current else None)
+    m = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", message)
+    if not (lay and m):
+        return ""
+    addr = m.group(1)
+    for n, (host, ranks) in enumerate(zip(lay.hosts, lay.ranks)):
+        try:
+            mine = {ai[4][0] for ai in resolve(host, None)}
+        except OSError:
+            continue
+        if addr in mine:
+            others = tuple(r for r in ranks if r != lay.rank)  # on this rank's node, the peer is another rank
+            if len(others) == 1:
+                return f"rank {others[0]} on node {n} ({host})"
+            return f"a rank on node {n} ({host}: rank{'s' * (len(others) > 1)} {_span(others)})"
+    return ""
