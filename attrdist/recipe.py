@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -142,11 +143,35 @@ def main(name: str, full: Callable[[], Config], demo: Callable[[], Config], *, d
 
                 exit_without_native_teardown()
         except RuntimeError as e:  # gloo/NCCL: "Timed out waiting 1800000ms for recv operation to complete"
-            if not (_in_process_group() and ("timed out" in str(e).lower() or "timeout" in str(e).lower())):
-                raise  # not a collective's timeout (e.g. a DataLoader's): the original error, untouched
-            raise AttrdistError(f"a collective timed out after run.dist_timeout_s={cfg.run.dist_timeout_s} s: another "
-                                f"rank is stuck or died (its log says why); resume with --resume once it is fixed "
-                                f"({str(e).splitlines()[0][:160]})") from None
+            err = _collective_error(e, cfg)
+            if err is e:
+                raise  # not a collective's failure (e.g. a DataLoader's): the original error, untouched
+            raise err from None
+
+
+PEER_GONE = re.compile(r"reset by peer|closed by peer|Broken pipe|remote process exited")  # gloo's, NCCL's
+
+
+def _collective_error(e: RuntimeError, cfg: Config) -> BaseException:
+    """A collective's failure as one line: a timeout (a rank stuck or dead, or its node silent), or a peer whose
+    connection broke mid-collective (a rank that crashed or was killed, or its node went down), named with its
+    rank and node where the error gives its address (attrdist.train.nodes.peer_at). Anything else: `e` as is."""
+    text = str(e)
+    if not _in_process_group():
+        return e
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return AttrdistError(f"a collective timed out after run.dist_timeout_s={cfg.run.dist_timeout_s} s: another "
+                             f"rank is stuck or died (its log says why); resume with --resume once it is fixed "
+                             f"({first[:160]})")
+    if PEER_GONE.search(text):
+        from attrdist.train.nodes import peer_at
+
+        who = peer_at(text) or "another rank"
+        return AttrdistError(f"{who} is gone: its connection broke in the middle of a collective (it crashed or was "
+                             f"killed, or its node went down; its log says why); resume with --resume once it is "
+                             f"fixed ({first})")
+    return e
 
 
 def _in_process_group() -> bool:

@@ -56,7 +56,7 @@ def worker(rounds: int, steps: int) -> None:
     if world > 1:
         from attrdist.train import shm_allreduce
 
-        assert shm_allreduce.setup("on", device="cpu", deepspeed="", timeout_s=600) == "shm"
+        assert shm_allreduce.setup("on", device="cpu", deepspeed="", timeout_s=600)[0] == "shm"
     batch = 32 // world
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(batch, 3, 64, 64, generator=g).contiguous(memory_format=torch.channels_last)

@@ -312,9 +312,25 @@ def slurm_state(job_id: str) -> tuple[str, list[dict]]:
     rows = [dict(zip(fields, line.split("|"))) for line in p.stdout.splitlines() if line.strip()]
     rows = [r for r in rows if r["JobID"] == job_id]
     if rows:
-        return rows[-1]["State"].split()[0], rows
+        state = rows[-1]["State"].split()[0]
+        if state in TERMINAL:  # an attempt that ended NODE_FAIL is requeued by SLURM: the controller knows first
+            now = controller_state(job_id)
+            if now and now not in TERMINAL:
+                return now, rows
+        return state, rows
     q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
     return (q.stdout.split()[0] if q.returncode == 0 and q.stdout.strip() else "UNKNOWN"), []
+
+
+def controller_state(job_id: str) -> str | None:
+    """The job's state in slurmctld (PENDING for a job it has just requeued, while sacct's latest row may still
+    be the failed attempt); None once slurmctld has forgotten the job (MinJobAge) or cannot be asked."""
+    try:
+        p = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"\bJobState=(\S+)", p.stdout) if p.returncode == 0 else None
+    return m.group(1) if m else None
 
 
 def scontrol_paths(job_id: str) -> dict:
@@ -408,6 +424,10 @@ def status(job_id: str, *, wait: bool = False, poll_s: float = 2.0) -> int:
         rep = json.loads((Path(run_dir) / "report.json").read_text())
         print(f"  result:   {rep.get('headline')}")
         print(f"  report:   {Path(run_dir) / 'report.md'}")
+    failures = srun_failures(info)
+    for n, what in enumerate(failures, 1):  # srun reports a failure as the attempt ends
+        if what:
+            print(f"  failed:   {f'attempt {n}: ' if len(failures) > 1 else ''}{what}")
     logs = log_files(info)
     if logs:
         print(f"  logs:     {', '.join(map(str, logs))}")
@@ -424,6 +444,39 @@ def _recent(rows: list[dict]) -> bool:
         return time.time() - time.mktime(time.strptime(end, "%Y-%m-%dT%H:%M:%S")) < 20
     except ValueError:
         return False
+
+
+SRUN_TASK = re.compile(r"^srun: error: (\S+): tasks? ([0-9,-]+): (.+)$", re.M)
+SRUN_NODE = re.compile(r"^srun: error: Node failure on (\S+)$", re.M)
+ATTEMPT = re.compile(r"^(?:attrdist\.train\.slurm_job: slurm\(job |attrdist: job \S+ restart )", re.M)
+
+
+def srun_failures(info: dict) -> list[str | None]:
+    """What srun saw fail first in each attempt of the job (None where nothing failed): a node ("node attrdist-n2
+    failed (srun: Node failure on attrdist-n2)"), else the first task, as "task 1 on attrdist-n2: Killed (srun:
+    the first task to fail)": which rank on which node, whatever the ranks themselves managed to log (a rank
+    killed by a signal, or on a node that went down, logs nothing). A node failure comes first even when srun
+    reports it after the tasks that exited because of it. From the batch script's log (task 0's for submitit),
+    whose attempts begin at attrdist's first line of each; [] when there is no log."""
+    for f in log_files(info):
+        if f.is_file():
+            text = f.read_text(errors="replace")
+            starts = [m.start() for m in ATTEMPT.finditer(text)]  # what precedes the first belongs to it
+            bounds = [0, *starts[1:], len(text)]
+            return [_srun_failure(text[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return []
+
+
+def _srun_failure(text: str) -> str | None:
+    node = SRUN_NODE.search(text)
+    if node:
+        return f"node {node.group(1)} failed (srun: Node failure on {node.group(1)})"
+    m = SRUN_TASK.search(text)
+    if m:
+        tasks = m.group(2)
+        return (f"task{'s' * (',' in tasks or '-' in tasks)} {tasks} on {m.group(1)}: {m.group(3).strip()} "
+                f"(srun: the first task to fail)")
+    return None
 
 
 def _error_from_logs(info: dict) -> str | None:

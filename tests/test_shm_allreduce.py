@@ -84,15 +84,17 @@ def test_peer_that_never_arrives_is_bounded_by_the_timeout(tmp_path):
 
 
 def test_auto_falls_back_and_on_refuses_where_it_cannot_run(tmp_path):
-    """Ranks that say they span hosts (LOCAL_WORLD_SIZE=1 of 2): auto -> gloo with the reason, on -> error."""
+    """Ranks whose launcher puts them on 2 nodes (LOCAL_WORLD_SIZE=1 of 2), here on one host with one /dev/shm:
+    the node layout decides, so auto -> gloo with the reason, on -> error."""
     port = free_port()
     res = finish(start_ranks("spans_hosts", tmp_path, port, LOCAL_WORLD_SIZE="1"), timeout=120)
     for rc, out, _ in res:
         assert rc == 0, out
         got = json.loads(out.strip().splitlines()[-1])
         assert got["auto"] == "gloo"
-        assert got["on"].startswith("run.shm_allreduce=on: cannot use the shared-memory all-reduce (rank 0: the 2 "
-                                    "ranks span hosts (1 on this one))"), got
+        why = "rank 0: the 2 ranks are on 2 nodes (1 on this one), and shared memory reaches only the ranks of one node"
+        assert got["note"] == f"gloo (shared memory not used: {why})", got
+        assert got["on"].startswith(f"run.shm_allreduce=on: cannot use the shared-memory all-reduce ({why})"), got
     assert not leftover_segments(port)
 
 
@@ -112,7 +114,8 @@ def scenario(name: str) -> None:
     dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=600))
     rank = dist.get_rank()
     if name == "spans_hosts":
-        got = {"auto": shm_allreduce.setup("auto", device="cpu", deepspeed="", timeout_s=600)}
+        choice, note = shm_allreduce.setup("auto", device="cpu", deepspeed="", timeout_s=600)
+        got = {"auto": choice, "note": note}
         try:
             shm_allreduce.setup("on", device="cpu", deepspeed="", timeout_s=600)
             got["on"] = "no error"
@@ -122,7 +125,7 @@ def scenario(name: str) -> None:
         dist.destroy_process_group()
         return
     timeout = 3 if name == "peer_stalls" else 600
-    assert shm_allreduce.setup("on", device="cpu", deepspeed="", timeout_s=timeout) == "shm"
+    assert shm_allreduce.setup("on", device="cpu", deepspeed="", timeout_s=timeout)[0] == "shm"
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(256, 256), gradient_as_bucket_view=True)
     shm_allreduce.register(model)

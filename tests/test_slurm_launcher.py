@@ -143,6 +143,44 @@ def test_distributed_env_from_slurm_variables(monkeypatch):
         distributed_env()
 
 
+# the batch script's stderr of a 2-node job whose rank 1 was killed (SIGKILL) in its second attempt (from the
+# two-node test cluster; tests/test_multinode.py makes it happen)
+KILLED_LOG = """attrdist.train.slurm_job: slurm(job 7, 2 nodes x 1 task, node 0, master attrdist-n1:20119, restart 0): coconut.py
+srun: error: attrdist-n1: task 0: Exited with exit code 1
+attrdist.train.slurm_job: slurm(job 7, 2 nodes x 1 task, node 0, master attrdist-n1:21128, restart 1): coconut.py
+[rank0]: RuntimeError: [gloo/transport/tcp/pair.cc:545] Read error [10.213.17.3]:33419: Connection reset by peer.
+srun: error: attrdist-n2: task 1: Killed
+srun: launch/slurm: _step_signal: Terminating StepId=7.0
+srun: error: attrdist-n1: task 0: Exited with exit code 1
+srun: Force Terminated StepId=7.0
+"""
+
+
+def test_status_names_the_first_task_to_fail_and_its_node(tmp_path):
+    from launch.slurm import srun_failures
+
+    log = tmp_path / "job.err"
+    log.write_text(KILLED_LOG)
+    got = srun_failures({"job_id": "7", "logs": [str(log)]})
+    assert got == ["task 0 on attrdist-n1: Exited with exit code 1 (srun: the first task to fail)",
+                   "task 1 on attrdist-n2: Killed (srun: the first task to fail)"], got
+    log.write_text(KILLED_LOG.split("attrdist.train.slurm_job: slurm(job 7, 2 nodes x 1 task, node 0, master "
+                                    "attrdist-n1:21128")[0] + "srun: error: attrdist-n[1-2]: tasks 0-1: Exited with exit code 2\n")
+    assert srun_failures({"job_id": "7", "logs": [str(log)]})[-1].startswith("task 0 on attrdist-n1: Exited with exit "
+                                                                           "code 1 (")
+    log.write_text(KILLED_LOG.replace("srun: error: attrdist-n2: task 1: Killed\n", "")
+                   + "srun: error: Node failure on attrdist-n2\n")  # reported after the task it made fail
+    assert srun_failures({"job_id": "7", "logs": [str(log)]})[-1] == ("node attrdist-n2 failed (srun: Node failure on "
+                                                                    "attrdist-n2)")
+    log.write_text("attrdist: job 8 restart 0 on vm: 2 tasks, run dir runs/x\n"
+                   "srun: error: vm: tasks 0-1: Exited with exit code 2\n")
+    assert srun_failures({"job_id": "8", "logs": [str(log)]})[-1].startswith("tasks 0-1 on vm: Exited with exit code 2")
+    log.write_text("attrdist: job 8 restart 0 on vm: 2 tasks, run dir runs/x\n")
+    assert srun_failures({"job_id": "8", "logs": [str(log)]}) == [None]
+    log.write_text("a warning before attrdist's first line\n" + KILLED_LOG)  # belongs to the first attempt
+    assert len(srun_failures({"job_id": "7", "logs": [str(log)]})) == 2
+
+
 def test_master_port_is_shared_by_an_attempt_and_moves_between_attempts():
     assert master_port("123", 0) == master_port("123", 0)
     assert len({master_port("123", r) for r in range(4)}) == 4

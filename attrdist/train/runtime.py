@@ -97,12 +97,17 @@ class RuntimeInfo:
     engine: str = "ddp"  # or deepspeed-zero1/2/3
     malloc: str = "system"  # "keep": tune_malloc applied
     allreduce: str = "-"  # gradient all-reduce: "shm" (attrdist.train.shm_allreduce), else the group's backend
+    allreduce_note: str = ""  # what the gradient all-reduce is and why (train.log)
+    node_rank: int = 0  # this rank's node (attrdist.train.nodes)
+    nodes: int = 1
+    layout: str = ""  # nodes.Layout.describe(): hosts and ranks of a multi-rank run (train.log)
     launcher_notes: tuple[str, ...] = ()  # how accelerate's own settings were honoured (launcher_settings)
     precision_pref: str = "auto"  # run.precision after the launcher's explicit setting (an explicit one is no 'auto')
     host_sync: str = "step"  # run.host_sync resolved (attrdist.train.agreement): "step" or "lagged"
 
     def describe(self) -> str:
-        return (f"world_size={self.world_size} rank={self.rank} local_rank={self.local_rank} device={self.device} "
+        return (f"world_size={self.world_size} rank={self.rank} local_rank={self.local_rank} nodes={self.nodes} "
+                f"node_rank={self.node_rank} device={self.device} "
                 f"distributed={self.distributed_type} engine={self.engine} backend={self.backend} "
                 f"mixed_precision={self.mixed_precision} threads={self.threads} malloc={self.malloc} allreduce={self.allreduce} "
                 f"host_sync={self.host_sync} launcher={self.launcher}")
@@ -293,9 +298,10 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int, log_with=None, proje
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    from attrdist.train import shm_allreduce
+    from attrdist.train import nodes, shm_allreduce
 
     launch = launcher_settings(run_cfg, optim_cfg)  # accelerate's own settings: honoured, or the run stops
+    os.environ["TORCH_EXTENSIONS_DIR"] = shm_allreduce.extensions_dir()  # this CPU's builds (DeepSpeed's ops too)
     device = choose_device(launch.device)
     mp = resolve_precision(launch.precision, device)
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -324,6 +330,11 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int, log_with=None, proje
         acc = Accelerator(cpu=(device == "cpu"), mixed_precision=mp, gradient_accumulation_steps=optim_cfg.grad_accum,
                           kwargs_handlers=handlers, step_scheduler_with_optimizer=False, log_with=log_with,
                           project_dir=project_dir)
+    # accelerate's PartialState, forming a CPU group while OMP_NUM_THREADS is unset (a SLURM task without
+    # --cpus-per-task), calls torch.set_num_threads(physical cores / local ranks) over ours: found on the 2-node
+    # test cluster, where 1 task per node got 2 threads while the runtime line said threads=1 (and its
+    # floats differed from 1 node x 2 tasks). Ours again, so the line is true.
+    torch.set_num_threads(threads)
     state = acc.state
     backend = getattr(state, "backend", None)
     launcher = os.environ.get("ATTRDIST_LAUNCHER") or (  # attrdist.train.slurm_job: job, nodes x tasks, master
@@ -348,9 +359,11 @@ def make_accelerator(run_cfg, optim_cfg, global_batch: int, log_with=None, proje
                             f"`python -m launch local SCRIPT --nproc {expected}` (it sets the flags that really give {expected} ranks)")
     if run_cfg.world_size and env_world != acc.num_processes:
         raise AttrdistError(f"WORLD_SIZE={env_world} in the environment but accelerate formed {acc.num_processes} ranks")
-    allreduce = shm_allreduce.setup(run_cfg.shm_allreduce, device=device, deepspeed=run_cfg.deepspeed,
-                                    timeout_s=run_cfg.dist_timeout_s)
-    return acc, dataclasses.replace(info, allreduce=allreduce)
+    layout = nodes.gather()
+    allreduce, note = shm_allreduce.setup(run_cfg.shm_allreduce, device=device, deepspeed=run_cfg.deepspeed,
+                                          timeout_s=run_cfg.dist_timeout_s, layout=layout)
+    return acc, dataclasses.replace(info, allreduce=allreduce, allreduce_note=note, node_rank=layout.node,
+                                    nodes=layout.nodes, layout=layout.describe() if layout.world > 1 else "")
 
 
 def exit_without_native_teardown() -> None:

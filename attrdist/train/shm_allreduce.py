@@ -10,8 +10,9 @@ gradients kept as views of its buckets (`gradient_as_bucket_view`), so no gradie
     python -m launch local recipes/coconut.py --nproc 2 run.shm_allreduce=off  # gloo, as before
 
 `run.shm_allreduce`:
-  auto  shared memory when the run is CPU DDP with every rank on this host and the kernel builds and
-        maps; otherwise gloo, with the reason logged once (rank 0).
+  auto  shared memory when the run is CPU DDP with every rank on one node (the launcher's node layout,
+        attrdist.train.nodes) and the kernel builds and maps; otherwise gloo, with the reason in train.log.
+        A multi-node run uses gloo for the whole reduction (within its nodes too).
   on    the same, but the run fails with the reason instead of falling back.
   off   never: the process group's all-reduce (gloo on CPUs).
 
@@ -36,19 +37,23 @@ weights are bit-identical (tests/test_shm_allreduce.py). With more ranks the sum
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from attrdist.cache import cache_dir
 from attrdist.errors import AttrdistError
+from attrdist.train import nodes
 
 log = logging.getLogger("attrdist")
 
@@ -56,14 +61,40 @@ SEGMENT_BYTES = 2 * 1048576 + 2 * 32 * 1048576  # shm.cpp's struct allreduce_wor
 _state: dict = {}  # this process's kernel, once initialised: {"world", "pids", "timeout_s"}
 
 
+def cpu_kind(cpuinfo: str | None = None) -> str:
+    """'cpu-' and 10 hex digits of this CPU's model name, instruction-set flags and architecture (`cpuinfo`:
+    the text of /proc/cpuinfo, read when not given; elsewhere platform.processor())."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = open("/proc/cpuinfo").read()
+        except OSError:
+            cpuinfo = ""
+    name = flags = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if not name and key.strip() == "model name":
+            name = value.strip()
+        elif not flags and key.strip() in ("flags", "Features"):  # x86, arm64
+            flags = " ".join(sorted(value.split()))
+    ident = f"{platform.machine()}|{name or platform.processor()}|{flags}"
+    return "cpu-" + hashlib.sha256(ident.encode()).hexdigest()[:10]
+
+
 def extensions_dir() -> str:
-    """Where torch JIT-builds the kernel (shared with DeepSpeed runs: launch/local.py, the Makefile)."""
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(cache_dir() / "torch_extensions")
+    """Where torch JIT-builds the kernel, and DeepSpeed its CPU ops (runtime.make_accelerator points
+    TORCH_EXTENSIONS_DIR here): <TORCH_EXTENSIONS_DIR, else <cache>/torch_extensions>/<cpu_kind()>. One folder
+    per kind of CPU because DeepSpeed compiles with -march=native and torch reuses a build whose sources and
+    flags are unchanged: a cache on a cluster's shared file system would otherwise hand one node's build to a
+    node with another CPU (an illegal instruction). Nodes with the same CPU share one build; torch's lock
+    file in the build folder makes the first rank build it and the others wait."""
+    base = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cache_dir() / "torch_extensions")
+    kind = cpu_kind()
+    return str(base if base.name == kind else base / kind)
 
 
 def build(verbose: bool = False):
     """Build (first time: ~25 s on 2 cores, cached in extensions_dir()) and load DeepSpeed's shm kernel."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it fell back to CPU
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
@@ -82,10 +113,11 @@ def _segment_path(rank: int) -> str:
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
 
 
-def _why_not(world: int, local_world: int) -> str:
+def _why_not(world: int, lay: nodes.Layout) -> str:
     """The reason this CPU DDP run cannot use the kernel, checked without touching the other ranks ('' = none)."""
-    if local_world != world:
-        return f"the {world} ranks span hosts ({local_world} on this one)"
+    if lay.nodes > 1:
+        return (f"the {world} ranks are on {lay.nodes} nodes ({lay.local_world} on this one), and shared memory "
+                f"reaches only the ranks of one node")
     if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
         return "MASTER_ADDR/MASTER_PORT are not set (they name the shared segments)"
     if not os.path.isdir("/dev/shm"):
@@ -152,22 +184,28 @@ def _build_checked():
     return kernel, ""
 
 
-def setup(mode: str, *, device: str, deepspeed: str, timeout_s: float) -> str:
+def setup(mode: str, *, device: str, deepspeed: str, timeout_s: float,
+          layout: nodes.Layout | None = None) -> tuple[str, str]:
     """Collective over the default process group when there is one (every rank calls it with the same
-    arguments, after the group is formed). Returns "shm" if DDP's gradients will go through the
-    shared-memory kernel, else the process group's backend ("-" without one)."""
+    arguments, after the group is formed). Returns (choice, note): choice "shm" if DDP's gradients will go
+    through the shared-memory kernel, else the process group's backend ("-" without one); note: what the
+    gradient all-reduce is and, when it is not shared memory on CPU DDP, why (for train.log).
+    `layout`: the run's node layout (nodes.gather() when not given)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return "-"
+        return "-", ""
     backend = str(dist.get_backend())
     world, rank = dist.get_world_size(), dist.get_rank()
     if mode == "off" or world < 2 or device != "cpu" or deepspeed:  # the same on every rank: no collective
         if mode == "on" and world > 1:
             raise AttrdistError(f"run.shm_allreduce=on: the shared-memory all-reduce is for DDP on CPUs "
                                 f"({'DeepSpeed' if deepspeed else device} run); set run.shm_allreduce=auto or off")
-        return backend
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+        if world < 2:
+            return backend, ""
+        why = "DeepSpeed's own" if deepspeed else "run.shm_allreduce=off" if device == "cpu" else ""
+        return backend, f"{backend} ({why})" if why else backend
+    lay = layout or nodes.gather()
     # each step is agreed on by all ranks before the next, so no rank waits in a collective the others skip
-    reason = _agree(_why_not(world, local_world))
+    reason = _agree(_why_not(world, lay))
     if not reason and _state:
         reason = _agree("" if _state["world"] == world else "the kernel was set up for another group here")
     elif not reason:
@@ -185,13 +223,11 @@ def setup(mode: str, *, device: str, deepspeed: str, timeout_s: float) -> str:
             _state.update(world=world, pids={r: p for r, p in pids.items() if r != rank})
     if not reason:
         _state["timeout_s"] = timeout_s
-        return "shm"
+        return "shm", f"shared memory (DeepSpeed's kernel as DDP's hook), the {world} ranks on {lay.hosts[0]}"
     if mode == "on":
         raise AttrdistError(f"run.shm_allreduce=on: cannot use the shared-memory all-reduce ({reason}); "
                             f"set run.shm_allreduce=auto (falls back to {backend}) or off")
-    if rank == 0:
-        log.info("gradient all-reduce: %s (shared memory not used: %s)", backend, reason)
-    return backend
+    return backend, f"{backend} (shared memory not used: {reason})"
 
 
 class _Watchdog:

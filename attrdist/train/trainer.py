@@ -303,6 +303,8 @@ class Trainer:
         if acc.num_processes > 1:
             log.info("distributed run verified: %d ranks (%s, backend %s)", self.rt.world_size,
                      self.rt.distributed_type, self.rt.backend)
+            log.info("nodes: %s", self.rt.layout)
+            log.info("gradient all-reduce: %s", self.rt.allreduce_note)
         log.info("config:\n%s", to_json(cfg))
         if self.main:
             atomic.write_json(run_dir / "config.json", {"recipe": self.recipe, **to_dict(cfg)})
