@@ -270,6 +270,7 @@ def test_a_rank_killed_on_the_other_node_ends_the_job_naming_it_and_resume_conti
     assert_tensors_equal(last_weights(rd), last_weights(across[1]))
 
 
+@pytest.mark.slow  # ~75 s (SLURM marks the node DOWN after SlurmdTimeout=30 s, then the requeue): make test-slow
 def test_a_node_that_crashes_is_named_and_the_job_slurm_requeues_resumes_once_the_node_is_back(two_nodes, across, work,
                                                                                            small_shards):
     """Every process on attrdist-n2 killed at once (its slurmd, slurmstepd and rank 1: a crashed host). Rank 0
