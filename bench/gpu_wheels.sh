@@ -30,8 +30,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=.whl
+MARK="$OUT/.made-by-bench-gpu_wheels"  # only a folder this script made is ever emptied
+if [ -e "$OUT" ] && [ ! -e "$MARK" ]; then
+    echo "gpu_wheels: $PWD/$OUT exists and was not made by this script; move it away (nothing was deleted)" >&2
+    exit 2
+fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
+touch "$MARK"
 lock() {  # NAME -> NAME==VERSION from requirements/lock.txt (the versions the project measured)
     local v
     v=$(grep -i -m1 "^$1==" requirements/lock.txt | cut -d= -f3)
