@@ -102,13 +102,23 @@ class _NotForSimplejpeg(Exception):
     pass
 
 
-def _decode_jpeg(data: bytes, min_side: int | None) -> torch.Tensor:
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a YCbCr or grey JPEG whose header libjpeg-turbo (simplejpeg) reads, within PIL's
+    decompression-bomb limit; None for anything else (CMYK, YCCK, a header it refuses, a bomb: PIL decides)."""
     try:
         h, w, colourspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
-        raise _NotForSimplejpeg from None
-    if colourspace not in ("YCbCr", "Gray") or w * h > Image.MAX_IMAGE_PIXELS:  # CMYK, YCCK; PIL says "bomb"
+        return None
+    if colourspace not in ("YCbCr", "Gray") or w * h > Image.MAX_IMAGE_PIXELS:
+        return None
+    return h, w
+
+
+def _decode_jpeg(data: bytes, min_side: int | None) -> torch.Tensor:
+    size = jpeg_size(data)
+    if size is None:
         raise _NotForSimplejpeg
+    h, w = size
     scale = draft_scale(h, w, min_side)
     try:  # simplejpeg picks the smallest scale M/8 with sides >= these: exactly 1/scale
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=-(-w // scale), min_height=-(-h // scale))
